@@ -1,0 +1,490 @@
+"""SIGN's six networks (E, SIM, G, D, C, M) and the losses of Eqs. (1)-(4) and (7)-(10).
+
+One small ``nn.Module`` per box of Fig. 2, then the losses as plain functions. Data flows
+image -> E -> SIM -> C (inference); M -> G -> D sit beside it for the generative steps.
+
+Reading order (Fig. 2, left to right)
+    ASPP, DeepLabV2, SmallEncoder   E, the feature encoder (DeepLab-v2 or a small CPU CNN)
+    _Block, Reparameterize, SIM     Eq. (1): F_x, z = SIM(E(x) (+) PE); supp. Figs. 6-8
+    Classifier                      C: p = C(F_x)
+    resize_labels, SemanticMapping  M: e = M(y), labels resized to the feature map
+    Generator, Discriminator        G: F^_x = G(e (+) z);  D: one logit per pixel
+    SIGN                            all six; forward(x) = upsample(C(SIM(E(x))))
+    kl_loss, prediction_loss        Eq. (2); Eqs. (3) and (9), optionally weighted per pixel
+    sim_step_loss                   Eq. (4), Training Step (SIM): E, SIM, C
+    discriminator_loss              Eq. (7), D's side
+    generator_loss                  Eq. (8), Training Step (G): L_adv + beta L_MMD (Eq. 5)
+    transfer_loss                   Eq. (10), Transfer Learning Step: C only
+
+Symbol -> identifier (B batch, K classes, F feat_dim, P pe_dim, L latent_dim, h x w feature map)
+    E(x)               model.E(x)                     (B, F, h, w), h = ceil(H / output_stride)
+    PE                 model.SIM.positional_encoding  (P, h, w), from rpe.py
+    F_x, z             model.SIM(E(x)) -> F_x, z, mu, logvar  (B, F, h, w), (B, L, h, w)
+    mu, log sigma^2    mu, logvar
+    e = M(y)           model.M(y, size)               (B, e_dim, h, w); label 255 -> 0
+    F^_x = G(e (+) z)  model.generate(y, z)           (B, F, h, w)
+    D(f), p = C(F_x)   model.D(f), model.C(F_x)       logits (B, 1, h, w), (B, K, h, w)
+    alpha, beta        alpha = 100, beta = 50 (paper section 4.2)
+    C^S, C^U           classes [0, num_seen) and [num_seen, K): seen first, then unseen
+
+Deliberate choices and changes versus the paper
+    * Fig. 8 gives no layer widths, so the four SIM blocks (``_Block``) are ours;
+      ``python sign.py --param-count`` prints their sizes beside Table 2's.
+    * z has ``latent_dim`` channels, default F (as in the authors' release). log sigma^2 is a
+      plain 1x1 conv, without the lineage's ReLU forcing it >= 0.
+    * Eq. (3) sums over c in C^S, so ``sim_step_loss`` takes the softmax over the seen logits
+      only; the unseen rows of C learn only in Eq. (10), whose softmax runs over all K.
+    * Eq. (7) runs over labelled pixels only: an unlabelled pixel may be an unseen class
+      (label 255) that M gives no embedding, so it has no place in a seen-class real-vs-fake test.
+    * G's side of Eq. (7) is the non-saturating -log D(F^_x) (Goodfellow et al., sec. 3):
+      same fixed point as log(1 - D(F^_x)), but strong gradients while D wins.
+    * Each loss detaches what its step holds fixed, so "Eq. (4) trains E, SIM, C; Eq. (7) D;
+      Eq. (8) G; Eq. (10) C" is enforced here and pinned by tests.
+    * The ResNet's BatchNorm is FrozenBatchNorm2d (buffers, frozen whatever ``.train()`` says).
+      torchvision refuses to dilate BasicBlock, so ResNet-18 is dilated by hand, by its
+      own rule for Bottleneck.
+"""
+import argparse
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor
+from torchvision.ops import FrozenBatchNorm2d
+
+from mmd import DEFAULT_SIGMAS, classwise_mmd
+from rpe import (absolute_positional_encoding, interpolated_absolute_positional_encoding,
+                 relative_positional_encoding)
+
+IGNORE = 255
+SIM_ARCHS = ("conv", "attention", "self-attention", "multihead")
+PE_KINDS = ("none", "ape", "ape-interp", "rpe")
+ENCODERS = {"resnet101": 101, "resnet50": 50, "resnet18": 18, "small": None}
+
+
+# ----------------------------------------------------------------------------- E
+class ASPP(nn.Module):
+    """DeepLab-v2's atrous spatial pyramid: parallel 3x3 convs at several dilations, SUMMED."""
+    def __init__(self, in_channels: int, out_channels: int, dilations=(6, 12, 18, 24)):
+        super().__init__()
+        self.branches = nn.ModuleList(
+            nn.Conv2d(in_channels, out_channels, 3, padding=d, dilation=d) for d in dilations)
+        for conv in self.branches:  # DeepLab-v2's initialisation of its last layer
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return sum(branch(x) for branch in self.branches)  # (B, out, h, w)
+
+
+class DeepLabV2(nn.Module):
+    """E: dilated ResNet (output stride 8, frozen BN) + ASPP summed into ``out_channels``."""
+    output_stride = 8
+
+    def __init__(self, out_channels: int = 600, *, depth: int = 101, pretrained: bool = False):
+        super().__init__()
+        name = f"resnet{depth}"
+        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
+        dilate = dict(replace_stride_with_dilation=[False, True, True]) if depth >= 50 else {}
+        try:
+            net = getattr(torchvision.models, name)(weights=weights, norm_layer=FrozenBatchNorm2d, **dilate)
+        except Exception as err:  # offline: name the file and where torchvision looks for it
+            file = os.path.basename(weights.url)
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", file)
+            raise RuntimeError(f"DeepLabV2: could not load ImageNet weights for {name} ({err}). "
+                               f"Without internet, copy {file} ({weights.url}) to {path}") from err
+        if depth < 50:  # torchvision won't dilate BasicBlock: do it by its rule for Bottleneck,
+            # stride 1, a stage's first block keeping the previous dilation, the others the new one
+            for layer, previous, dilation in ((net.layer3, 1, 2), (net.layer4, 2, 4)):
+                for i, block in enumerate(layer):
+                    d = previous if i == 0 else dilation
+                    for conv in (block.conv1, block.conv2):
+                        conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
+                    if block.downsample is not None:
+                        block.downsample[0].stride = (1, 1)
+        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                  net.layer1, net.layer2, net.layer3, net.layer4)
+        self.aspp = ASPP(net.fc.in_features, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, out, H/8, W/8)
+        return self.aspp(self.body(x))
+
+
+def _conv_gn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation),
+                         nn.GroupNorm(min(8, cout), cout), nn.ReLU(inplace=True))
+
+
+class SmallEncoder(nn.Module):
+    """E for the CPU benchmark: strided convs to 1/``output_stride``, two dilated convs
+    (receptive field ~60 px at stride 4), a linear 1x1 head. GroupNorm rather than BatchNorm,
+    so freezing E later (transfer, self-training) leaves no running statistics to drift."""
+    def __init__(self, out_channels: int = 64, *, width: int = 32, output_stride: int = 4):
+        super().__init__()
+        if output_stride not in (4, 8):
+            raise ValueError(f"SmallEncoder: output_stride must be 4 or 8, got {output_stride}")
+        self.output_stride = output_stride
+        w = width
+        self.net = nn.Sequential(
+            _conv_gn_relu(3, w // 2, stride=2), _conv_gn_relu(w // 2, w, stride=2),
+            *([_conv_gn_relu(w, w, stride=2)] if output_stride == 8 else []),
+            _conv_gn_relu(w, w, dilation=2), _conv_gn_relu(w, w, dilation=4), nn.Conv2d(w, out_channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, out, H/os, W/os)
+        return self.net(x)
+
+
+# ----------------------------------------------------------------------------- SIM
+class _Block(nn.Module):
+    """SIM's residual block, h + f(h), in one of Table 2's four architectures:
+    (A) conv: f = conv1x1(relu(conv3x3(h)));
+    (B) attention, CaGNet-style: three sigmoid maps at dilations 1/2/4 scale a context conv,
+        the three results concatenated and fused by a 1x1 conv;
+    (C) self-attention, (D) multihead: a pre-norm Transformer encoder layer over the h*w
+        pixels, attention then a 2F MLP."""
+    def __init__(self, dim: int, arch: str, heads: int):
+        super().__init__()
+        self.arch = arch
+        if arch == "conv":
+            self.body = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, dim, 1))
+        elif arch == "attention":
+            self.context = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU())
+            self.maps = nn.ModuleList(nn.Conv2d(dim, 1, 3, padding=d, dilation=d) for d in (1, 2, 4))
+            self.fuse = nn.Conv2d(3 * dim, dim, 1)
+        else:
+            qk = max(dim // 8, 1)
+            self.norm1 = nn.LayerNorm(dim)
+            if arch == "multihead":  # per-head projections, concatenated, projected back
+                self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+            else:  # supp. Fig. 7: one head, queries and keys reduced to F/8, values full width
+                self.attention = nn.ModuleDict(dict(q=nn.Linear(dim, qk), k=nn.Linear(dim, qk),
+                                                    v=nn.Linear(dim, dim), out=nn.Linear(dim, dim)))
+            self.norm2 = nn.LayerNorm(dim)
+            self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+
+    def attend(self, t: Tensor) -> Tensor:  # (B, N, F) -> (B, N, F)
+        a = self.attention
+        if self.arch == "multihead":
+            return a(t, t, t, need_weights=False)[0]
+        return a.out(F.scaled_dot_product_attention(a.q(t), a.k(t), a.v(t)))
+
+    def forward(self, h: Tensor) -> Tensor:  # (B, F, h, w)
+        if self.arch == "conv":
+            return h + self.body(h)
+        if self.arch == "attention":
+            c = self.context(h)  # (B, F, h, w)
+            return h + self.fuse(torch.cat([c * torch.sigmoid(m(c)) for m in self.maps], 1))
+        B, C, H, W = h.shape
+        t = h.flatten(2).transpose(1, 2)  # (B, H*W, F)
+        t = t + self.attend(self.norm1(t))
+        t = t + self.mlp(self.norm2(t))
+        return t.transpose(1, 2).reshape(B, C, H, W)  # (B, F, h, w)
+
+
+class Reparameterize(nn.Module):
+    """Supp. Fig. 6: mu and log sigma^2 heads; z = mu + sigma * eps in training, mu in eval."""
+    def __init__(self, dim: int, latent_dim: int):
+        super().__init__()
+        self.mu, self.logvar = nn.Conv2d(dim, latent_dim, 1), nn.Conv2d(dim, latent_dim, 1)
+
+    def forward(self, F_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mu, logvar = self.mu(F_x), self.logvar(F_x)  # (B, L, h, w) each
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu
+        return z, mu, logvar
+
+
+class SIM(nn.Module):
+    """Spatial Information Module, Eq. (1): F_x, z = SIM(E(x) (+) PE). A 1x1 conv fuses
+    E(x) (+) PE back to F channels, a ``_Block`` follows, ``Reparameterize`` turns F_x into z.
+    PE is recomputed at every call for the current h x w, so any input size works."""
+    def __init__(self, dim: int, *, arch: str = "multihead", pe: str = "rpe", pe_dim: int = 600,
+                 latent_dim: int = 600, heads: int = 8, pe_train_size: tuple[int, int] | None = None,
+                 rpe_c: float = 512.0, rpe_endpoint: bool = False):
+        super().__init__()
+        if arch not in SIM_ARCHS or pe not in PE_KINDS:
+            raise ValueError(f"SIM: arch must be one of {SIM_ARCHS} and pe one of {PE_KINDS}, "
+                             f"got {arch!r}, {pe!r}")
+        if pe == "ape-interp" and pe_train_size is None:
+            raise ValueError("SIM: pe='ape-interp' needs the training feature size pe_train_size")
+        if arch == "multihead" and dim % heads:
+            raise ValueError(f"SIM: feat_dim {dim} is not divisible by heads={heads}")
+        self.pe, self.pe_dim, self.pe_train_size = pe, pe_dim, pe_train_size
+        self.rpe_c, self.rpe_endpoint = rpe_c, rpe_endpoint
+        self.fuse = nn.Conv2d(dim + (pe_dim if pe != "none" else 0), dim, 1)
+        self.block = _Block(dim, arch, heads)
+        self.reparameterize = Reparameterize(dim, latent_dim)
+
+    def positional_encoding(self, h: int, w: int, *, device=None, dtype=None) -> Tensor:
+        """PE for an h x w feature map, (P, h, w), from rpe.py."""
+        kw = dict(dim=self.pe_dim, device=device, dtype=dtype)
+        if self.pe == "rpe":
+            return relative_positional_encoding(h, w, c=self.rpe_c, endpoint=self.rpe_endpoint, **kw)
+        if self.pe == "ape":
+            return absolute_positional_encoding(h, w, **kw)
+        if self.pe == "ape-interp":
+            return interpolated_absolute_positional_encoding(h, w, train_size=self.pe_train_size, **kw)
+        raise ValueError("SIM.positional_encoding: this SIM was built with pe='none'")
+
+    def forward(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        B, _, h, w = f.shape  # f = E(x), (B, F, h, w)
+        if self.pe != "none":
+            pe = self.positional_encoding(h, w, device=f.device, dtype=f.dtype)  # (P, h, w)
+            f = torch.cat([f, pe.expand(B, -1, -1, -1)], 1)  # E(x) (+) PE, (B, F + P, h, w)
+        F_x = self.block(self.fuse(f))  # Eq. (1), (B, F, h, w)
+        z, mu, logvar = self.reparameterize(F_x)  # Eq. (1), (B, L, h, w) each
+        return F_x, z, mu, logvar
+
+
+# ----------------------------------------------------------------------------- C, M, G, D
+class Classifier(nn.Conv2d):
+    """C: a 1x1 conv from F_x to K = seen + unseen logits."""
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__(dim, num_classes, 1)
+
+
+def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour resize of a label map (B, H, W) -> (B, h, w). 'nearest' samples pixel
+    (s*i, s*j) at stride s: the centre of feature (i, j)'s receptive field in a padded CNN."""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels
+    return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
+
+
+class SemanticMapping(nn.Module):
+    """M: a frozen table of class embeddings (a buffer, not learnable); label 255 -> zeros."""
+    def __init__(self, embeddings: Tensor):
+        super().__init__()
+        K, e_dim = embeddings.shape
+        self.num_classes = K
+        self.register_buffer("table", torch.cat([embeddings, embeddings.new_zeros(1, e_dim)]).float())
+
+    def forward(self, labels: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        labels = resize_labels(labels, size) if size is not None else labels  # (B, h, w)
+        if ((labels < 0) | ((labels >= self.num_classes) & (labels != IGNORE))).any():
+            raise ValueError(f"SemanticMapping: labels must lie in [0, {self.num_classes}) or be "
+                             f"{IGNORE}, got values {labels.unique().tolist()}")
+        rows = torch.where(labels == IGNORE, self.num_classes, labels)  # 255 -> the zero row
+        return self.table[rows].permute(0, 3, 1, 2)  # e = M(y), (B, e_dim, h, w)
+
+
+class Generator(nn.Sequential):
+    """G: per pixel (1x1 convs), e (+) z -> a synthetic feature with F_x's channels. The output
+    layer is linear on purpose: F_x ends in a residual sum (or, without SIM, ASPP's) with no
+    activation, so it takes unbounded values of either sign that tanh/sigmoid/ReLU cannot reach."""
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 256):
+        super().__init__(nn.Conv2d(in_dim, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, out_dim, 1))
+
+
+class Discriminator(nn.Sequential):
+    """D: per pixel (1x1 convs), a feature -> one real/fake logit."""
+    def __init__(self, dim: int, hidden: int = 256):
+        super().__init__(nn.Conv2d(dim, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, 1, 1))
+
+
+# ----------------------------------------------------------------------------- SIGN
+class SIGN(nn.Module):
+    """All six networks; ``forward(x)`` is inference, E -> SIM -> C, upsampled to the input.
+    ``config`` holds every constructor argument as plain JSON, so ``SIGN.from_config(config)``
+    rebuilds the architecture (the checkpoint's state_dict restores weights and M).
+    ``sim="none"`` drops SIM (F_x = E(x), z = mu = logvar = None): G then draws pure noise,
+    ZS3Net-style. ``train_size`` is the training *image* size, needed by ``pe="ape-interp"``."""
+    def __init__(self, embeddings: Tensor, *, num_seen: int, encoder: str = "resnet101",
+                 pretrained: bool = False, feat_dim: int = 600, sim: str = "multihead",
+                 pe: str = "rpe", pe_dim: int = 600, latent_dim: int | None = None, heads: int = 8,
+                 hidden: int = 256, train_size: tuple[int, int] | None = None, rpe_c: float = 512.0,
+                 rpe_endpoint: bool = False, small_width: int = 32, output_stride: int | None = None):
+        super().__init__()
+        K, e_dim = embeddings.shape
+        if encoder not in ENCODERS or sim not in ("none",) + SIM_ARCHS:
+            raise ValueError(f"SIGN: encoder must be one of {tuple(ENCODERS)} and sim one of "
+                             f"{('none',) + SIM_ARCHS}, got {encoder!r}, {sim!r}")
+        if not 0 < num_seen <= K:
+            raise ValueError(f"SIGN: num_seen must be in [1, {K}] (embeddings has {K} rows), got {num_seen}")
+        if encoder != "small" and output_stride not in (None, 8):
+            raise ValueError(f"SIGN: DeepLabV2 has output stride 8, got output_stride={output_stride}")
+        latent_dim = latent_dim or feat_dim
+        self.config = dict(num_classes=K, embed_dim=e_dim, num_seen=num_seen, encoder=encoder,
+                           pretrained=pretrained, feat_dim=feat_dim, sim=sim, pe=pe, pe_dim=pe_dim,
+                           latent_dim=latent_dim, heads=heads, hidden=hidden,
+                           train_size=list(train_size) if train_size else None, rpe_c=rpe_c,
+                           rpe_endpoint=rpe_endpoint, small_width=small_width, output_stride=output_stride)
+        self.num_seen, self.latent_dim = num_seen, latent_dim
+        if encoder == "small":
+            self.E = SmallEncoder(feat_dim, width=small_width, output_stride=output_stride or 4)
+        else:
+            self.E = DeepLabV2(feat_dim, depth=ENCODERS[encoder], pretrained=pretrained)
+        self.SIM = None if sim == "none" else SIM(
+            feat_dim, arch=sim, pe=pe, pe_dim=pe_dim, latent_dim=latent_dim, heads=heads,
+            pe_train_size=self.feature_size(*train_size) if train_size else None,
+            rpe_c=rpe_c, rpe_endpoint=rpe_endpoint)
+        self.C = Classifier(feat_dim, K)
+        self.M = SemanticMapping(embeddings)
+        self.G = Generator(e_dim + latent_dim, feat_dim, hidden)
+        self.D = Discriminator(feat_dim, hidden)
+
+    @classmethod
+    def from_config(cls, config: dict, embeddings: Tensor | None = None) -> "SIGN":
+        """Rebuild from ``config``; without ``embeddings`` M holds zeros until load_state_dict.
+        Never downloads: weights come from the checkpoint, so ``pretrained`` is ignored."""
+        cfg = dict(config)
+        K, e_dim = cfg.pop("num_classes"), cfg.pop("embed_dim")
+        embeddings = torch.zeros(K, e_dim) if embeddings is None else embeddings
+        if tuple(embeddings.shape) != (K, e_dim):
+            raise ValueError(f"SIGN.from_config: config expects embeddings ({K}, {e_dim}), "
+                             f"got {tuple(embeddings.shape)}")
+        cfg["pretrained"] = False
+        cfg["train_size"] = tuple(cfg["train_size"]) if cfg["train_size"] else None
+        return cls(embeddings, **cfg)
+
+    @property
+    def seen_classes(self) -> list[int]:
+        return list(range(self.num_seen))
+
+    def feature_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w) of E's output for an (height, width) image: every stride-2 conv rounds up."""
+        s = self.E.output_stride
+        return math.ceil(height / s), math.ceil(width / s)
+
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+        """(B, 3, H, W) -> F_x (B, F, h, w) and z, mu, logvar (B, L, h, w) (None without SIM)."""
+        f = self.E(x)  # (B, F, h, w)
+        return (f, None, None, None) if self.SIM is None else self.SIM(f)  # Eq. (1)
+
+    def generate(self, labels: Tensor, z: Tensor | None = None) -> Tensor:
+        """F^_x = G(M(y) (+) z) for a label map at feature resolution, (B, h, w) -> (B, F, h, w).
+        ``z=None`` draws z ~ N(0, 1), the prior Eq. (2) pulls SIM's z towards (the Transfer
+        Learning Step, and every step without SIM). z is detached: SIM learns from Eq. (4) only."""
+        e = self.M(labels)  # (B, e_dim, h, w)
+        B, _, h, w = e.shape
+        if z is None:
+            z = torch.randn(B, self.latent_dim, h, w, device=e.device, dtype=e.dtype)
+        return self.G(torch.cat([e, z.detach()], 1))  # (B, F, h, w)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> logits (B, K, H, W)
+        logits = self.C(self.features(x)[0])  # (B, K, h, w)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------- losses
+def kl_loss(mu: Tensor, logvar: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Eq. (2): KL(N(mu, sigma^2) || N(0, 1)) = -1/2 (1 + log sigma^2 - mu^2 - sigma^2),
+    averaged over channels and over the pixels where ``mask`` (B, h, w) is true (all if None)."""
+    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())  # Eq. (2), (B, L, h, w)
+    if mask is None:
+        return kl.mean()
+    m = mask[:, None].to(kl.dtype)  # (B, 1, h, w)
+    # clamp: with no pixel selected the sum is an exact zero that still carries a graph
+    return (kl * m).sum() / (m.sum() * kl.shape[1]).clamp_min(1)
+
+
+def prediction_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None,
+                    ignore_index: int = IGNORE) -> Tensor:
+    """Eqs. (3), (9): CE = -log p_y per pixel; mean over non-ignored pixels, or with per-pixel
+    ``weight`` (B, h, w) (AST, Eq. 17) sum(w CE) / sum(w). No valid pixel gives 0, not NaN."""
+    if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
+        raise ValueError(f"prediction_loss: logits {tuple(logits.shape)} and target "
+                         f"{tuple(target.shape)} differ in batch or spatial size")
+    if weight is not None and weight.shape != target.shape:
+        raise ValueError(f"prediction_loss: weight {tuple(weight.shape)} must match "
+                         f"target {tuple(target.shape)}")
+    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")  # Eqs. (3), (9)
+    valid = (target != ignore_index).to(ce.dtype)  # (B, h, w)
+    w = valid if weight is None else weight.to(ce.dtype) * valid
+    # tiny, not 1: a total weight of 1e-3 is legitimate; when it is 0 the numerator is 0 too
+    return (w * ce).sum() / w.sum().clamp_min(torch.finfo(ce.dtype).tiny)
+
+
+def sim_step_loss(logits: Tensor, target: Tensor, mu: Tensor | None, logvar: Tensor | None, *,
+                  num_seen: int | None, alpha: float = 100.0, weight: Tensor | None = None,
+                  kl_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Eq. (4), Training Step (SIM): L_pred^train + alpha L_KLD, for E, SIM and C.
+    ``num_seen`` restricts the softmax to C^S as Eq. (3) states (None = all K classes, for
+    self-training on unseen pseudo-labels). Without SIM (mu None) L_KLD is 0.
+    Returns the total and its detached parts {"pred", "kld"} for logging."""
+    if num_seen is not None:
+        if ((target >= num_seen) & (target != IGNORE)).any():
+            raise ValueError(f"sim_step_loss: target holds a class >= num_seen={num_seen}")
+        logits = logits[:, :num_seen]  # (B, |C^S|, h, w)
+    pred = prediction_loss(logits, target, weight)  # Eq. (3)
+    kld = kl_loss(mu, logvar, kl_mask) if mu is not None else logits.new_zeros(())  # Eq. (2)
+    return pred + alpha * kld, {"pred": pred.detach(), "kld": kld.detach()}  # Eq. (4)
+
+
+def _masked_bce(logits: Tensor, real: bool, mask: Tensor) -> Tensor:
+    """Mean BCE-with-logits of D's map (B, 1, h, w) against all-real/all-fake on ``mask``."""
+    target = torch.full_like(logits[:, 0], float(real))
+    bce = F.binary_cross_entropy_with_logits(logits[:, 0], target, reduction="none")  # (B, h, w)
+    m = mask.to(bce.dtype)
+    return (bce * m).sum() / m.sum().clamp_min(1)  # no labelled pixel: 0 with a graph
+
+
+def discriminator_loss(D: nn.Module, real: Tensor, fake: Tensor, labels: Tensor) -> Tensor:
+    """Eq. (7), D's side: D maximises E[log D(f)] + E[log(1 - D(f^))], i.e. minimises
+    BCE(D(f), 1) + BCE(D(f^), 0) over labelled pixels. Features are detached: D only."""
+    mask = labels != IGNORE  # (B, h, w)
+    return (_masked_bce(D(real.detach()), True, mask)
+            + _masked_bce(D(fake.detach()), False, mask))  # Eq. (7)
+
+
+def generator_loss(D: nn.Module, real: Tensor, fake: Tensor, labels: Tensor,
+                   seen_classes: Sequence[int], *, beta: float = 50.0,
+                   sigmas: Sequence[float] = DEFAULT_SIGMAS, max_per_class: int = 256
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Eq. (8), Training Step (G): L_adv + beta L_MMD, for G only. L_adv is G's non-saturating
+    side of Eq. (7), BCE(D(f^), 1) = -log D(f^) over labelled pixels, D's parameters held fixed;
+    L_MMD is Eq. (5) over ``seen_classes`` between the real features (detached: E and SIM are
+    fixed) and the fake ones at the same pixels. Returns the total and {"adv", "mmd"} detached."""
+    B, C, h, w = real.shape
+    frozen_D = {name: p.detach() for name, p in D.named_parameters()}
+    fake_logits = torch.func.functional_call(D, frozen_D, (fake,))  # (B, 1, h, w)
+    adv = _masked_bce(fake_logits, True, labels != IGNORE)  # Eq. (7), G's side
+    mmd = classwise_mmd(real.detach().permute(0, 2, 3, 1).reshape(-1, C),  # (B*h*w, F)
+                        fake.permute(0, 2, 3, 1).reshape(-1, C), labels.reshape(-1), seen_classes,
+                        sigmas=sigmas, max_per_class=max_per_class)  # Eq. (5)
+    return adv + beta * mmd, {"adv": adv.detach(), "mmd": mmd.detach()}  # Eq. (8)
+
+
+def transfer_loss(C: nn.Module, real: Tensor, target: Tensor, fake: Tensor, pseudo_target: Tensor,
+                  weight: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Eq. (10), Transfer Learning Step: L_pred^train(C(F_x), y) + L_pred^trans(C(F^_x), y^),
+    softmax over all K classes; features detached (E, SIM, G fixed): C only. ``weight``
+    (B, h, w) weights the real pixels (self-training's pseudo-labels, Eq. 17)."""
+    train = prediction_loss(C(real.detach()), target, weight)  # Eq. (3)
+    trans = prediction_loss(C(fake.detach()), pseudo_target)  # Eq. (9)
+    return train + trans, {"train": train.detach(), "trans": trans.detach()}  # Eq. (10)
+
+
+# ----------------------------------------------------------------------------- CLI
+TABLE2 = {"conv": "5.25M", "attention": "5.24M", "self-attention": "4.60M", "multihead": "4.86M"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="SIGN networks: parameter counts of the SIM variants.")
+    p.add_argument("--param-count", action="store_true", help="print the SIM sizes beside Table 2's")
+    p.add_argument("--feat-dim", type=int, default=600, help="F, E's output channels (paper: 600)")
+    p.add_argument("--pe-dim", type=int, default=600, help="P, PE channels (paper: 600)")
+    p.add_argument("--latent-dim", type=int, default=None, help="L, z channels (default: F)")
+    p.add_argument("--heads", type=int, default=8, help="heads of the multihead SIM (default 8)")
+    return p
+
+
+def main(argv=None) -> None:
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if not args.param_count:
+        return parser.print_help()
+    L = args.latent_dim or args.feat_dim
+    print(f"SIM parameters (F={args.feat_dim}, P={args.pe_dim}, L={L}, heads={args.heads}, pe=rpe), "
+          "including the reparameterisation heads")
+    print(f"{'architecture':<16}{'ours':>12}{'Table 2':>10}")
+    for arch in SIM_ARCHS:
+        sim = SIM(args.feat_dim, arch=arch, pe_dim=args.pe_dim, latent_dim=L, heads=args.heads)
+        print(f"{arch:<16}{sum(p.numel() for p in sim.parameters()) / 1e6:>11.2f}M{TABLE2[arch]:>10}")
+
+
+if __name__ == "__main__":
+    main()
