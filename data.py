@@ -1,0 +1,616 @@
+"""Datasets, the seen/unseen protocol, class embeddings (the table behind M) and `shapes`.
+
+Everything between files on disk (or nothing at all) and `(image, label)` tensors lives
+here; it imports none of the project's modules. Reading order:
+
+1. Class lists as data; `_split` orders classes and `_lut` maps raw label values to model
+   indices: seen classes first, then unseen, each in raw-id order; everything else -> 255.
+   Training splits set unseen pixels to 255 (images are kept); test splits keep them.
+2. `train_transform` (random scale 0.5-1.5, random crop padded with image 0 / label 255,
+   horizontal flip, ImageNet normalisation) and `eval_transform` (own size, or warped).
+3. `VOC` (2012 + SBD), `Context33` (from the common 59-class PNGs), `COCOStuff` (164k).
+4. Class embeddings (paper section 4.2): `read_word2vec_binary`, `read_fasttext_vec`,
+   `class_embedding_table`, `load_class_embeddings`, `shapes_embeddings`.
+5. `Shapes`, the built-in procedural zero-shot benchmark (PROTOCOL section 7).
+6. `build_dataset`, `save_preview`, and the CLI `main`
+   (`python data.py --preview docs/shapes_samples.png` draws the README's picture).
+
+Symbols: y (label map) -> `label`; e = M(y) -> a row of the class embedding table;
+seen / unseen classes -> model indices `range(num_seen)` / `range(num_seen, num_seen + num_unseen)`.
+
+Every dataset has `class_names` (model order), `num_seen`, `num_unseen`, `raw_ids` (raw id
+of each model index), `ignore_index = 255`, and `mean`, `std` for normalisation; items are
+`(image (3, H, W) float32, label (H, W) int64)`. Without a transform the image is scaled to
+[0, 1] and normalised with the dataset's mean/std, never resized: ImageNet's for the real
+datasets (the backbone's pretraining), Shapes' own pixel statistics for Shapes.
+
+Errors: `DatasetError` for files on disk (missing root, with the expected layout; missing
+list/image/label files; size mismatch; invalid label values; unreadable images);
+`EmbeddingError`, a `DatasetError`, for word vectors (missing words, wrong dimension,
+malformed files); `ValueError` for invalid arguments. Nothing is ever skipped silently.
+
+Deliberate choices versus the paper and its lineage:
+- Class names are words ("potted plant", "tv monitor", "dining table") because the
+  embedding table is built from them; spaces, underscores and hyphens split words, and a
+  word missing as written is looked up lower-case, Capitalised and UPPER-case.
+- Embedding halves are concatenated in the order the files are given (the paper: word2vec
+  then fastText; the lineage puts fastText first); the whole row is L2-normalised once.
+- Unseen classes follow raw-id order, not the order in which the papers list them.
+- VOC labels come from `SegmentationClass` where a file exists there, else `SegmentationClassAug`.
+"""
+import argparse
+import gzip
+import hashlib
+import json
+import re
+import sys
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+IGNORE = 255
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DatasetError(Exception):
+    """A dataset file or folder is missing, unreadable or holds invalid values."""
+
+
+class EmbeddingError(DatasetError):
+    """Word vectors miss words, have the wrong dimension or are malformed."""
+
+
+# ------------------------------------------------------------------ 1. classes and splits
+VOC_CLASSES = ("aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,dining table,dog,horse,"
+               "motorbike,person,potted plant,sheep,sofa,train,tv monitor").split(",")  # raw 1-20
+VOC_UNSEEN = ["potted plant", "sheep", "sofa", "train", "tv monitor"]
+CONTEXT33_CLASSES = VOC_CLASSES + ("sky,grass,ground,road,building,tree,water,mountain,wall,floor,"
+                                   "track,keyboard,ceiling").split(",")  # raw 1-33
+CONTEXT33_UNSEEN = ["cow", "motorbike", "sofa", "cat"]
+CONTEXT59_CLASSES = (  # values 1-59 of the common 59-class Pascal Context PNGs; 0 is unlabelled
+    "aeroplane,bag,bed,bedclothes,bench,bicycle,bird,boat,book,bottle,building,bus,cabinet,car,cat,"
+    "ceiling,chair,cloth,computer,cow,cup,curtain,dog,door,fence,floor,flower,food,grass,ground,horse,"
+    "keyboard,light,motorbike,mountain,mouse,person,plate,platform,pottedplant,road,rock,sheep,shelves,"
+    "sidewalk,sign,sky,snow,sofa,table,track,train,tree,truck,tvmonitor,wall,water,window,wood").split(",")
+# The 59-class files write VOC's two-word names as one token and call the dining table "table".
+_RENAME_59 = {"table": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
+CONTEXT59_TO_33 = {v: CONTEXT33_CLASSES.index(_RENAME_59.get(n, n)) + 1 for v, n in enumerate(CONTEXT59_CLASSES, 1)
+                   if _RENAME_59.get(n, n) in CONTEXT33_CLASSES}  # every other value -> unlabelled
+COCO_STUFF_CLASSES = (  # PNG values 0-181
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,street sign,"
+    "stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,hat,backpack,"
+    "umbrella,shoe,eye glasses,handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,"
+    "baseball glove,skateboard,surfboard,tennis racket,bottle,plate,wine glass,cup,fork,knife,spoon,bowl,"
+    "banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,"
+    "mirror,dining table,window,desk,toilet,door,tv,laptop,mouse,remote,keyboard,cell phone,microwave,"
+    "oven,toaster,sink,refrigerator,blender,book,clock,vase,scissors,teddy bear,hair drier,toothbrush,"
+    "hair brush,banner,blanket,branch,bridge,building-other,bush,cabinet,cage,cardboard,carpet,"
+    "ceiling-other,ceiling-tile,cloth,clothes,clouds,counter,cupboard,curtain,desk-stuff,dirt,door-stuff,"
+    "fence,floor-marble,floor-other,floor-stone,floor-tile,floor-wood,flower,fog,food-other,fruit,"
+    "furniture-other,grass,gravel,ground-other,hill,house,leaves,light,mat,metal,mirror-stuff,moss,"
+    "mountain,mud,napkin,net,paper,pavement,pillow,plant-other,plastic,platform,playingfield,railing,"
+    "railroad,river,road,rock,roof,rug,salad,sand,sea,shelf,sky-other,skyscraper,snow,solid-other,stairs,"
+    "stone,straw,structural-other,table,tent,textile-other,towel,tree,vegetable,wall-brick,wall-concrete,"
+    "wall-other,wall-panel,wall-stone,wall-tile,wall-wood,water-other,waterdrops,window-blind,"
+    "window-other,wood").split(",")
+COCO_STUFF_ABSENT = [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]  # ids that never occur -> 255
+COCO_STUFF_UNSEEN = ["frisbee", "skateboard", "cardboard", "carrot", "scissors", "suitcase", "giraffe",
+                     "cow", "road", "wall-concrete", "tree", "grass", "river", "clouds", "playingfield"]
+
+
+def _split(names: dict[int, str], unseen: list[str]) -> tuple[list[str], list[int], int]:
+    """{raw id: name} -> (class_names, raw_ids, num_seen): seen first, then unseen."""
+    assert set(unseen) <= set(names.values()), "an unseen class is not among the classes"
+    raw_ids = [r for r in sorted(names) if names[r] not in unseen]
+    num_seen = len(raw_ids)
+    raw_ids += [r for r in sorted(names) if names[r] in unseen]
+    return [names[r] for r in raw_ids], raw_ids, num_seen
+
+
+def _lut(num_values: int, value_to_raw: dict[int, int], raw_ids: list[int], num_seen: int, train: bool):
+    """(256,) file value -> model index; 255 for ignored values, -1 for invalid ones."""
+    lut = np.full(256, -1, dtype=np.int64)
+    lut[:num_values] = lut[IGNORE] = IGNORE
+    for value, raw in value_to_raw.items():
+        index = raw_ids.index(raw)
+        lut[value] = IGNORE if train and index >= num_seen else index  # unseen: ignored in training
+    return lut
+
+
+# ------------------------------------------------------------------ 2. transforms
+class RandomScale(v2.Transform):
+    """Resize image and label by one factor s ~ U(scale); labels are resized nearest."""
+
+    def __init__(self, scale: tuple[float, float] = (0.5, 1.5)):
+        super().__init__()
+        self.scale = scale
+
+    def make_params(self, flat_inputs):
+        (h, w), s = v2.query_size(flat_inputs), float(torch.empty(()).uniform_(*self.scale))
+        return {"size": [max(1, round(h * s)), max(1, round(w * s))]}
+
+    def transform(self, inpt, params):
+        return F.resize(inpt, params["size"], antialias=True)  # tv_tensors.Mask always uses nearest
+
+
+def _to_float(mean, std):
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]  # images only; labels stay integer
+
+
+def train_transform(crop_size: int, *, scale: tuple[float, float] = (0.5, 1.5), mean=IMAGENET_MEAN,
+                    std=IMAGENET_STD) -> v2.Compose:
+    """The lineage's augmentation; crops smaller than `crop_size` are padded (image 0, label 255)."""
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}
+    return v2.Compose([RandomScale(scale), v2.RandomCrop(crop_size, pad_if_needed=True, fill=fill),
+                       v2.RandomHorizontalFlip()] + _to_float(mean, std))
+
+
+def eval_transform(size: int | None = None, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
+    """The whole image at its own size; with `size`, image and label warped to size x size."""
+    return v2.Compose(([v2.Resize((size, size), antialias=True)] if size else []) + _to_float(mean, std))
+
+
+class _Segmentation(torch.utils.data.Dataset):
+    ignore_index = IGNORE
+    mean, std = IMAGENET_MEAN, IMAGENET_STD  # pass these to train_transform / eval_transform
+
+    def _finish(self, image: torch.Tensor, label: torch.Tensor):
+        """uint8 image (3, H, W) and label (H, W) -> transformed plain tensors."""
+        transform = self.transform or eval_transform(mean=self.mean, std=self.std)
+        image, label = transform(tv_tensors.Image(image), tv_tensors.Mask(label.long()))
+        return image.as_subclass(torch.Tensor), label.as_subclass(torch.Tensor).long()
+
+
+# ------------------------------------------------------------------ 3. real datasets
+LAYOUTS = {
+    "VOC": """VOCdevkit/VOC2012/
+    JPEGImages/<id>.jpg
+    SegmentationClassAug/<id>.png      (train_aug labels: grayscale 0-20, 255)
+    SegmentationClass/<id>.png         (official palette labels; used where present)
+    ImageSets/Segmentation/train_aug.txt, val.txt""",
+    "Context33": """VOCdevkit/VOC2010/
+    JPEGImages/<id>.jpg
+    SegmentationClassContext/<id>.png  (59-class labels: 0 unlabelled, 1-59)
+    ImageSets/SegmentationContext/train.txt, val.txt""",
+    "COCOStuff": """coco_stuff164k/
+    images/train2017/<id>.jpg, images/val2017/<id>.jpg
+    annotations/train2017/<id>.png, annotations/val2017/<id>.png  (stuffthingmaps: 0-181, 255)"""}
+
+
+def _find_root(name: str, root, subdirs: list[str], needs: list[str]) -> Path:
+    """The first root/<subdir> that holds every folder in `needs`."""
+    tried = [Path(root) / s for s in subdirs]
+    for folder in tried:
+        if all((folder / n).is_dir() for n in needs):
+            return folder
+    raise DatasetError(f"{name}: no dataset found under {root} (looked in {', '.join(map(str, tried))}).\n"
+                       f"Expected layout under --data-root:\n{LAYOUTS[name]}\nSee README section 'Datasets'.")
+
+
+def _read_list(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"missing list file {path}")
+    # A line is an id or, as in DeepLab's train_aug.txt, "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png".
+    return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
+
+
+def _split_name(split: str, names: dict[str, str]) -> str:
+    if split not in names:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(names)}")
+    return names[split]
+
+
+class _LabelledFiles(_Segmentation):
+    """JPEG images with PNG labels of raw values, mapped to model indices by `self.lut`."""
+
+    def __init__(self, name, pairs, source, names, unseen, value_to_raw, num_values, split, transform):
+        self.name, self.pairs, self.split, self.transform = name, pairs, split, transform
+        self.class_names, self.raw_ids, self.num_seen = _split(names, unseen)
+        self.num_unseen = len(self.class_names) - self.num_seen
+        self.lut = _lut(num_values, value_to_raw, self.raw_ids, self.num_seen, split == "train")
+        self.valid = f"0-{num_values - 1} and 255"
+        if not pairs:
+            raise DatasetError(f"{name}: {source} lists no images")
+        listing = {}  # one directory listing per folder, so 118k files are checked in a second
+        for folder in {p.parent for pair in pairs for p in pair}:
+            listing[folder] = {q.name for q in folder.iterdir()} if folder.is_dir() else set()
+        missing = [str(p) for pair in pairs for p in pair if p.name not in listing[p.parent]]
+        if missing:
+            raise DatasetError(f"{name}: {len(missing)} file(s) named by {source} do not exist, e.g.\n  "
+                               + "\n  ".join(missing[:10]))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _read(self, path: Path) -> Image.Image:
+        try:
+            image = Image.open(path)
+            image.load()  # decode now, so a corrupt file fails here, naming itself
+            return image
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            raise DatasetError(f"{self.name}: cannot read {path}: {e}") from e
+
+    def __getitem__(self, i: int):
+        image_path, label_path = self.pairs[i]
+        image = F.pil_to_tensor(self._read(image_path).convert("RGB"))  # (3, H, W) uint8
+        label_image = self._read(label_path)
+        if label_image.mode not in ("L", "P", "I", "I;16"):
+            raise DatasetError(f"{self.name}: label {label_path} has mode {label_image.mode}, expected a "
+                               "single-channel (L or P) PNG of class ids")
+        raw = np.asarray(label_image).astype(np.int64)  # (H, W); a "P" image gives its palette indices
+        if tuple(image.shape[1:]) != raw.shape:
+            raise DatasetError(f"{self.name}: image {image_path} is {tuple(image.shape[1:])} (H, W) but "
+                               f"label {label_path} is {raw.shape}")
+        label = self.lut[raw.clip(0, 255)]  # (H, W)
+        bad = (raw > 255) | (label < 0)
+        if bad.any():
+            raise DatasetError(f"{self.name}: label {label_path} holds invalid values "
+                               f"{np.unique(raw[bad]).tolist()} (valid: {self.valid})")
+        return self._finish(image, torch.from_numpy(label))
+
+
+class VOC(_LabelledFiles):
+    """Pascal VOC 2012 + SBD: train = `train_aug` (10,582), test = `val` (1,449); background -> 255."""
+
+    def __init__(self, root, split: str, transform=None):
+        lst = _split_name(split, {"train": "train_aug", "train_aug": "train_aug", "test": "val", "val": "val"})
+        top = _find_root("VOC", root, ["", "VOCdevkit/VOC2012", "VOC2012"], ["JPEGImages", "ImageSets/Segmentation"])
+        official = {p.name for p in (top / "SegmentationClass").glob("*.png")}
+        ids = _read_list(top / "ImageSets/Segmentation" / f"{lst}.txt")
+        pairs = [(top / "JPEGImages" / f"{i}.jpg",
+                  top / ("SegmentationClass" if f"{i}.png" in official else "SegmentationClassAug") / f"{i}.png")
+                 for i in ids]
+        names = dict(enumerate(VOC_CLASSES, 1))
+        super().__init__("VOC", pairs, f"{lst}.txt", names, VOC_UNSEEN, {r: r for r in names}, 21,
+                         "train" if lst == "train_aug" else "test", transform)
+
+
+class Context33(_LabelledFiles):
+    """Pascal Context, 33 classes: train 4,998, test = `val` 5,105; read from the 59-class PNGs."""
+
+    def __init__(self, root, split: str, transform=None):
+        lst = _split_name(split, {"train": "train", "test": "val"})
+        top = _find_root("Context33", root, ["", "VOCdevkit/VOC2010", "VOC2010"],
+                         ["JPEGImages", "SegmentationClassContext"])
+        pairs = [(top / "JPEGImages" / f"{i}.jpg", top / "SegmentationClassContext" / f"{i}.png")
+                 for i in _read_list(top / "ImageSets/SegmentationContext" / f"{lst}.txt")]
+        super().__init__("Context33", pairs, f"{lst}.txt", dict(enumerate(CONTEXT33_CLASSES, 1)), CONTEXT33_UNSEEN,
+                         CONTEXT59_TO_33, 60, split, transform)
+
+
+class COCOStuff(_LabelledFiles):
+    """COCO-Stuff 164k, 171 classes: train = train2017 (118,287), test = val2017 (5,000)."""
+
+    def __init__(self, root, split: str, transform=None):
+        sub = _split_name(split, {"train": "train2017", "test": "val2017"})
+        top = _find_root("COCOStuff", root, ["", "coco_stuff164k"], [f"images/{sub}", f"annotations/{sub}"])
+        pairs = [(p, top / "annotations" / sub / f"{p.stem}.png") for p in sorted((top / "images" / sub).glob("*.jpg"))]
+        names = {r: n for r, n in enumerate(COCO_STUFF_CLASSES) if r not in COCO_STUFF_ABSENT}
+        super().__init__("COCOStuff", pairs, f"images/{sub}", names, COCO_STUFF_UNSEEN, {r: r for r in names}, 182,
+                         split, transform)
+
+
+# ------------------------------------------------------------------ 4. class embeddings (M)
+def _words(name: str) -> list[str]:
+    return [w for w in re.split(r"[\s_\-]+", name) if w]
+
+
+def _variants(word: str) -> list[str]:
+    return list(dict.fromkeys([word, word.lower(), word.capitalize(), word.upper()]))
+
+
+def _open(path):
+    if not Path(path).is_file():
+        raise EmbeddingError(f"word-vector file {path} does not exist")
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+
+
+def read_word2vec_binary(path, words=None) -> dict[str, np.ndarray]:
+    """word2vec binary: a header "N D", then N times: word, space, D little-endian float32."""
+    wanted, vectors, buf, pos = (None if words is None else set(words)), {}, b"", 0
+    with _open(path) as f:
+        header = f.readline().split()
+        if len(header) != 2 or not all(h.isdigit() for h in header):
+            raise EmbeddingError(f"{path}: not a word2vec binary file (header {header!r})")
+        n, d = map(int, header)
+        for i in range(n):
+            space = buf.find(b" ", pos)
+            while space < 0 or len(buf) < space + 1 + 4 * d:  # 1 MiB at a time: the file is 3.6 GB
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    raise EmbeddingError(f"{path}: truncated after {i} of {n} words")
+                buf, pos = buf[pos:] + chunk, 0
+                space = buf.find(b" ")
+            word = buf[pos:space].lstrip(b"\n").decode("utf-8", "replace")  # some writers end vectors with \n
+            if wanted is None or word in wanted:
+                vectors[word] = np.frombuffer(buf, "<f4", d, space + 1).copy()
+            pos = space + 1 + 4 * d
+    return vectors
+
+
+def read_fasttext_vec(path, words=None) -> dict[str, np.ndarray]:
+    """fastText .vec text: an optional header "N D", then lines "word v_1 ... v_D"."""
+    wanted, vectors, d = (None if words is None else {w.encode() for w in words}), {}, None
+    with _open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            word, _, rest = line.rstrip(b"\r\n").partition(b" ")
+            if lineno == 1 and word.isdigit() and rest.strip().isdigit():
+                d = int(rest)
+            elif wanted is None or word in wanted:
+                try:
+                    vector = np.array(rest.split(), dtype=np.float32)
+                except ValueError as e:
+                    raise EmbeddingError(f"{path}:{lineno}: malformed vector for {word!r}") from e
+                d = d or len(vector)
+                if len(vector) != d:
+                    raise EmbeddingError(f"{path}:{lineno}: {word!r} has {len(vector)} values, expected {d}")
+                vectors[word.decode("utf-8", "replace")] = vector
+    return vectors
+
+
+def class_embedding_table(class_names: list[str], sources: list, *, source_names=None) -> torch.Tensor:
+    """(C, D_1 + D_2 + ...): e_c = normalise(mean_w v_1(w) (+) mean_w v_2(w) (+) ...).
+
+    `sources` are word -> vector mappings; w runs over the words of class c's name.
+    """
+    source_names = source_names or [f"source {s}" for s in range(len(sources))]
+    rows, missing = [], []
+    for name in class_names:
+        halves = []
+        for src, src_name in zip(sources, source_names):
+            found = {w: next((src[v] for v in _variants(w) if v in src), None) for w in _words(name)}
+            missing += [f"class {name!r}: word {w!r} not in {src_name}" for w, v in found.items() if v is None]
+            vecs = [np.asarray(v, np.float64) for v in found.values() if v is not None]
+            halves.append(np.mean(vecs, axis=0) if vecs else None)
+        rows.append(halves)
+    if missing:
+        raise EmbeddingError(f"{len(missing)} class word(s) missing from the word vectors:\n  " + "\n  ".join(missing))
+    uneven = [n for s, n in enumerate(source_names) if len({len(h[s]) for h in rows}) > 1]
+    if uneven:
+        raise EmbeddingError(f"vectors of different lengths in {', '.join(uneven)}")
+    table = np.stack([np.concatenate(h) for h in rows])  # (C, D)
+    table /= np.linalg.norm(table, axis=1, keepdims=True).clip(min=1e-12)  # an all-zero row stays 0, not NaN
+    return torch.from_numpy(table).float()
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as e:
+        raise EmbeddingError(f"embedding table {path} is missing or not a .npy array: {e}") from e
+
+
+def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_ids=None,
+                          cache: bool = True) -> torch.Tensor:
+    """The (C, dim) table for `class_names`, from word-vector files or one precomputed `.npy`.
+
+    Word-vector files (word2vec `.bin`, fastText `.vec`, either may be `.gz`) give one half
+    each, in the given order; the built table is cached as `<first file>.<hash>.npy`. A `.npy`
+    table has one row per class in `class_names` order, or, given `raw_ids`, one per raw id.
+    """
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if len(paths) == 1 and paths[0].suffix == ".npy":
+        table_path, table = paths[0], _load_npy(paths[0])
+        if raw_ids is not None:
+            if table.ndim != 2 or table.shape[0] <= max(raw_ids):
+                raise EmbeddingError(f"{table_path}: shape {table.shape} has no row for raw id {max(raw_ids)}")
+            table = table[raw_ids]
+    else:
+        key = json.dumps([class_names, [(p.name, p.stat().st_size if p.is_file() else 0) for p in paths]])
+        table_path = paths[0].with_name(f"{paths[0].name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy")
+        if cache and table_path.is_file():
+            table = _load_npy(table_path)
+        else:
+            wanted = {v for n in class_names for w in _words(n) for v in _variants(w)}
+            sources = [(read_fasttext_vec if ".vec" in p.suffixes else read_word2vec_binary)(p, wanted) for p in paths]
+            table = class_embedding_table(class_names, sources, source_names=[p.name for p in paths]).numpy()
+            if table.shape[1] != dim:
+                raise EmbeddingError(f"{' + '.join(p.name for p in paths)} give "
+                                     f"{' + '.join(str(len(next(iter(s.values())))) for s in sources)} = "
+                                     f"{table.shape[1]}-d class embeddings, expected {dim}-d")
+            if cache:
+                try:
+                    np.save(table_path, table)
+                except OSError as e:  # a read-only folder only costs re-reading the vectors next time
+                    warnings.warn(f"could not cache the class embeddings at {table_path}: {e}")
+    if table.shape != (len(class_names), dim):
+        raise EmbeddingError(f"{table_path}: shape {table.shape}, expected ({len(class_names)}, {dim}) "
+                             f"for classes {', '.join(class_names)}")
+    return torch.as_tensor(table, dtype=torch.float32)
+
+
+def shapes_embeddings(class_names: list[str], *, seed: int = 0, dim: int = 600) -> torch.Tensor:
+    """Two seeded pseudo-random unit vectors per word stand in for word2vec and fastText."""
+    if dim % 2:
+        raise ValueError(f"shapes_embeddings: dim must be even (two halves), got {dim}")
+
+    def vector(source: int, word: str) -> np.ndarray:
+        v = np.random.default_rng([seed, source, zlib.crc32(word.encode())]).standard_normal(dim // 2)
+        return v / np.linalg.norm(v)
+
+    words = {w for n in class_names for w in _words(n)}
+    sources = [{w: vector(s, w) for w in words} for s in range(2)]
+    return class_embedding_table(class_names, sources, source_names=["shapes-word2vec", "shapes-fasttext"])
+
+
+# ------------------------------------------------------------------ 5. shapes (PROTOCOL section 7)
+SHAPES_STUFF = ["sky", "water", "grass", "sand"]
+SHAPES_COLOURS = {"red": (0.85, 0.15, 0.12), "green": (0.15, 0.70, 0.20), "blue": (0.15, 0.25, 0.85),
+                  "yellow": (0.95, 0.85, 0.15)}
+SHAPES_FORMS = ["circle", "square", "triangle", "cross"]
+SHAPES_RAW = SHAPES_STUFF + [f"{c} {f}" for c in SHAPES_COLOURS for f in SHAPES_FORMS]  # raw ids 0-19
+SHAPES_UNSEEN = ["red triangle", "green cross", "blue circle", "yellow square"]  # a Latin square
+_STUFF_RGB = np.array([(0.45, 0.65, 0.90), (0.45, 0.65, 0.90), (0.33, 0.56, 0.24), (0.86, 0.77, 0.55)])
+_SHAPES_PALETTE = np.array([(150, 200, 255), (20, 60, 200), (40, 140, 40), (230, 200, 120)] + [
+    [round(255 * c * (1 - 0.22 * f)) for c in rgb] for rgb in SHAPES_COLOURS.values() for f in range(4)], np.uint8)
+
+
+def _shapes_scenes(n: int, seed: int, split: str) -> dict[str, np.ndarray]:
+    """Scene parameters in relative coordinates: they do not depend on the render size.
+
+    Each parameter has its own random stream, so the first k scenes are the same for any n >= k.
+    """
+    rng = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, split == "test"]).spawn(8)]
+    stuff_rgb = _STUFF_RGB + rng[0].uniform(-0.06, 0.06, (n, 4, 3))  # (n, 4, 3) per-image stuff colours
+    stuff_rgb[:, 1] = stuff_rgb[:, 0]  # water looks exactly like sky: only position tells them apart
+    thing = rng[1].integers(0, 16, (n, 3))  # colour * 4 + form
+    return {"stuff_rgb": stuff_rgb, "thing": thing,
+            "thing_rgb": np.array(list(SHAPES_COLOURS.values()))[thing // 4] + rng[2].uniform(-0.05, 0.05, (n, 3, 3)),
+            "horizon": rng[3].uniform(0.35, 0.65, n),  # horizon height / image height
+            "bottom": rng[4].integers(1, 4, n),  # water, grass or sand
+            "count": rng[5].integers(1, 4, n),  # things 0..count-1 are drawn, in order
+            "centre": rng[6].uniform(0.1, 0.9, (n, 3, 2)),  # (y, x) / image size
+            "radius": rng[7].uniform(6, 13, (n, 3)) / 64}  # radius in pixels / base_size
+
+
+def _render_shapes(scenes: dict, size: int, base_size: int, noise: float, generator: torch.Generator):
+    """Scenes -> uint8 images (n, 3, S, S) and raw labels (n, S, S): ids 0-19, 255 void."""
+    sc = {k: torch.as_tensor(v) for k, v in scenes.items()}
+    n, S = len(sc["horizon"]), size
+    pix = torch.arange(S, dtype=torch.float32) + 0.5  # pixel centres
+    sky = pix.view(1, S, 1) < (sc["horizon"] * S).view(n, 1, 1)  # (n, S, 1)
+    label = torch.where(sky, 0, sc["bottom"].view(n, 1, 1)).expand(n, S, S).clone()  # (n, S, S)
+    rgb = sc["stuff_rgb"].float()
+    image = torch.where(sky[:, None], rgb[:, 0, :, None, None], rgb[torch.arange(n), sc["bottom"], :, None, None])
+    # Centres scale with the image, radii do not: things keep their pixel size at any `size`.
+    cy, cx = (sc["centre"].float() * S).unbind(-1)  # (n, 3) each
+    r = (sc["radius"].float() * base_size)[..., None, None]  # (n, 3, 1, 1)
+    dy, dx = pix.view(1, 1, S, 1) - cy[..., None, None], pix.view(1, 1, 1, S) - cx[..., None, None]
+    ady, adx = dy.abs(), dx.abs()
+    forms = torch.stack([dy ** 2 + dx ** 2 <= r ** 2,  # circle
+                         torch.maximum(ady, adx) <= 0.85 * r,  # square
+                         (dy <= r / 2) & (adx <= (dy + r) / 3 ** 0.5),  # triangle, apex up, centroid at centre
+                         (torch.minimum(ady, adx) <= 0.3 * r) & (torch.maximum(ady, adx) <= r)])  # cross
+    mask = forms.gather(0, (sc["thing"] % 4)[None, ..., None, None].expand(1, n, 3, S, S))[0]  # (n, 3, S, S)
+    mask &= (torch.arange(3) < sc["count"][:, None])[..., None, None]
+    instance = torch.zeros(n, S, S, dtype=torch.long)
+    for k in range(3):  # later things are drawn over earlier ones
+        m = mask[:, k]
+        image = torch.where(m[:, None], sc["thing_rgb"][:, k, :, None, None].float(), image)
+        label = torch.where(m, 4 + sc["thing"][:, k, None, None], label)
+        instance = torch.where(m, k + 1, instance)
+    # Void: pixels with a later-drawn thing among their 8 neighbours, i.e. a 1-px ring just
+    # outside every visible thing (VOC marks object borders the same way).
+    label[nnf.max_pool2d(instance[:, None].float(), 3, 1, 1)[:, 0] > instance] = IGNORE
+    # A [1 2 1]/4 blur in both directions softens edges as a lens would; then pixel noise.
+    image = nnf.pad(image, (1, 1, 1, 1), mode="replicate")
+    image = (image[..., :-2, :] + 2 * image[..., 1:-1, :] + image[..., 2:, :]) / 4
+    image = (image[..., :-2] + 2 * image[..., 1:-1] + image[..., 2:]) / 4
+    image = image + noise * torch.randn(image.shape, generator=generator)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), label.to(torch.uint8)
+
+
+class Shapes(_Segmentation):
+    """The built-in zero-shot benchmark: 4 stuff and 16 thing classes, 4 of the things unseen.
+
+    Scenes come from `seed` (train and test draw different scenes) in relative coordinates
+    and are rendered once, at `size`; things are 6-13 px in radius at `base_size` and keep
+    that pixel size at any `size`. `images` (N, 3, S, S) uint8, `labels` (N, S, S) uint8
+    (model indices, 255 ignore) and `scenes` (the parameters) hold the whole split.
+    """
+    # Pixel statistics of the default training set, so normalised images are ~zero-mean, unit-std
+    # (ImageNet's statistics would leave the blue channel at mean 1.2).
+    mean, std = (0.50, 0.64, 0.69), (0.20, 0.13, 0.28)
+
+    def __init__(self, split: str, *, size: int = 64, num_images: int | None = None, seed: int = 0,
+                 transform=None, base_size: int = 64, noise: float = 0.04):
+        self.split = _split_name(split, {"train": "train", "test": "test"})
+        if size < 8 or base_size < 8 or (num_images is not None and num_images < 1):
+            raise ValueError(f"Shapes: need size, base_size >= 8 and num_images >= 1; got {size}, {base_size}, "
+                             f"{num_images}")
+        self.size, self.transform, names = size, transform, dict(enumerate(SHAPES_RAW))
+        self.class_names, self.raw_ids, self.num_seen = _split(names, SHAPES_UNSEEN)
+        self.num_unseen, self.palette = len(SHAPES_UNSEEN), _SHAPES_PALETTE[self.raw_ids]
+        lut = torch.from_numpy(_lut(20, {r: r for r in names}, self.raw_ids, self.num_seen, split == "train"))
+        n = num_images if num_images is not None else (2000 if split == "train" else 300)
+        self.scenes = _shapes_scenes(n, seed, split)
+        noise_seed = np.random.SeedSequence([seed, split == "test", size]).generate_state(1)[0]
+        g = torch.Generator().manual_seed(int(noise_seed))  # noise, unlike the scenes, depends on size
+        chunks = [_render_shapes({k: v[i:i + 256] for k, v in self.scenes.items()}, size, base_size, noise, g)
+                  for i in range(0, n, 256)]  # chunks bound the memory of the (n, 3, S, S) masks
+        self.images = torch.cat([c[0] for c in chunks])  # (N, 3, S, S) uint8
+        self.labels = lut[torch.cat([c[1] for c in chunks]).long()].to(torch.uint8)  # (N, S, S)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self._finish(self.images[i], self.labels[i])
+
+
+# ------------------------------------------------------------------ 6. factory, preview, CLI
+DATASETS = {"voc": VOC, "context": Context33, "cocostuff": COCOStuff, "shapes": Shapes}
+
+
+def build_dataset(name: str, split: str, *, root=None, **kwargs):
+    """`Shapes(split, **kwargs)`, or `Name(root, split, **kwargs)` for a real dataset."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    if name != "shapes" and root is None:
+        raise ValueError(f"dataset {name!r} needs a root folder (--data-root)")
+    return Shapes(split, **kwargs) if name == "shapes" else DATASETS[name](root, split, **kwargs)
+
+
+def save_preview(dataset, path, *, num: int = 8, cols: int = 2, size: int | None = None) -> None:
+    """A PNG grid of `image | label` pairs; labels in class colours, ignore (255) black."""
+    colours = np.zeros((256, 3), np.uint8)  # 255 -> black
+    C = len(dataset.class_names)
+    colours[:C] = dataset.palette if hasattr(dataset, "palette") else np.random.default_rng(0).integers(40, 256, (C, 3))
+    mean, std = torch.tensor(dataset.mean).view(3, 1, 1), torch.tensor(dataset.std).view(3, 1, 1)
+    tiles = []
+    for i in range(min(num, len(dataset))):
+        image, label = dataset[i]
+        image = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)  # undo the normalisation
+        if size:
+            image, label = F.resize(image, [size, size]), F.resize(tv_tensors.Mask(label), [size, size])  # nearest
+        pair = np.concatenate([image.permute(1, 2, 0).numpy(), colours[label.numpy()]], axis=1)
+        tiles.append(np.pad(pair, ((2, 2), (2, 2), (0, 0)), constant_values=255))
+    tiles += [np.full_like(tiles[0], 255)] * (-len(tiles) % cols)
+    rows = [np.concatenate(tiles[r:r + cols], axis=1) for r in range(0, len(tiles), cols)]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path, optimize=True)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Check that a dataset loads; optionally draw a few samples.")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="shapes", help="dataset (default: shapes)")
+    p.add_argument("--data-root", type=Path, default=Path("data"),
+                   help="folder holding the real datasets (default: data; layout in README 'Datasets')")
+    p.add_argument("--split", choices=["train", "test"], default="train", help="split (default: train)")
+    p.add_argument("--size", type=int, default=64, help="shapes render size and preview tile size (default: 64)")
+    p.add_argument("--seed", type=int, default=0, help="shapes scene seed (default: 0)")
+    p.add_argument("--preview", type=Path, help="write a PNG grid of samples (image | label) to this file")
+    p.add_argument("--num-samples", type=int, default=8, help="samples in the preview (default: 8)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    shapes = {"size": args.size, "seed": args.seed, "num_images": max(args.num_samples, 1)}
+    try:
+        dataset = build_dataset(args.dataset, args.split, root=args.data_root,
+                                **(shapes if args.dataset == "shapes" else {}))
+        print(f"{args.dataset} {args.split}: {len(dataset)} images; {dataset.num_seen} seen classes: "
+              f"{', '.join(dataset.class_names[:dataset.num_seen])}; {dataset.num_unseen} unseen: "
+              f"{', '.join(dataset.class_names[dataset.num_seen:])}")
+        image, label = dataset[0]  # reading one item surfaces format errors now
+        print(f"item 0: image {tuple(image.shape)}, label {tuple(label.shape)}")
+        if args.preview:
+            save_preview(dataset, args.preview, num=args.num_samples, size=args.size)
+            print(f"wrote {args.preview}")
+    except (DatasetError, ValueError) as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
