@@ -1,0 +1,395 @@
+"""The GZSL metric (paper section 4.2), the loop that scores a model, and the evaluation CLI.
+
+The paper reports, for every method and dataset, the mIoU of the seen classes, the mIoU of
+the unseen classes, and their harmonic mean (Table 1). This module is the one tested home of
+that metric; ``train.py`` and the evaluation CLI both call it.
+``python evaluate.py --checkpoint runs/shapes-.../checkpoint_transfer.pt --save-predictions 4``
+rescores a checkpoint on its test sets and draws image | ground truth | prediction panels.
+
+Reading order
+    confusion_matrix   (K, K) pixel counts of one batch, by ``bincount``; sum over a test set
+    harmonic           H = 2 S U / (S + U), 0 when either side is 0
+    gzsl_miou          per-class IoU, seen / unseen mIoU and H from an accumulated confusion
+    evaluate_model     the test loop: model -> argmax -> confusion matrix, summed
+    format_table       the per-class IoU table and the seen / unseen / harmonic summary
+    as_metrics         the result keyed by class name, for ``metrics.json``
+    test_sets          a benchmark's test sets by name ("64", "128" | "val" | "test")
+    evaluate_sets      evaluate_model -> gzsl_miou -> printed table, for every test set
+    load_checkpoint    SIGN rebuilt from a train.py checkpoint (config + state_dict, M included)
+    save_panels        PNG panels image | ground truth | prediction with a class legend
+    main               the CLI; settings default to those stored in the checkpoint
+
+Convention (PROTOCOL section 5), pinned by ``tests/test_metrics.py``
+    * One confusion matrix is accumulated over the whole test set; IoU is computed once from
+      it, never averaged over images. Rows are ground truth, columns are predictions:
+      confusion[t, p] counts the pixels of true class t predicted as p.
+    * Pixels whose label is ``ignore_index`` (255) never count, whatever is predicted there.
+      The datasets map VOC's background to 255, so it is dropped in testing as in training.
+    * IoU_c = TP_c / (TP_c + FP_c + FN_c), in percent.
+    * A class absent from both ground truth and prediction (TP + FP + FN = 0) has no IoU: it
+      is excluded from its mean (a NaN-mean) and *not listed* in ``per_class``; it is never
+      counted as 0. A class that is predicted but absent from the ground truth has IoU 0 and
+      counts.
+    * Seen mIoU S = mean IoU over the present seen classes, unseen mIoU U likewise; when no
+      class of one side is present at all, that side's mean is 0 (it cannot be NaN).
+    * Harmonic H = 2 S U / (S + U), and H = 0 when S = 0 or U = 0.
+    * Resolution: ``eval_res="full"`` (default) scores logits upsampled bilinearly to the
+      label's own size; ``eval_res="feature"`` reproduces the lineage (ZS3Net, CaGNet): the
+      loader warps images and labels to 513 x 513, and labels are nearest-downsampled to the
+      feature map, where C's logits are scored without upsampling.
+
+Symbols
+    K                  number of classes, seen first then unseen (``data.py``'s model order)
+    C^S, C^U           ``seen``, ``unseen``: disjoint lists of class indices covering range(K)
+    S, U, H            ``seen_miou``, ``unseen_miou``, ``harmonic_miou`` (percent)
+"""
+import argparse
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import data
+from sign import SIGN, resize_labels
+
+__all__ = ["IGNORE_INDEX", "confusion_matrix", "harmonic", "gzsl_miou", "evaluate_model", "format_table",
+           "as_metrics", "test_sets", "evaluate_sets", "CheckpointError", "load_checkpoint", "voc_palette",
+           "save_panels", "get_args_parser", "main"]
+
+IGNORE_INDEX = 255
+EVAL_RES = ("full", "feature")
+
+
+# ----------------------------------------------------------------------------- the metric
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Pixel counts confusion[t, p] (rows = ground truth t, columns = prediction p), (K, K) int64.
+
+    ``pred`` and ``target`` are integer tensors of the same shape, e.g. (B, H, W). Pixels whose
+    target is ``ignore_index`` are dropped; every other target and the prediction there must
+    lie in [0, K). The result lives on the inputs' device; summing the matrices of a test
+    set's batches gives the test set's matrix.
+    """
+    K = num_classes
+    if K < 1:
+        raise ValueError(f"confusion_matrix: num_classes must be >= 1, got {K}")
+    if pred.shape != target.shape:
+        raise ValueError(f"confusion_matrix: pred and target must have the same shape, got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    if pred.is_floating_point() or target.is_floating_point() or pred.is_complex() or target.is_complex():
+        raise ValueError(f"confusion_matrix: expected integer class indices (argmax of the logits), got "
+                         f"pred {pred.dtype} and target {target.dtype}")
+    valid = target != ignore_index
+    t, p = target[valid].long(), pred[valid].long()  # (N,) each, N = labelled pixels
+    for name, v in (("target", t), ("pred", p)):
+        if v.numel() and (v.min() < 0 or v.max() >= K):
+            raise ValueError(f"confusion_matrix: {name} values at labelled pixels must lie in [0, {K}) "
+                             f"(or be the ignore index {ignore_index} in target), found "
+                             f"[{int(v.min())}, {int(v.max())}]")
+    # Row-major index t * K + p turns the 2-D histogram into one bincount.
+    return torch.bincount(t * K + p, minlength=K * K).reshape(K, K)  # (K, K)
+
+
+def harmonic(s: float, u: float) -> float:
+    """H = 2 S U / (S + U) of two non-negative scores; 0 when either is 0 (no division by 0)."""
+    if s < 0 or u < 0:
+        raise ValueError(f"harmonic: expected non-negative scores, got {s} and {u}")
+    return 0.0 if s == 0 or u == 0 else 2 * s * u / (s + u)
+
+
+def _check_split(K: int, seen: Sequence[int], unseen: Sequence[int]) -> None:
+    for name, classes in (("seen", seen), ("unseen", unseen)):
+        outside = sorted({c for c in classes if not 0 <= c < K})
+        if outside:
+            raise ValueError(f"gzsl_miou: {name} class indices must lie in [0, {K}), found {outside}")
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"gzsl_miou: {name} lists a class more than once: {list(classes)}")
+    both = sorted(set(seen) & set(unseen))
+    if both:
+        raise ValueError(f"gzsl_miou: seen and unseen must be disjoint, both contain {both}")
+    # GZSL scores every class of the test set; a class in neither list would silently vanish
+    # from both means, which is always a bookkeeping mistake.
+    missing = sorted(set(range(K)) - set(seen) - set(unseen))
+    if missing:
+        raise ValueError(f"gzsl_miou: every class in [0, {K}) must be seen or unseen; "
+                         f"classes {missing} are in neither")
+
+
+def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> dict:
+    """Seen / unseen / harmonic mIoU (percent) from an accumulated (K, K) confusion matrix.
+
+    IoU_c = TP_c / (TP_c + FP_c + FN_c); S, U = NaN-mean of IoU over C^S, C^U (classes absent
+    from both ground truth and prediction are skipped; a side with no present class scores 0);
+    H = 2 S U / (S + U), 0 when S or U is 0. Returns ``{"seen_miou": S, "unseen_miou": U,
+    "harmonic_miou": H, "per_class": {class index: IoU}}``, floats in [0, 100]; ``per_class``
+    lists only the present classes, in index order, so it never holds NaN.
+    """
+    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
+        raise ValueError(f"gzsl_miou: expected a square (K, K) confusion matrix, got shape "
+                         f"{tuple(confusion.shape)}")
+    if confusion.is_floating_point() or confusion.is_complex() or confusion.dtype == torch.bool:
+        raise ValueError(f"gzsl_miou: expected integer pixel counts, got dtype {confusion.dtype}")
+    if confusion.numel() and confusion.min() < 0:
+        raise ValueError("gzsl_miou: the confusion matrix holds negative counts")
+    K = confusion.shape[0]
+    _check_split(K, seen, unseen)
+    # float64 on the CPU: counts of a whole test set (up to ~10^10 pixels) stay exact.
+    n = confusion.detach().to("cpu", torch.float64)  # (K, K)
+    tp = n.diagonal()  # (K,)
+    fp = n.sum(0) - tp  # predicted as c, labelled otherwise
+    fn = n.sum(1) - tp  # labelled c, predicted otherwise
+    union = tp + fp + fn  # (K,)
+    per_class = {c: 100.0 * tp[c].item() / union[c].item() for c in range(K) if union[c] > 0}
+
+    def mean(classes: Sequence[int]) -> float:
+        present = [per_class[c] for c in classes if c in per_class]
+        return sum(present) / len(present) if present else 0.0
+
+    S, U = mean(seen), mean(unseen)
+    return {"seen_miou": S, "unseen_miou": U, "harmonic_miou": harmonic(S, U), "per_class": per_class}
+
+
+# ----------------------------------------------------------------------------- the test loop
+def _feature_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """C's logits at the feature map, before the upsampling in ``SIGN.forward``."""
+    if not (hasattr(model, "features") and hasattr(model, "C")):
+        raise ValueError(f"evaluate_model: eval_res='feature' needs a model with SIGN's `features(x)` "
+                         f"and `C` (logits before upsampling); {type(model).__name__} has not")
+    return model.C(model.features(x)[0])  # (B, K, h, w)
+
+
+@torch.inference_mode()
+def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, device: torch.device | str,
+                   eval_res: str = "full", ignore_index: int = IGNORE_INDEX, quiet: bool = False) -> Tensor:
+    """Sum of ``confusion_matrix`` over a loader of ``(image (B, 3, H, W), label (B, H, W))``.
+
+    ``model(x)`` returns logits (B, K, H', W'). ``eval_res="full"`` upsamples them bilinearly
+    to the label's (H, W) when they differ; ``"feature"`` scores SIGN's feature-map logits
+    against nearest-downsampled labels (see the module docstring). The model runs in eval
+    mode and is put back in the mode it came in. Returns the (K, K) int64 matrix on the CPU.
+    """
+    if eval_res not in EVAL_RES:
+        raise ValueError(f"evaluate_model: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
+    K = num_classes
+    was_training = model.training
+    model.eval()
+    confusion = torch.zeros(K, K, dtype=torch.long, device=device)
+    try:
+        for x, y in tqdm(loader, desc=f"evaluate ({eval_res})", leave=False, disable=quiet):
+            x, y = x.to(device), y.to(device)  # (B, 3, H, W), (B, H, W)
+            logits = model(x) if eval_res == "full" else _feature_logits(model, x)  # (B, K', H', W')
+            if logits.dim() != 4 or logits.shape[1] != K:
+                raise ValueError(f"evaluate_model: expected logits (B, {K}, H, W), got {tuple(logits.shape)}")
+            if eval_res == "full" and logits.shape[-2:] != y.shape[-2:]:
+                logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+            elif eval_res == "feature":
+                y = resize_labels(y, logits.shape[-2:])  # (B, h, w), nearest
+            confusion += confusion_matrix(logits.argmax(1), y, K, ignore_index)  # (K, K)
+    finally:
+        model.train(was_training)
+    return confusion.cpu()
+
+
+# ----------------------------------------------------------------------------- reporting
+def _check_names(class_names: Sequence[str], result: dict, where: str) -> None:
+    beyond = [c for c in result["per_class"] if not 0 <= c < len(class_names)]
+    if beyond:
+        raise ValueError(f"{where}: {len(class_names)} class names given, but per_class has classes {beyond}")
+
+
+def format_table(result: dict, class_names: Sequence[str], seen: Sequence[int], unseen: Sequence[int]) -> str:
+    """A per-class IoU table (seen classes, then unseen, 'absent' for classes with no IoU)
+    followed by one summary line: seen / unseen / harmonic mIoU, all in percent."""
+    _check_names(class_names, result, "format_table")
+    width = max([len("class")] + [len(class_names[c]) for c in (*seen, *unseen)])
+    lines = [f"{'#':>4}  {'class':<{width}}  {'split':<6}  {'IoU %':>6}"]
+    for split, classes in (("seen", seen), ("unseen", unseen)):
+        for c in classes:
+            iou = result["per_class"].get(c)
+            lines.append(f"{c:>4}  {class_names[c]:<{width}}  {split:<6}  "
+                         + (f"{iou:6.2f}" if iou is not None else f"{'absent':>6}"))
+    present = {s: sum(c in result["per_class"] for c in cs) for s, cs in (("seen", seen), ("unseen", unseen))}
+    lines.append(f"mIoU %  seen {result['seen_miou']:.2f} ({present['seen']}/{len(seen)} classes present)  "
+                 f"unseen {result['unseen_miou']:.2f} ({present['unseen']}/{len(unseen)})  "
+                 f"harmonic {result['harmonic_miou']:.2f}")
+    return "\n".join(lines)
+
+
+def as_metrics(result: dict, class_names: Sequence[str]) -> dict:
+    """``gzsl_miou``'s result with ``per_class`` keyed by class name (absent classes not listed)."""
+    _check_names(class_names, result, "as_metrics")
+    return {"seen_miou": result["seen_miou"], "unseen_miou": result["unseen_miou"],
+            "harmonic_miou": result["harmonic_miou"],
+            "per_class": {class_names[c]: iou for c, iou in result["per_class"].items()}}
+
+
+
+
+# ----------------------------------------------------------------------------- test sets, checkpoints
+def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, eval_res: str = "full",
+              num_images: int | None = None) -> dict[str, torch.utils.data.Dataset]:
+    """shapes: ``{str(s): Shapes("test", size=s, num_images=...)}`` per size (default [64, 128]);
+    voc ``{"val": ...}``, context / cocostuff ``{"test": ...}``: whole images at their own size, or
+    warped to ``sizes[0]`` (default 513) when ``eval_res="feature"``."""
+    if eval_res not in EVAL_RES:
+        raise ValueError(f"test_sets: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
+    if dataset == "shapes":
+        return {str(s): data.Shapes("test", size=s, num_images=num_images) for s in sizes or [64, 128]}
+    if sizes is not None and len(sizes) != 1:  # silently using sizes[0] would hide a typo
+        raise ValueError(f"test_sets: {dataset} is tested at one size, got sizes {list(sizes)}")
+    size = (sizes or [513])[0] if eval_res == "feature" else None
+    return {"val" if dataset == "voc" else "test": data.build_dataset(
+        dataset, "test", root=root, transform=data.eval_transform(size))}
+
+
+def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], num_seen: int,
+                  device: torch.device | str, eval_res: str = "full", batch_size: int = 16, workers: int = 0,
+                  quiet: bool = False, title: str = "") -> dict[str, dict]:
+    """evaluate_model -> gzsl_miou -> printed format_table for each set; ``{set name: as_metrics}``.
+    Classes [0, num_seen) are seen, the rest of ``class_names`` unseen."""
+    K, metrics = len(class_names), {}
+    seen, unseen = list(range(num_seen)), list(range(num_seen, K))
+    for name, dataset in sets.items():  # real images differ in size, so they go one at a time
+        loader = DataLoader(dataset, batch_size=batch_size if isinstance(dataset, data.Shapes) else 1,
+                            num_workers=workers)
+        confusion = evaluate_model(model, loader, num_classes=K, device=device, eval_res=eval_res, quiet=quiet)
+        result = gzsl_miou(confusion, seen, unseen)
+        print(f"\n{f'[{title}] ' if title else ''}test set {name}\n" + format_table(result, class_names, seen, unseen))
+        metrics[name] = as_metrics(result, class_names)
+    return metrics
+
+
+class CheckpointError(Exception):
+    """A checkpoint file is missing, unreadable, or not a model written by train.py."""
+
+
+def load_checkpoint(path, device: torch.device | str) -> tuple[SIGN, dict]:
+    """(SIGN.from_config(ckpt["config"]) with ckpt["model"] loaded, M's table included, on ``device``
+    in eval mode; the whole checkpoint dict). Every failure is a one-line ``CheckpointError``."""
+    path, expected = Path(path), "expected a train.py checkpoint: a dict with 'model' and 'config'"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist ({expected})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
+            raise CheckpointError(f"found {sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__}")
+        model = SIGN.from_config(ckpt["config"])
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(f"cannot use checkpoint {path} ({expected}): {type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]}") from e
+    return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- prediction panels
+GAP, LEGEND_W, ROW, MIN_TILE = 4, 200, 14, 128  # pixels: spacing, legend width, text row, smallest tile
+
+
+def voc_palette(K: int) -> np.ndarray:
+    """(K, 3) uint8: VOC's colour map (bit b of k + 1 goes to channel b % 3, bit 7 - b // 3),
+    shifted by one so that no class is black; black is ignore (255)."""
+    bits = (np.arange(1, K + 1)[:, None, None] >> np.arange(24).reshape(8, 3)) & 1  # (K, 8, 3)
+    return (bits << (7 - np.arange(8))[:, None]).sum(1).astype(np.uint8)  # (K, 3)
+
+
+@torch.inference_mode()
+def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Sequence[str], num_seen: int,
+                device: torch.device | str, palette: np.ndarray | None = None) -> list[Path]:
+    """Write the first ``num`` items as ``out_dir/<index>.png``: image (de-normalised by dataset.mean /
+    std) | ground truth | prediction (argmax at the input size), labels in ``palette`` (default:
+    dataset.palette, else ``voc_palette``), ignore black in the ground truth (the prediction covers
+    every pixel); a legend lists the classes in either map, unseen ones marked "(unseen)" in red.
+    Tiles under MIN_TILE rows are upscaled by an integer factor (nearest), so small images stay legible."""
+    K, out_dir = len(class_names), Path(out_dir)
+    palette = getattr(dataset, "palette", None) if palette is None else palette
+    colours = np.zeros((256, 3), np.uint8)  # row 255 (ignore) stays black
+    colours[:K] = voc_palette(K) if palette is None else palette
+    mean = torch.tensor(getattr(dataset, "mean", (0.0, 0.0, 0.0))).view(3, 1, 1)
+    std = torch.tensor(getattr(dataset, "std", (1.0, 1.0, 1.0))).view(3, 1, 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training, paths = model.training, []
+    model.eval()
+    for i in range(min(num, len(dataset))):
+        image, label = dataset[i]  # (3, H, W), (H, W)
+        pred = model(image[None].to(device)).argmax(1)[0].cpu().numpy()  # (H, W)
+        rgb = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
+        f = -(-MIN_TILE // label.shape[0])  # ceil: the smallest integer upscaling to >= MIN_TILE rows
+        tiles = [t.repeat(f, 0).repeat(f, 1) for t in (rgb, colours[label.numpy()], colours[pred])]  # (fH, fW, 3)
+        present = sorted((set(label.unique().tolist()) - {IGNORE_INDEX}) | set(np.unique(pred).tolist()))
+        h, w = tiles[0].shape[:2]
+        x = 3 * (w + GAP) + GAP  # the legend's left edge
+        panel = Image.new("RGB", (x + LEGEND_W, ROW + max(h, len(present) * ROW) + GAP), "white")
+        draw = ImageDraw.Draw(panel)
+        for j, (tile, title) in enumerate(zip(tiles, ("image", "ground truth", "prediction"))):
+            panel.paste(Image.fromarray(tile), (GAP + j * (w + GAP), ROW))
+            draw.text((GAP + j * (w + GAP), 1), title, fill="black")
+        draw.text((x, 1), "classes (GT or prediction)", fill="black")
+        for y, c in zip(range(ROW, ROW * (len(present) + 1), ROW), present):
+            draw.rectangle([x, y + 1, x + 10, y + 11], fill=tuple(map(int, colours[c])), outline="black")
+            draw.text((x + 14, y), class_names[c] + " (unseen)" * (c >= num_seen),
+                      fill="firebrick" if c >= num_seen else "black")
+        paths.append(out_dir / f"{i:04d}.png")
+        panel.save(paths[-1])
+    model.train(was_training)
+    return paths
+
+
+# ----------------------------------------------------------------------------- CLI
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Score a train.py checkpoint on its test sets and draw predictions.")
+    a = p.add_argument
+    a("--checkpoint", type=Path, required=True, help="a checkpoint_<stage>.pt written by train.py")
+    a("--dataset", choices=sorted(data.DATASETS), help="test dataset; default: the checkpoint's")
+    a("--data-root", help="folder holding the real dataset (README 'Datasets'); default: the checkpoint's")
+    a("--size", type=int, nargs="+", help="shapes: render sizes; real data with --eval-res feature: the warp "
+                                          "size; default: the checkpoint's (paper: 513)")
+    a("--eval-res", choices=EVAL_RES, help="full: logits upsampled to the label; feature: 513 warp scored at "
+                                           "the feature map (the lineage); default: the checkpoint's")
+    a("--device", help="default: cuda if available, else cpu")
+    a("--save-predictions", type=int, default=0, metavar="N",
+      help="write N PNG panels (image | ground truth | prediction) per test set (default: 0)")
+    a("--out", type=Path, help="panel folder, one subfolder per test set (default: <checkpoint folder>/predictions)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        model, ckpt = load_checkpoint(args.checkpoint, device)
+        saved = ckpt.get("args") or {}
+        dataset = args.dataset or saved.get("dataset", "shapes")
+        same = dataset == saved.get("dataset")  # the stored sizes belong to the stored dataset only
+        eval_res = args.eval_res or saved.get("eval_res", "full")
+        sets = test_sets(dataset, root=args.data_root or saved.get("data_root"), eval_res=eval_res,
+                         sizes=args.size or (saved.get("test_sizes") if same else None),
+                         num_images=saved.get("num_test") if same else None)
+        names, S = next(iter(sets.values())).class_names, next(iter(sets.values())).num_seen
+        if (len(names), S) != (model.config["num_classes"], model.num_seen):
+            raise CheckpointError(f"checkpoint {args.checkpoint} has {model.config['num_classes']} classes "
+                                  f"({model.num_seen} seen) but {dataset} has {len(names)} ({S} seen)")
+        print(f"evaluate: {args.checkpoint} (stage {ckpt.get('stage')}, iteration {ckpt.get('iteration')}); "
+              f"dataset {dataset}, test sets {list(sets)}, eval_res {eval_res}, device {device}")
+        evaluate_sets(model, sets, class_names=names, num_seen=S, device=device, eval_res=eval_res,
+                      batch_size=saved.get("batch_size", 16), workers=saved.get("workers", 0),
+                      title=str(ckpt.get("stage", "")))
+        out = args.out or args.checkpoint.parent / "predictions"
+        for name, ds in sets.items() if args.save_predictions > 0 else ():
+            paths = save_panels(model, ds, out / name, args.save_predictions, class_names=names, num_seen=S,
+                                device=device)
+            print(f"wrote {len(paths)} panels to {out / name}")
+    except (CheckpointError, data.DatasetError, ValueError) as e:
+        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Specification of evaluate.py's CLI side: test sets, checkpoints, prediction panels and ``main``.
+
+Marker ``metrics`` for the tests that build no model, ``slow`` for those that do (a tiny SIGN,
+a few seconds each). ``evaluate.test_sets`` is called through the module: imported by name,
+pytest would collect it as a test.
+"""
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import evaluate
+from sign import SIGN
+
+SIZE = 32  # the tiny checkpoint's shapes test size
+TINY = dict(encoder="small", feat_dim=16, pe_dim=8, heads=2, hidden=16, small_width=8)
+
+
+def tiny_model() -> SIGN:
+    torch.manual_seed(0)
+    names = data.Shapes("test", size=SIZE, num_images=1).class_names
+    return SIGN(data.shapes_embeddings(names), num_seen=16, **TINY)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint dict in train.py's format for a tiny, untrained shapes model."""
+    model = tiny_model()
+    args = dict(dataset="shapes", data_root="data", test_sizes=[SIZE], eval_res="full", num_test=4,
+                batch_size=4, workers=0, crop_size=SIZE)
+    path = tmp_path_factory.mktemp("run") / "checkpoint_transfer.pt"
+    torch.save({"model": model.state_dict(), "config": model.config, "args": args, "stage": "transfer",
+                "iteration": 3, "metrics": {}, "optimizers": {}, "scaler": {}, "rng": torch.get_rng_state()}, path)
+    return path, model
+
+
+# ----------------------------------------------------------------------------- no model (metrics)
+@pytest.mark.metrics
+def test_shapes_test_sets_are_keyed_by_render_size():
+    sets = evaluate.test_sets("shapes", sizes=[16, 24], num_images=2)
+    assert list(sets) == ["16", "24"]
+    assert [tuple(s[0][0].shape) for s in sets.values()] == [(3, 16, 16), (3, 24, 24)]
+    assert list(evaluate.test_sets("shapes", num_images=1)) == ["64", "128"]
+
+
+@pytest.mark.metrics
+@pytest.mark.parametrize("name", ["voc", "context", "cocostuff"])
+def test_a_real_test_set_with_a_missing_root_raises_dataset_error(name, tmp_path):
+    with pytest.raises(data.DatasetError, match="Expected layout"):
+        evaluate.test_sets(name, root=tmp_path / "missing")
+
+
+@pytest.mark.metrics
+def test_a_real_test_set_takes_one_size_and_a_known_resolution(tmp_path):
+    with pytest.raises(ValueError, match="one size"):
+        evaluate.test_sets("voc", root=tmp_path, sizes=[321, 513], eval_res="feature")
+    with pytest.raises(ValueError, match="eval_res"):
+        evaluate.test_sets("voc", root=tmp_path, eval_res="half")
+
+
+@pytest.mark.metrics
+def test_the_default_palette_is_the_voc_colour_map_shifted_past_black():
+    colours = evaluate.voc_palette(182)
+    assert colours.dtype == np.uint8 and colours.shape == (182, 3)
+    assert colours[:3].tolist() == [[128, 0, 0], [0, 128, 0], [128, 128, 0]]  # VOC's classes 1-3
+    assert len({tuple(c) for c in colours}) == 182 and colours.any(1).all()  # distinct, none black
+
+
+@pytest.mark.metrics
+def test_a_missing_checkpoint_returns_2_with_a_message_naming_the_file(tmp_path, capsys):
+    path = tmp_path / "nowhere.pt"
+    assert evaluate.main(["--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.metrics
+@pytest.mark.parametrize("content, says", [(b"not a checkpoint", "UnpicklingError"),
+                                           ({"state_dict": {}}, "found ['state_dict']")])
+def test_a_corrupt_or_foreign_checkpoint_returns_2_with_one_line_naming_the_file(content, says, tmp_path, capsys):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+    assert evaluate.main(["--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "'model' and 'config'" in err and says in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- a tiny model (slow)
+@pytest.mark.slow
+def test_load_checkpoint_rebuilds_a_model_with_identical_logits(checkpoint):
+    path, model = checkpoint
+    loaded, ckpt = evaluate.load_checkpoint(path, "cpu")
+    assert not loaded.training and ckpt["stage"] == "transfer"
+    torch.testing.assert_close(loaded.M.table, model.M.table, rtol=0, atol=0)  # M came from the state_dict
+    x = torch.randn(2, 3, SIZE, SIZE)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_evaluate_sets_prints_a_table_per_set_and_returns_percentages(checkpoint, capsys):
+    model, _ = evaluate.load_checkpoint(checkpoint[0], "cpu")
+    sets = evaluate.test_sets("shapes", sizes=[SIZE, 40], num_images=3)
+    names = sets[str(SIZE)].class_names
+    metrics = evaluate.evaluate_sets(model, sets, class_names=names, num_seen=16, device="cpu", batch_size=2,
+                                     quiet=True, title="transfer")
+    out = capsys.readouterr().out
+    assert f"[transfer] test set {SIZE}" in out and "[transfer] test set 40" in out
+    assert list(metrics) == [str(SIZE), "40"]
+    for m in metrics.values():
+        assert all(0.0 <= m[k] <= 100.0 for k in ("seen_miou", "unseen_miou", "harmonic_miou"))
+        assert m["per_class"] and set(m["per_class"]) <= set(names)
+        assert all(0.0 <= v <= 100.0 for v in m["per_class"].values())
+
+
+@pytest.mark.slow
+def test_main_prints_the_summary_and_writes_prediction_panels(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    out = tmp_path / "panels"
+    assert evaluate.main(["--checkpoint", str(path), "--device", "cpu", "--save-predictions", "2",
+                          "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"test set {SIZE}" in printed and all(w in printed for w in ("seen", "unseen", "harmonic"))
+    pngs = sorted(out.rglob("*.png"))
+    assert [p.relative_to(out).as_posix() for p in pngs] == [f"{SIZE}/0000.png", f"{SIZE}/0001.png"]
+    tile = SIZE * -(-evaluate.MIN_TILE // SIZE)  # small images are upscaled by an integer factor
+    for p in pngs:
+        with Image.open(p) as im:
+            assert im.mode == "RGB" and im.width == 3 * (tile + evaluate.GAP) + evaluate.GAP + evaluate.LEGEND_W
+            assert im.height >= evaluate.ROW + tile
+
+
+@pytest.mark.slow
+def test_panels_show_image_labels_in_class_colours_and_a_legend_marking_unseen_classes(checkpoint, tmp_path,
+                                                                                      monkeypatch):
+    model, _ = evaluate.load_checkpoint(checkpoint[0], "cpu")
+    shapes = data.Shapes("test", size=SIZE, num_images=4)  # GT holds unseen classes 18 and 16 in images 2, 3
+    palette = np.zeros((20, 3), np.uint8)
+    palette[:, 1] = 10 + 12 * np.arange(20)  # distinct greens: no class is black (ignore) or red (unseen text)
+    texts = []  # every string drawn, in order, so the legend can be read back
+    draw_text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, t, *a, **k: (texts.append(t),
+                                                                                   draw_text(self, xy, t, *a, **k)))
+    paths = evaluate.save_panels(model, shapes, tmp_path, 4, class_names=shapes.class_names, num_seen=16,
+                                 device="cpu", palette=palette)
+    assert [p.name for p in paths] == ["0000.png", "0001.png", "0002.png", "0003.png"]
+    f, T, G, marked = evaluate.MIN_TILE // SIZE, SIZE * evaluate.MIN_TILE // SIZE, evaluate.GAP, set()
+    for i, path in enumerate(paths):
+        image, label = shapes[i]
+        pred = model(image[None]).argmax(1)[0]
+        panel = np.asarray(Image.open(path)).astype(int)
+        # One pixel per label: the tiles are upscaled f times (nearest) below a ROW-high title strip.
+        tile = [panel[evaluate.ROW:evaluate.ROW + T:f, G + j * (T + G):G + j * (T + G) + T:f] for j in range(3)]
+        assert np.abs(tile[0] - shapes.images[i].permute(1, 2, 0).numpy()).max() <= 1  # de-normalised
+        assert (tile[1] == np.where(label[..., None] == 255, 0, palette[label.clamp(max=19)])).all()
+        assert (tile[2] == palette[pred]).all()
+        present = sorted(set(label[label != 255].tolist()) | set(pred.unique().tolist()))
+        start = texts.index("classes (GT or prediction)") + 1  # this panel's legend header
+        legend, texts = texts[start:start + len(present)], texts[start + len(present):]
+        assert legend == [shapes.class_names[c] + " (unseen)" * (c >= 16) for c in present]
+        r, g, b = panel[:, 3 * (T + G) + G:].transpose(2, 0, 1)  # the legend's channels
+        red = bool(((r > 120) & (g < 90) & (b < 90)).any())
+        assert red == any(c >= 16 for c in present)
+        marked.add(red)
+    assert marked == {True, False}  # the panels exercise both cases
+
+
+@pytest.mark.slow
+def test_a_checkpoint_whose_split_differs_from_the_dataset_returns_2(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = SIGN(torch.randn(20, 8), num_seen=15, **TINY)  # 20 classes like shapes, but 15 seen
+    path = tmp_path / "checkpoint_train.pt"
+    torch.save({"model": model.state_dict(), "config": model.config,
+                "args": dict(dataset="shapes", test_sizes=[SIZE], num_test=2)}, path)
+    assert evaluate.main(["--checkpoint", str(path), "--device", "cpu"]) == 2
+    assert "20 classes (15 seen) but shapes has 20 (16 seen)" in capsys.readouterr().err

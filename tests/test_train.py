@@ -1,0 +1,137 @@
+"""Specification of train.py: the pipeline runs end to end, is reproducible, resumes exactly,
+stops on non-finite losses, and its presets and error messages hold (marker ``slow``)."""
+import json
+import math
+
+import pytest
+import torch
+
+import train
+from sign import SIGN
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--num-train", "16", "--num-test", "4", "--crop-size", "32", "--test-sizes", "32", "48",
+        "--batch-size", "4", "--feat-dim", "16", "--pe-dim", "8", "--heads", "2", "--hidden", "16",
+        "--small-width", "8", "--iters", "6", "--transfer-iters", "4", "--self-training-iters", "4",
+        "--self-training", "ast", "--device", "cpu", "--quiet", "--log-every", "1"]
+
+
+def losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train.main(TINY + ["--out", str(out)]) == 0
+    return out
+
+
+def test_a_tiny_run_writes_finite_losses_metrics_and_checkpoints(tiny_run):
+    logged = losses(tiny_run)
+    assert {entry["stage"] for entry in logged} == set(train.STAGES)
+    assert all(math.isfinite(v) for entry in logged for k, v in entry.items() if k not in ("stage", "iteration"))
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert set(metrics) == {"train", "transfer", "self_training"}
+    for stage in metrics.values():
+        assert set(stage) == {"32", "48"}
+        for m in stage.values():
+            for key in ("seen_miou", "unseen_miou", "harmonic_miou"):
+                assert 0.0 <= m[key] <= 100.0
+            assert all(0.0 <= v <= 100.0 for v in m["per_class"].values())
+    assert json.loads((tiny_run / "config.json").read_text())["sim"] == "multihead"
+
+
+def test_checkpoints_reload_into_the_same_model(tiny_run):
+    for stage in train.STAGES:
+        ckpt = train.read_checkpoint(tiny_run / f"checkpoint_{stage}.pt")
+        assert ckpt["stage"] == stage and ckpt["iteration"] == ckpt["args"][
+            {"train": "iters", "transfer": "transfer_iters", "self_training": "self_training_iters",
+             "self_training_transfer": "transfer_iters"}[stage]]
+        model = SIGN.from_config(ckpt["config"])
+        model.load_state_dict(ckpt["model"])
+        x = torch.randn(1, 3, 32, 32)
+        assert model.eval()(x).shape == (1, 20, 32, 32)
+    assert not list(tiny_run.glob("*.tmp"))
+
+
+def test_two_runs_with_the_same_seed_log_identical_losses(tiny_run, tmp_path):
+    assert train.main(TINY + ["--out", str(tmp_path)]) == 0
+    assert losses(tmp_path) == losses(tiny_run)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads((tiny_run / "metrics.json").read_text())
+
+
+def test_an_interrupted_run_resumed_matches_the_uninterrupted_one(tiny_run, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_step = train.transfer_step
+
+    def interrupted(*args, **kwargs):  # stop in the middle of the transfer step
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "transfer_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(TINY + ["--out", str(tmp_path), "--save-every", "1"])
+    saved = train.read_checkpoint(tmp_path / "checkpoint_transfer.pt")
+    assert (saved["stage"], saved["iteration"]) == ("transfer", 2)
+    monkeypatch.setattr(train, "transfer_step", real_step)
+    assert train.main(["--resume", str(tmp_path), "--quiet"]) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads((tiny_run / "metrics.json").read_text())
+    assert losses(tmp_path) == losses(tiny_run)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_loss_and_saving_nothing(tmp_path, capsys):
+    assert train.main(TINY + ["--out", str(tmp_path), "--alpha", "nan"]) == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss sim" in err and "iteration 0" in err
+    assert not list(tmp_path.glob("checkpoint_*"))
+
+
+def test_one_batch_is_overfitted_by_the_eq4_step():
+    torch.manual_seed(0)
+    import data
+    ds = data.Shapes("train", size=32, num_images=4)
+    x, y = torch.stack([ds[i][0] for i in range(4)]), torch.stack([ds[i][1] for i in range(4)])
+    model = SIGN(data.shapes_embeddings(ds.class_names), num_seen=ds.num_seen, encoder="small", feat_dim=16,
+                 pe_dim=8, heads=2, hidden=16, small_width=8).train()
+    args = train.resolve(train.get_args_parser().parse_args([]))
+    run = train.argparse.Namespace(args=args, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                                   autocast=lambda: torch.autocast("cpu", enabled=False))
+    opt = torch.optim.Adam([p for m in (model.E, model.SIM, model.C) for p in m.parameters()], lr=3e-3)
+    history = [training_loss for training_loss in
+               (train.training_step_sim(model, x, y, opt, run)[2]["sim"].item() for _ in range(60))]
+    assert history[-1] < 0.3 * history[0], history[::10]
+
+
+@pytest.mark.parametrize("dataset", sorted(train.PRESETS))
+def test_every_preset_parses_through_the_real_parser(dataset):
+    args = train.resolve(train.get_args_parser().parse_args(["--dataset", dataset]))
+    for key, value in train.PRESETS[dataset].items():
+        assert getattr(args, key) == value
+    assert args.pretrained == (dataset != "shapes")
+
+
+def test_a_missing_voc_root_gives_a_short_clear_message(tmp_path, capsys):
+    code = train.main(["--dataset", "voc", "--data-root", str(tmp_path / "nowhere"), "--embeddings", "t.npy",
+                       "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "VOCdevkit" in err and "README" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_a_finished_stage_runs_only_the_stages_after_it(tiny_run, tmp_path):
+    args = [a for a in TINY if a != "ast"]
+    args[args.index("--self-training") + 1:args.index("--self-training") + 1] = ["st"]
+    code = train.main(args + ["--out", str(tmp_path), "--init-from", str(tiny_run / "checkpoint_transfer.pt")])
+    assert code == 0
+    assert {entry["stage"] for entry in losses(tmp_path)} == {"self_training", "self_training_transfer"}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    first = json.loads((tiny_run / "metrics.json").read_text())
+    assert metrics["transfer"] == first["transfer"]
+    assert set(metrics) == {"train", "transfer", "self_training"}
+    assert json.loads((tmp_path / "config.json").read_text())["self_training"] == "st"
+    assert not (tmp_path / "checkpoint_train.pt").exists()

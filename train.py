@@ -1,0 +1,464 @@
+"""Train SIGN end to end: the paper's three steps, self-training, and evaluation after each stage.
+
+``python train.py`` runs the whole pipeline on the built-in ``shapes`` benchmark on a CPU in
+minutes; ``python train.py --dataset voc --data-root DIR --embeddings w2v.bin ft.vec`` runs
+it on Pascal VOC with the paper's settings (PROTOCOL section 1).
+
+Reading order (the paper's algorithm, section 3.2 and 3.4)
+    training_step_sim    Training Step (SIM), Eq. (4): E, SIM, C on real seen labels
+    training_step_g      Training Step (G), Eqs. (7)-(8): D, then G, on E/SIM's fixed features
+    random_label_map     the pseudo ground truth y^ with unseen classes fed to M and G (Eq. 9)
+    transfer_step        Transfer Learning Step, Eq. (10): C on real + synthetic features
+    run_stage            one stage's loop: seeding, progress bar, logging, checkpoints
+    main                 stage 1 = SIM + G jointly (the paper: "we jointly optimize them");
+                         stage 2 = transfer; stage 3 = self-training (ST / AST, Eq. 17), then
+                         the transfer step again; evaluation after every stage
+
+Symbols: x image, y label map (255 = ignore), F_x = SIM's features, z SIM's latent,
+F^_x = G(M(y) (+) z) synthetic features, alpha / beta the loss weights of Eqs. (4) / (8),
+T the AST temperature of Eq. (17).
+
+Choices the paper leaves open (README "Deviations" lists them too)
+    * Eq. (4)'s cross-entropy is computed on C's logits upsampled to the label's size; the
+      Transfer Learning Step works at feature resolution, where G's features live.
+    * Transfer Learning Step: E and SIM are frozen and run in eval mode (z = mu); y^ is an
+      i.i.d. per-pixel label map in which a pixel is unseen with probability
+      ``--unseen-rate`` (uniform over the unseen classes) and seen otherwise; z ~ N(0, 1).
+    * Self-training: a frozen copy of the model after the transfer step (the teacher)
+      pseudo-labels each training batch (``ast_weights.pseudo_labels``). E, SIM and C are
+      fine-tuned on the pseudo-labelled batch with Eq. (4), softmax over all classes and
+      per-pixel weights (Eq. 9 with Eq. 17's weights), while D and G keep training on the
+      real seen labels (Eq. 8), so G follows the fine-tuned feature space. The transfer step
+      then runs again with the pseudo-labels (and their weights) as its real targets, so C
+      keeps what it learnt from real unseen pixels while seeing synthetic ones.
+    * Every iteration reseeds torch from (seed, stage, iteration), so a run resumed from a
+      checkpoint replays exactly the batches, augmentations and noise it would have drawn.
+    * The ``shapes`` preset trains its small encoder from scratch, so it departs from the
+      paper's optimiser settings: Adam (lr 3e-3, poly) instead of SGD 2.5e-4, and alpha = 1
+      instead of 100. With alpha = 100 the KL term outweighs the cross-entropy at the start
+      (0.05 x 100 against 2.7) and the encoder never learns the shapes: seen mIoU after
+      stage 1 was 44 at alpha = 100 against 65 at alpha = 1 and 66 at alpha = 0 (2,000
+      iterations, README "Results"). The real-data presets keep the paper's values.
+"""
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import data
+import evaluate
+from ast_weights import pseudo_labels
+from sign import SIGN, discriminator_loss, generator_loss, resize_labels, sim_step_loss, transfer_loss
+
+PRESETS = {  # defaults per dataset; every flag below can override them
+    "shapes": dict(backbone="small", small_width=32, feat_dim=64, pe_dim=32, heads=4, hidden=128,
+                   optimizer="adam", lr=3e-3, lr_transfer=1e-3, lr_g=1e-3, lr_d=1e-3, alpha=1.0, beta=50.0,
+                   crop_size=64, batch_size=16, iters=2000, transfer_iters=400, self_training_iters=400,
+                   temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0),
+    "voc": dict(backbone="resnet101", small_width=32, feat_dim=600, pe_dim=600, heads=8, hidden=256,
+                optimizer="sgd", lr=2.5e-4, lr_transfer=2.5e-4, lr_g=2e-4, lr_d=2.5e-4, alpha=100.0, beta=50.0,
+                crop_size=368, batch_size=8, iters=40000, transfer_iters=6000, self_training_iters=6000,
+                temperature=2.0, unseen_rate=0.5, mmd_pixels=256, test_sizes=[513], workers=4),
+}
+PRESETS["context"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
+PRESETS["cocostuff"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
+STAGES = ("train", "transfer", "self_training", "self_training_transfer")
+COMPLETE = 10**12  # the iteration --init-from gives its checkpoint's stage: past any stage's end
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or inf; the run stops before anything is stepped or saved."""
+
+
+def check_finite(stage: str, iteration: int, **losses: torch.Tensor) -> None:
+    for name, value in losses.items():
+        if not torch.isfinite(value).all():
+            raise NonFiniteLoss(f"non-finite loss {name} = {value.item()} at stage {stage!r}, "
+                                f"iteration {iteration}; nothing was saved for this iteration")
+
+
+def poly_lr(base: float, iteration: int, total: int, power: float = 0.9) -> float:
+    """DeepLab's poly schedule, lr = base * (1 - i / total)^power (paper section 4.2)."""
+    return base * (1 - iteration / max(total, 1)) ** power
+
+
+def make_optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
+    """The paper's SGD (section 4.2) or Adam, which trains the small benchmark encoder from scratch faster."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    return torch.optim.Adam(params, lr=lr)
+
+
+# ----------------------------------------------------------------------------- the steps
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+
+
+def training_step_sim(model, x, y, opt, run, *, weight=None, seen_only=True):
+    """Training Step (SIM), Eq. (4): L_pred^train + alpha L_KLD for E, SIM and C.
+
+    Returns SIM's outputs, detached, for Training Step (G), and the losses for the log.
+    ``seen_only`` restricts the softmax to the seen classes (Eq. 3); self-training turns it
+    off and passes the AST / ST weights of its pseudo-labels.
+    """
+    with run.autocast():
+        F_x, z, mu, logvar = model.features(x)  # Eq. (1): F_x, z = SIM(E(x) (+) PE)
+        logits = F.interpolate(model.C(F_x), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        loss, logs = sim_step_loss(logits, y, mu, logvar, num_seen=model.num_seen if seen_only else None,
+                                   alpha=run.args.alpha, weight=weight)  # Eq. (4)
+    backward_step(loss, opt, run.scaler)
+    return F_x.detach(), None if z is None else z.detach(), {"sim": loss.detach(), **logs}
+
+
+def training_step_g(model, F_x, z, y, opt_g, opt_d, run):
+    """Training Step (G), Eqs. (7)-(8): D maximises L_adv, G minimises L_adv + beta L_MMD.
+
+    E and SIM are fixed: F_x and z arrive detached. Without SIM (ZS3Net-style) z is None
+    and G draws pure noise.
+    """
+    with run.autocast():
+        y = resize_labels(y, F_x.shape[-2:])  # (B, h, w)
+        fake = model.generate(y, z)  # F^_x = G(M(y) (+) z), (B, F, h, w)
+        d_loss = discriminator_loss(model.D, F_x, fake, y)  # Eq. (7), max over D
+    backward_step(d_loss, opt_d, run.scaler)
+    with run.autocast():  # G plays against the D just updated, as in alternating GAN training
+        g_loss, logs = generator_loss(model.D, F_x, fake, y, model.seen_classes, beta=run.args.beta,
+                                      sigmas=run.args.mmd_sigmas, max_per_class=run.args.mmd_pixels)  # Eq. (8)
+    backward_step(g_loss, opt_g, run.scaler)
+    return {"d": d_loss.detach(), "g": g_loss.detach(), **logs}
+
+
+def random_label_map(B: int, h: int, w: int, *, num_seen: int, num_unseen: int, unseen_rate: float,
+                     device: torch.device) -> torch.Tensor:
+    """y^ of Eq. (9), (B, h, w): each pixel unseen with probability ``unseen_rate``, else seen."""
+    seen = torch.randint(0, num_seen, (B, h, w), device=device)
+    unseen = torch.randint(num_seen, num_seen + num_unseen, (B, h, w), device=device)
+    return torch.where(torch.rand(B, h, w, device=device) < unseen_rate, unseen, seen)
+
+
+def transfer_step(model, x, y, opt_c, run, *, weight=None):
+    """Transfer Learning Step, Eqs. (9)-(10): C on real features and G's synthetic ones.
+
+    E, SIM and G are fixed (the model is in eval mode, so z = mu for the real features and
+    z ~ N(0, 1) for the synthetic ones). ``y`` may hold self-training pseudo-labels with
+    per-pixel ``weight``.
+    """
+    with torch.no_grad(), run.autocast():
+        F_x = model.features(x)[0]  # (B, F, h, w)
+        B, _, h, w = F_x.shape
+        y_hat = random_label_map(B, h, w, num_seen=model.num_seen, num_unseen=run.num_unseen,
+                                 unseen_rate=run.args.unseen_rate, device=x.device)
+        fake = model.generate(y_hat)  # F^_x = G(M(y^) (+) z), z ~ N(0, 1)
+    if weight is not None:
+        weight = F.interpolate(weight[:, None], size=(h, w), mode="nearest")[:, 0]  # as resize_labels
+    with run.autocast():
+        loss, logs = transfer_loss(model.C, F_x, resize_labels(y, (h, w)), fake, y_hat,
+                                   weight=weight)  # Eq. (10)
+    backward_step(loss, opt_c, run.scaler)
+    return {"transfer": loss.detach(), **logs}
+
+
+# ----------------------------------------------------------------------------- the loop
+def iteration_seed(seed: int, stage: str, iteration: int) -> int:
+    return (seed * 1000003 + STAGES.index(stage) * 100003 + iteration) % 2**63
+
+
+def batch_stream(dataset, run, stage: str, start: int):
+    """Endless training batches; the order of epoch e is a permutation seeded by (seed, stage, e),
+    so the stream can restart at any iteration ``start``."""
+    B = run.args.batch_size
+    per_epoch = len(dataset) // B
+    if per_epoch == 0:
+        raise ValueError(f"--batch-size {B} is larger than the training set ({len(dataset)} images)")
+    it = start
+    while True:
+        epoch = it // per_epoch
+        g = torch.Generator().manual_seed(iteration_seed(run.args.seed, stage, -1 - epoch))
+        order = torch.randperm(len(dataset), generator=g).view(-1)[: per_epoch * B].view(per_epoch, B)
+        # Its own generator: creating a loader iterator draws a seed, which must not come from
+        # (and shift) the global stream that this iteration's noise is drawn from.
+        loader = DataLoader(dataset, batch_sampler=order[it % per_epoch:].tolist(), generator=g,
+                            num_workers=run.args.workers, pin_memory=run.device.type == "cuda")
+        for x, y in loader:
+            yield x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+            it += 1
+
+
+def run_stage(stage: str, total: int, step, poly, run, start: int = 0, save=None) -> None:
+    """Iterations ``start..total-1`` of one stage: reseed, fetch a batch, set poly learning
+    rates, ``step(x, y) -> losses``, stop on a non-finite loss, log, save every --save-every."""
+    batches = batch_stream(run.train_set, run, stage, start)
+    bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=run.args.quiet)
+    for i in bar:
+        torch.manual_seed(iteration_seed(run.args.seed, stage, i))
+        x, y = next(batches)
+        for opt, base in poly:
+            for group in opt.param_groups:
+                group["lr"] = poly_lr(base, i, total)
+        logs = step(x, y)
+        check_finite(stage, i, **logs)
+        run.scaler.update()
+        if i % run.args.log_every == 0 or i == total - 1:
+            logs = {k: round(v.item(), 5) for k, v in logs.items()}
+            bar.set_postfix(logs, refresh=False)
+            with open(run.out / "losses.jsonl", "a") as f:
+                f.write(json.dumps({"stage": stage, "iteration": i, **logs}) + "\n")
+        if save and run.args.save_every and (i + 1) % run.args.save_every == 0 and i + 1 < total:
+            save(i + 1)
+
+
+# ----------------------------------------------------------------------------- the CLI
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train SIGN (Cheng et al., ICCV 2021). Flags left out take "
+                                "the --dataset preset's value (train.PRESETS).")
+    a = p.add_argument
+    a("--dataset", default="shapes", choices=sorted(PRESETS), help="default: shapes, the built-in benchmark")
+    a("--data-root", default="data", help="folder holding the dataset (README 'Datasets'); default: data")
+    a("--embeddings", nargs="+", help="word2vec .bin and fastText .vec files (paper: both, 600-d), or one "
+      ".npy table; shapes makes its own seeded vectors")
+    a("--out", help="run folder; default runs/<dataset>-<timestamp>")
+    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with its settings")
+    a("--init-from", metavar="CHECKPOINT", help="start after the stage this end-of-stage checkpoint of another run "
+      "finished (e.g. runs/x/checkpoint_transfer.pt to try self-training settings); settings from these flags")
+    a("--seed", type=int, default=0, help="default: 0")
+    a("--device", help="default: cuda if available, else cpu")
+    a("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision on CUDA; default: off")
+    a("--quiet", action="store_true", help="no progress bars")
+    m = p.add_argument_group("model (paper section 3; defaults: the paper's best)")
+    m.add_argument("--sim", default="multihead", choices=["none", "conv", "attention", "self-attention", "multihead"],
+                   help="SIM architecture (Table 2); default and paper's best: multihead; none = no SIM")
+    m.add_argument("--pe", default="rpe", choices=["none", "ape", "ape-interp", "rpe"],
+                   help="positional encoding (Table 3); default and paper: rpe")
+    m.add_argument("--backbone", choices=["resnet101", "resnet50", "resnet18", "small"],
+                   help="E; shapes: small, real data and paper: resnet101 (DeepLab-v2)")
+    m.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
+                   help="ImageNet weights for the ResNet; default: on for real data (paper), off for shapes")
+    for name, what in [("feat-dim", "feature channels F (paper: 600)"), ("pe-dim", "PE channels (paper: 600)"),
+                       ("small-width", "channels of the small CNN encoder"),
+                       ("heads", "attention heads (paper: not stated)"), ("hidden", "G / D hidden width")]:
+        m.add_argument(f"--{name}", type=int, help=f"{what}; shapes: {PRESETS['shapes'][name.replace('-', '_')]}, "
+                       f"real data: {PRESETS['voc'][name.replace('-', '_')]}")
+    o = p.add_argument_group("optimisation (paper section 4.2; preset values shapes / voc)")
+    for name, typ, paper in [("iters", int, "40000"), ("transfer-iters", int, "6000 VOC, 10000 Context"),
+                             ("self-training-iters", int, "not stated"), ("batch-size", int, "8"),
+                             ("crop-size", int, "368"), ("lr", float, "2.5e-4 SGD, poly 0.9"),
+                             ("lr-transfer", float, "not stated"), ("lr-g", float, "2e-4 Adam"),
+                             ("lr-d", float, "not stated; lineage 2.5e-4"), ("alpha", float, "100"),
+                             ("beta", float, "50"), ("temperature", float, "2"),
+                             ("unseen-rate", float, "not stated"), ("mmd-pixels", int, "all pixels"),
+                             ("workers", int, "-")]:
+        key = name.replace("-", "_")
+        o.add_argument(f"--{name}", type=typ, help=f"default: {PRESETS['shapes'][key]} / {PRESETS['voc'][key]}; "
+                       f"paper: {paper}")
+    o.add_argument("--optimizer", choices=["sgd", "adam"], help="for E, SIM, C (and C in the transfer step); "
+                   "default: adam / sgd; paper: SGD, momentum 0.9, weight decay 5e-4")
+    o.add_argument("--self-training", default="none", choices=["none", "st", "ast"],
+                   help="stage 3: none, ZS3Net's top-75%% (st) or annealed (ast, Eq. 17); default: none")
+    o.add_argument("--keep", type=float, default=0.75, help="fraction ST keeps per unseen class; default and ZS3Net: 0.75")
+    o.add_argument("--mmd-sigmas", type=float, nargs="+", help="MMD kernel bandwidths; default: mmd.DEFAULT_SIGMAS; "
+                   "paper: 1 (see README 'Deviations')")
+    e = p.add_argument_group("evaluation and logging")
+    e.add_argument("--test-sizes", type=int, nargs="+", help="shapes: test image sizes (default 64 128); real data: "
+                   "the warp size of --eval-res feature (default 513)")
+    e.add_argument("--eval-res", default="full", choices=["full", "feature"],
+                   help="score at the label's resolution (default) or the lineage's feature resolution")
+    e.add_argument("--num-train", type=int, help="shapes training images; default: 2000")
+    e.add_argument("--num-test", type=int, help="shapes test images; default: 300")
+    e.add_argument("--log-every", type=int, default=10, help="default: 10")
+    e.add_argument("--save-every", type=int, default=0, help="also checkpoint every N iterations; default: 0 (per stage)")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every flag left out from the dataset's preset."""
+    for key, value in PRESETS[args.dataset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.pretrained is None:
+        args.pretrained = args.dataset != "shapes"
+    if args.mmd_sigmas is None:
+        from mmd import DEFAULT_SIGMAS
+        args.mmd_sigmas = list(DEFAULT_SIGMAS)
+    if args.out is None:
+        args.out = f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args
+
+
+# ----------------------------------------------------------------------------- the run
+def build_data(args):
+    """Training set, test sets by name, and the class-embedding table behind M."""
+    tests = evaluate.test_sets(args.dataset, root=args.data_root, sizes=args.test_sizes, eval_res=args.eval_res,
+                               num_images=args.num_test)
+    if args.dataset == "shapes":  # the benchmark itself is fixed (scene seed 0); --seed varies training
+        train_set = data.Shapes("train", size=args.crop_size, num_images=args.num_train)
+        return train_set, tests, data.shapes_embeddings(train_set.class_names)
+    train_set = data.build_dataset(args.dataset, "train", root=args.data_root,
+                                   transform=data.train_transform(args.crop_size))
+    if not args.embeddings:
+        raise data.EmbeddingError(f"--embeddings is required for {args.dataset}: the word2vec .bin and fastText "
+                                  f".vec files, or a .npy table (README 'Datasets')")
+    return train_set, tests, data.load_class_embeddings(args.embeddings, train_set.class_names)
+
+
+def evaluate_stage(run, stage: str) -> None:
+    """Score every test set (tables printed), record the results in metrics.json."""
+    run.metrics[stage] = evaluate.evaluate_sets(
+        run.model, run.tests, class_names=run.train_set.class_names, num_seen=run.model.num_seen, device=run.device,
+        eval_res=run.args.eval_res, batch_size=run.args.batch_size, workers=run.args.workers,
+        quiet=run.args.quiet, title=stage)
+    (run.out / "metrics.json").write_text(json.dumps(run.metrics, indent=2))
+
+
+def save_checkpoint(run, stage: str, iteration: int, optimizers: dict) -> None:
+    """Everything needed to continue or evaluate, written atomically (temporary file, rename)."""
+    state = {"model": run.model.state_dict(), "config": run.model.config, "args": vars(run.args),
+             "stage": stage, "iteration": iteration, "metrics": run.metrics,
+             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+             "scaler": run.scaler.state_dict(), "rng": torch.get_rng_state()}
+    path = run.out / f"checkpoint_{stage}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
+    resume = None
+    if args.init_from:  # a finished stage of another run: carry on from it with these settings
+        if not Path(args.init_from).is_file():
+            print(f"error: --init-from {args.init_from}: no such checkpoint file", file=sys.stderr)
+            return 2
+        resume = {**read_checkpoint(Path(args.init_from)), "iteration": COMPLETE}
+    if args.resume:  # the interrupted run's own settings; only --device and --quiet may change
+        saved = [Path(args.resume) / f"checkpoint_{s}.pt" for s in STAGES]
+        saved = [p for p in saved if p.exists()]
+        if not saved:
+            print(f"error: --resume {args.resume}: no checkpoint_<stage>.pt in that folder", file=sys.stderr)
+            return 2
+        resume = read_checkpoint(saved[-1])
+        args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device or
+                                     resume["args"]["device"], "quiet": args.quiet})
+    args = resolve(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = str(device)
+    use_amp = args.amp and device.type == "cuda"  # the one place CUDA-only features are switched
+    print("settings:", json.dumps(vars(args), indent=1))
+    try:
+        train_set, tests, embeddings = build_data(args)
+    except (data.DatasetError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
+    torch.manual_seed(args.seed)
+    model = SIGN(embeddings, num_seen=train_set.num_seen, encoder=args.backbone, pretrained=args.pretrained,
+                 feat_dim=args.feat_dim, sim=args.sim, pe=args.pe, pe_dim=args.pe_dim, heads=args.heads,
+                 hidden=args.hidden, small_width=args.small_width,
+                 train_size=(args.crop_size, args.crop_size)).to(device)
+    run = argparse.Namespace(args=args, device=device, out=out, model=model, train_set=train_set, tests=tests,
+                             num_unseen=train_set.num_unseen, metrics={},
+                             scaler=torch.amp.GradScaler(device.type, enabled=use_amp),
+                             autocast=lambda: torch.autocast(device.type, enabled=use_amp))
+    return train_all(run, resume)
+
+
+def train_all(run, resume: dict | None) -> int:
+    """Stage 1 (SIM + G jointly), stage 2 (transfer), stage 3 (self-training, then transfer again)."""
+    args, model = run.args, run.model
+    S, U = model.num_seen, run.num_unseen
+    plan = [("train", args.iters), ("transfer", args.transfer_iters)]
+    if args.self_training != "none":
+        plan += [("self_training", args.self_training_iters), ("self_training_transfer", args.transfer_iters)]
+    log = run.out / "losses.jsonl"
+    if resume:
+        model.load_state_dict(resume["model"])
+        run.metrics = resume["metrics"]
+        torch.set_rng_state(resume["rng"])
+        # Drop what the interrupted run logged after its checkpoint; those iterations run again.
+        at = (STAGES.index(resume["stage"]), resume["iteration"])
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.write_text("".join(f"{line}\n" for line in lines
+                               if (STAGES.index(json.loads(line)["stage"]), json.loads(line)["iteration"]) < at))
+    else:
+        log.unlink(missing_ok=True)
+    teacher = None
+
+    def teach(x, y):  # the frozen model after the transfer step pseudo-labels the batch
+        with torch.no_grad(), run.autocast():
+            probs = teacher(x).float().softmax(1)  # (B, K, H, W)
+        return pseudo_labels(probs, y, unseen=range(S, S + U), mode=args.self_training,
+                             T=args.temperature, keep=args.keep)  # ST, or AST's Eq. (17) weights
+
+    def sim_and_g(x, y, opts, target=None, weight=None):
+        F_x, z, logs = training_step_sim(model, x, y if target is None else target, opts["sim"], run,
+                                         weight=weight, seen_only=target is None)
+        return {**logs, **training_step_g(model, F_x, z, y, opts["g"], opts["d"], run)}
+
+    for stage, total in plan:
+        done = resume and STAGES.index(stage) < STAGES.index(resume["stage"])
+        start = resume["iteration"] if resume and stage == resume["stage"] else 0
+        if done or start >= total:
+            continue
+        if stage.startswith("self_training") and teacher is None:
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            source = run.out / "checkpoint_transfer.pt"
+            teacher.load_state_dict(read_checkpoint(source if source.exists() else Path(args.init_from))["model"])
+        if "transfer" in stage:  # E, SIM, G fixed: eval mode (z = mu), only C learns
+            model.eval()
+            opts = {"c": make_optimizer(args.optimizer, model.C.parameters(), args.lr_transfer)}
+            poly = [(opts["c"], args.lr_transfer)]
+            def step(x, y):
+                target, weight = (y, None) if stage == "transfer" else teach(x, y)
+                return transfer_step(model, x, target, opts["c"], run, weight=weight)
+        else:
+            model.train()
+            esc = [p for m in (model.E, model.SIM, model.C) if m is not None for p in m.parameters() if p.requires_grad]
+            opts = {"sim": make_optimizer(args.optimizer, esc, args.lr),
+                    "g": torch.optim.Adam(model.G.parameters(), lr=args.lr_g),
+                    "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
+            poly = [(opts["sim"], args.lr)]
+            def step(x, y):
+                return sim_and_g(x, y, opts, *((None, None) if stage == "train" else teach(x, y)))
+        if start:
+            for k, o in opts.items():
+                o.load_state_dict(resume["optimizers"][k])
+            run.scaler.load_state_dict(resume["scaler"])
+        print(f"\n== stage {stage}: iterations {start}..{total} ==")
+        try:
+            run_stage(stage, total, step, poly, run, start,
+                      save=lambda i: save_checkpoint(run, stage, i, opts))
+        except NonFiniteLoss as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+        if stage != "self_training":
+            evaluate_stage(run, "self_training" if stage == "self_training_transfer" else stage)
+        save_checkpoint(run, stage, total, opts)
+    print_summary(run.metrics)
+    print(f"\nrun folder: {run.out} (metrics.json, losses.jsonl, checkpoint_<stage>.pt)")
+    return 0
+
+
+def print_summary(metrics: dict) -> None:
+    print("\nstage           test   seen   unseen  harmonic   (mIoU %)")
+    for stage, sets in metrics.items():
+        for name, m in sets.items():
+            print(f"{stage:<15} {name:<6} {m['seen_miou']:6.2f} {m['unseen_miou']:7.2f} {m['harmonic_miou']:8.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
