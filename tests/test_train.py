@@ -135,3 +135,30 @@ def test_init_from_a_finished_stage_runs_only_the_stages_after_it(tiny_run, tmp_
     assert set(metrics) == {"train", "transfer", "self_training"}
     assert json.loads((tmp_path / "config.json").read_text())["self_training"] == "st"
     assert not (tmp_path / "checkpoint_train.pt").exists()
+
+
+def test_the_real_data_path_runs_on_a_tiny_voc_layout(tmp_path):
+    """--dataset voc end to end: VOC reader, .npy class table, DeepLab-v2 (ResNet-18), metrics on 'val'."""
+    import numpy as np
+    from test_data import make_voc  # the tiny VOCdevkit written in the real on-disk formats
+    make_voc(tmp_path / "data")
+    table = tmp_path / "voc_classes.npy"
+    np.save(table, np.random.default_rng(0).normal(size=(20, 600)).astype(np.float32))
+    out = tmp_path / "run"
+    code = train.main(["--dataset", "voc", "--data-root", str(tmp_path / "data"), "--embeddings", str(table),
+                       "--backbone", "resnet18", "--no-pretrained", "--feat-dim", "16", "--pe-dim", "8",
+                       "--heads", "2", "--hidden", "16", "--iters", "2", "--transfer-iters", "2",
+                       "--batch-size", "2", "--crop-size", "32", "--workers", "0", "--device", "cpu",
+                       "--quiet", "--out", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"train", "transfer"} and set(metrics["transfer"]) == {"val"}
+    assert 0.0 <= metrics["transfer"]["val"]["harmonic_miou"] <= 100.0
+
+
+def test_real_data_without_embeddings_is_refused_with_a_clear_message(tmp_path, capsys):
+    from test_data import make_voc
+    make_voc(tmp_path / "data")
+    assert train.main(["--dataset", "voc", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "r"),
+                       "--quiet"]) == 2
+    assert "--embeddings is required for voc" in capsys.readouterr().err
