@@ -442,9 +442,11 @@ def generator_loss(D: nn.Module, real: Tensor, fake: Tensor, labels: Tensor,
     frozen_D = {name: p.detach() for name, p in D.named_parameters()}
     fake_logits = torch.func.functional_call(D, frozen_D, (fake,))  # (B, 1, h, w)
     adv = _masked_bce(fake_logits, True, labels != IGNORE)  # Eq. (7), G's side
-    mmd = classwise_mmd(real.detach().permute(0, 2, 3, 1).reshape(-1, C),  # (B*h*w, F)
-                        fake.permute(0, 2, 3, 1).reshape(-1, C), labels.reshape(-1), seen_classes,
-                        sigmas=sigmas, max_per_class=max_per_class)  # Eq. (5)
+    # float32 even under autocast: ||x||^2 + ||y||^2 - 2 x.y cancels badly in half precision
+    with torch.autocast(real.device.type, enabled=False):
+        mmd = classwise_mmd(real.detach().float().permute(0, 2, 3, 1).reshape(-1, C),  # (B*h*w, F)
+                            fake.float().permute(0, 2, 3, 1).reshape(-1, C), labels.reshape(-1), seen_classes,
+                            sigmas=sigmas, max_per_class=max_per_class)  # Eq. (5)
     return adv + beta * mmd, {"adv": adv.detach(), "mmd": mmd.detach()}  # Eq. (8)
 
 

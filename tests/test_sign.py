@@ -390,3 +390,16 @@ def test_each_step_loss_trains_exactly_the_networks_of_its_step(sim):
     assert grad_owners(generator_loss(model.D, F_x, fake, y, model.seen_classes)[0], model) == {"G"}
     assert grad_owners(discriminator_loss(model.D, F_x, fake, y), model) == {"D"}
     assert grad_owners(transfer_loss(model.C, F_x, y, model.generate(y_hat), y_hat)[0], model) == {"C"}
+
+
+@pytest.mark.losses
+def test_generator_loss_keeps_the_mmd_in_float32_under_autocast():
+    """Mixed precision (--amp) must not compute Eq. (6)'s distances in half precision."""
+    model = tiny_model()
+    real, fake = 30 + torch.randn(2, 16, 4, 4), 30 + torch.randn(2, 16, 4, 4)  # large norms, small gaps
+    y = labels_like(real)
+    reference = generator_loss(model.D, real, fake, y, model.seen_classes, max_per_class=10_000)[1]["mmd"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = generator_loss(model.D, real, fake, y, model.seen_classes, max_per_class=10_000)[1]["mmd"]
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference, rtol=1e-4, atol=1e-5)
