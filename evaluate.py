@@ -58,13 +58,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from sign import SIGN, resize_labels
+from sign import IGNORE as IGNORE_INDEX, SIGN, resize_labels
 
 __all__ = ["IGNORE_INDEX", "confusion_matrix", "harmonic", "gzsl_miou", "evaluate_model", "format_table",
            "as_metrics", "test_sets", "evaluate_sets", "CheckpointError", "load_checkpoint", "voc_palette",
            "save_panels", "get_args_parser", "main"]
 
-IGNORE_INDEX = 255
 EVAL_RES = ("full", "feature")
 
 
