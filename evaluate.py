@@ -44,6 +44,7 @@ Symbols
     S, U, H            ``seen_miou``, ``unseen_miou``, ``harmonic_miou`` (percent)
 """
 import argparse
+import json
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -62,7 +63,8 @@ from sign import IGNORE as IGNORE_INDEX, SIGN, resize_labels
 
 __all__ = ["IGNORE_INDEX", "confusion_matrix", "harmonic", "gzsl_miou", "evaluate_model", "format_table",
            "as_metrics", "test_sets", "evaluate_sets", "CheckpointError", "load_checkpoint", "voc_palette",
-           "save_panels", "get_args_parser", "main"]
+           "save_panels", "EXPERIMENTS", "reproduce", "collect_runs", "mean_std",
+           "reproduction_tables", "bars", "get_args_parser", "main"]
 
 EVAL_RES = ("full", "feature")
 
@@ -340,11 +342,159 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
     return paths
 
 
+# ----------------------------------------------------------------------------- the paper's tables on shapes
+# name -> (train.py flags, the run whose end-of-transfer checkpoint it starts from). A run that
+# only adds self-training starts from its base run's checkpoint_transfer.pt instead of retraining.
+TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5
+BASELINES = {"zs3net": ["--sim", "none", "--latent", "noise"],  # no SIM, z ~ N(0, 1): ZS3Net
+             "cagnet": ["--sim", "attention", "--pe", "none"],  # contextual latent, no PE: CaGNet
+             "sign": []}  # the defaults: multi-head SIM, RPE
+EXPERIMENTS = {**{name: (flags, None) for name, flags in BASELINES.items()},
+               **{f"sim-{a}": (["--sim", a], None) for a in ("conv", "attention", "self-attention")},
+               **{f"pe-{p}": (["--pe", p], None) for p in ("none", "ape", "ape-interp")},
+               **{f"{name}-st": (flags + ["--self-training", "st"], name) for name, flags in BASELINES.items()},
+               **{f"sign-ast-T{t:g}": (["--self-training", "ast", "--temperature", str(t)], "sign")
+                  for t in TEMPERATURES}}
+
+
+def final_stage(name: str) -> str:
+    return "self_training" if "--self-training" in EXPERIMENTS[name][0] else "transfer"
+
+
+def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = ()) -> None:
+    """Every run of EXPERIMENTS for every seed, as ``root/<name>/seed<k>``, with ``train.main``.
+    A run whose metrics.json holds its final stage is skipped; one with a checkpoint resumes."""
+    import train  # here, not at the top: train.py imports this module
+    root = Path(root)
+    for seed in seeds:
+        for name, (flags, base) in EXPERIMENTS.items():
+            out = root / name / f"seed{seed}"
+            if final_stage(name) in _read_metrics(out):
+                continue
+            argv = [*flags, *train_args, "--seed", str(seed), "--out", str(out), "--quiet"]
+            if base:
+                argv += ["--init-from", str(root / base / f"seed{seed}" / "checkpoint_transfer.pt")]
+            if list(out.glob("checkpoint_*.pt")):
+                argv = ["--resume", str(out), "--quiet"]
+            print(f"\n### reproduce: {name}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
+            if train.main(argv) != 0:
+                raise RuntimeError(f"reproduce: run {out} failed (see the messages above)")
+
+
+def _read_metrics(run_dir: Path) -> dict:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect_runs(root) -> dict[str, dict[int, dict]]:
+    """``{name: {seed: metrics.json}}`` for every ``root/<name>/seed<k>/metrics.json``."""
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted(Path(root).glob("*/seed*/metrics.json")):
+        runs.setdefault(path.parent.parent.name, {})[int(path.parent.name[4:])] = json.loads(path.read_text())
+    return runs
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """'m ± s' with the sample standard deviation (n - 1); one value: 'm'; none: '–'."""
+    if not values:
+        return "–"
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.2f}" + (f" ± {v.std(ddof=1):.2f}" if len(v) > 1 else "")
+
+
+def _values(runs: dict, name: str, stage: str, test: str, key: str) -> list[float]:
+    """One number per seed; key is a metrics field or a class name ('sky+water' = their mean IoU)."""
+    out = []
+    for metrics in runs.get(name, {}).values():
+        m = metrics.get(stage, {}).get(test)
+        if m is None:
+            continue
+        if key.endswith("_miou"):
+            out.append(m[key])
+        else:
+            ious = [m["per_class"][c] for c in key.split("+") if c in m["per_class"]]
+            out.extend([float(np.mean(ious))] if ious else [])
+    return out
+
+
+def _sim_params(root: Path, name: str) -> str:
+    """SIM's parameter count from the run's first checkpoint (state-dict keys 'SIM.*')."""
+    for path in sorted(root.glob(f"{name}/seed*/checkpoint_train.pt")):
+        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k"
+    return "–"
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows])
+
+
+def reproduction_tables(root) -> str:
+    """The five tables (Markdown, mean ± std over seeds) and the issue's bars, from run folders."""
+    root, runs = Path(root), collect_runs(root)
+    if not runs:
+        raise ValueError(f"no run folders <name>/seed<k>/metrics.json under {root}")
+    tests = sorted({t for r in runs.values() for m in r.values() for s in m.values() for t in s},
+                   key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))  # "64" before "128"
+    seeds = sorted({s for r in runs.values() for s in r})
+    n = lambda name: str(len(runs.get(name, {})))
+    smh = ("seen_miou", "unseen_miou", "harmonic_miou")
+    cell = lambda name, stage, t, key: mean_std(_values(runs, name, stage, t, key))
+    out = [f"Seeds found: {seeds}. Cells: mean ± sample std over the seeds of each row (runs = how many).\n"]
+    rows = [("ZS3Net", "zs3net"), ("ZS3Net + ST", "zs3net-st"), ("CaGNet", "cagnet"), ("CaGNet + ST", "cagnet-st"),
+            ("SIGN", "sign"), ("SIGN + ST", "sign-st"), ("SIGN + AST (T = 2)", "sign-ast-T2")]
+    out += ["**Table 1** (seen / unseen / harmonic mIoU, %)\n", _table(
+        ["method", "runs"] + [f"{k} {t}" for t in tests for k in ("seen", "unseen", "H")],
+        [[label, n(name)] + [cell(name, final_stage(name), t, k) for t in tests for k in smh] for label, name in rows])]
+    sims = [("conv", "sim-conv"), ("attention", "sim-attention"), ("self-attention", "sim-self-attention"),
+            ("multihead", "sign")]
+    out += ["\n**Table 2** (SIM architecture, after the transfer step)\n", _table(
+        ["SIM", "runs", "SIM parameters"] + [f"H {t}" for t in tests],
+        [[label, n(name), _sim_params(root, name)] + [cell(name, "transfer", t, "harmonic_miou") for t in tests]
+         for label, name in sims])]
+    pes = [("none", "pe-none"), ("APE", "pe-ape"), ("APE + interp.", "pe-ape-interp"), ("RPE", "sign")]
+    out += ["\n**Table 3** (positional encoding, after the transfer step; sky/water = mean IoU of the two)\n",
+            _table(["PE", "runs"] + [f"{k} {t}" for t in tests for k in ("seen", "unseen", "H", "sky/water")],
+                   [[label, n(name)] + [cell(name, "transfer", t, k) for t in tests for k in smh + ("sky+water",)]
+                    for label, name in pes])]
+    out += ["\n**Table 4** (seen mIoU before the transfer step)\n", _table(
+        ["test", "w/o SIM"] + [label for label, _ in sims],
+        [[t] + [cell(name, "train", t, "seen_miou") for name in ["zs3net"] + [nm for _, nm in sims]] for t in tests])]
+    temps = [("ST", "sign-st")] + [(f"AST, T = {t:g}", f"sign-ast-T{t:g}") for t in TEMPERATURES]
+    out += ["\n**Fig. 5** (SIGN self-training: harmonic mIoU by temperature)\n", _table(
+        ["self-training", "runs"] + [f"H {t}" for t in tests],
+        [[label, n(name)] + [cell(name, "self_training", t, "harmonic_miou") for t in tests] for label, name in temps])]
+    return "\n".join(out + ["\n" + bars(runs, tests)])
+
+
+def bars(runs: dict, tests: Sequence[str]) -> str:
+    """The reproduction issue's three bars, each with its numbers and 'holds' / 'fails'."""
+    t0, tl = tests[0], tests[-1]
+    stats = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0) if v else (float("nan"), 0.0)
+    sign, zs3 = (stats(_values(runs, n, "transfer", t0, "harmonic_miou")) for n in ("sign", "zs3net"))
+    rpe, ape, none = (stats(_values(runs, n, "transfer", tl, "sky+water"))[0] for n in ("sign", "pe-ape", "pe-none"))
+    ast = stats(_values(runs, "sign-ast-T2", "self_training", t0, "harmonic_miou"))[0]
+    checks = [(f"SIGN H {sign[0]:.2f} - ZS3Net H {zs3[0]:.2f} > max std {max(sign[1], zs3[1]):.2f} (test {t0})",
+               sign[0] - zs3[0] > max(sign[1], zs3[1])),
+              (f"RPE sky/water {rpe:.2f} >= APE {ape:.2f} + 5 and > no PE {none:.2f} (test {tl})",
+               rpe >= ape + 5 and rpe > none),
+              (f"SIGN + AST H {ast:.2f} > SIGN H {sign[0]:.2f} (test {t0})", ast > sign[0])]
+    return "**Bars**\n\n" + "\n".join(f"- {'holds' if ok else 'FAILS'}: {text}" for text, ok in checks)
+
+
 # ----------------------------------------------------------------------------- CLI
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Score a train.py checkpoint on its test sets and draw predictions.")
+    p = argparse.ArgumentParser(description="Score a train.py checkpoint on its test sets and draw predictions; "
+                                "or rerun / tabulate the paper's experiments on the shapes benchmark.")
     a = p.add_argument
-    a("--checkpoint", type=Path, required=True, help="a checkpoint_<stage>.pt written by train.py")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", type=Path, help="a checkpoint_<stage>.pt written by train.py")
+    what.add_argument("--reproduce", type=Path, metavar="DIR", help="run every experiment of EXPERIMENTS (Tables "
+                      "1-4, Fig. 5) for --seeds into DIR/<name>/seed<k> (finished runs are kept), then write "
+                      "DIR/tables.md; arguments after -- go to every train.py run")
+    what.add_argument("--tables", type=Path, metavar="DIR", help="only aggregate the runs in DIR into DIR/tables.md")
+    a("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--reproduce: seeds (default: 0 1 2)")
+    a("train_args", nargs="*", help="--reproduce: extra train.py flags, after --")
     a("--dataset", choices=sorted(data.DATASETS), help="test dataset; default: the checkpoint's")
     a("--data-root", help="folder holding the real dataset (README 'Datasets'); default: the checkpoint's")
     a("--size", type=int, nargs="+", help="shapes: render sizes; real data with --eval-res feature: the warp "
@@ -360,6 +510,18 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.reproduce or args.tables:
+        root = args.reproduce or args.tables
+        if args.reproduce:
+            reproduce(root, args.seeds, args.train_args)
+        try:
+            tables = reproduction_tables(root)
+        except ValueError as e:
+            print(f"evaluate.py: error: {e}", file=sys.stderr)
+            return 2
+        (root / "tables.md").write_text(tables + "\n")
+        print(tables + f"\n\nwritten to {root / 'tables.md'}")
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, ckpt = load_checkpoint(args.checkpoint, device)

@@ -120,10 +120,10 @@ def _conv_gn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn
 
 
 class SmallEncoder(nn.Module):
-    """E for the CPU benchmark: strided convs to 1/``output_stride``, two dilated convs
-    (receptive field ~60 px at stride 4), a linear 1x1 head. GroupNorm rather than BatchNorm,
+    """E for the CPU benchmark: strided convs to 1/``output_stride``, a 3x3 conv and two dilated
+    convs (receptive field 63 px at stride 4), a linear 1x1 head. GroupNorm rather than BatchNorm,
     so freezing E later (transfer, self-training) leaves no running statistics to drift."""
-    def __init__(self, out_channels: int = 64, *, width: int = 32, output_stride: int = 4):
+    def __init__(self, out_channels: int = 64, *, width: int = 64, output_stride: int = 4):
         super().__init__()
         if output_stride not in (4, 8):
             raise ValueError(f"SmallEncoder: output_stride must be 4 or 8, got {output_stride}")
@@ -132,7 +132,8 @@ class SmallEncoder(nn.Module):
         self.net = nn.Sequential(
             _conv_gn_relu(3, w // 2, stride=2), _conv_gn_relu(w // 2, w, stride=2),
             *([_conv_gn_relu(w, w, stride=2)] if output_stride == 8 else []),
-            _conv_gn_relu(w, w, dilation=2), _conv_gn_relu(w, w, dilation=4), nn.Conv2d(w, out_channels, 1))
+            _conv_gn_relu(w, w), _conv_gn_relu(w, w, dilation=2), _conv_gn_relu(w, w, dilation=4),
+            nn.Conv2d(w, out_channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, out, H/os, W/os)
         return self.net(x)
@@ -296,7 +297,7 @@ class SIGN(nn.Module):
                  pretrained: bool = False, feat_dim: int = 600, sim: str = "multihead",
                  pe: str = "rpe", pe_dim: int = 600, latent_dim: int | None = None, heads: int = 8,
                  hidden: int = 256, train_size: tuple[int, int] | None = None, rpe_c: float = 512.0,
-                 rpe_endpoint: bool = False, small_width: int = 32, output_stride: int | None = None):
+                 rpe_endpoint: bool = False, small_width: int = 64, output_stride: int | None = None):
         super().__init__()
         K, e_dim = embeddings.shape
         if encoder not in ENCODERS or sim not in ("none",) + SIM_ARCHS:

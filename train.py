@@ -59,11 +59,11 @@ from ast_weights import pseudo_labels
 from sign import SIGN, discriminator_loss, generator_loss, resize_labels, sim_step_loss, transfer_loss
 
 PRESETS = {  # defaults per dataset; every flag below can override them
-    "shapes": dict(backbone="small", small_width=32, feat_dim=64, pe_dim=32, heads=4, hidden=128,
+    "shapes": dict(backbone="small", small_width=64, feat_dim=64, pe_dim=32, heads=4, hidden=128,
                    optimizer="adam", lr=3e-3, lr_transfer=1e-3, lr_g=1e-3, lr_d=1e-3, alpha=1.0, beta=50.0,
                    crop_size=64, batch_size=16, iters=2000, transfer_iters=400, self_training_iters=400,
                    temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0),
-    "voc": dict(backbone="resnet101", small_width=32, feat_dim=600, pe_dim=600, heads=8, hidden=256,
+    "voc": dict(backbone="resnet101", small_width=64, feat_dim=600, pe_dim=600, heads=8, hidden=256,
                 optimizer="sgd", lr=2.5e-4, lr_transfer=2.5e-4, lr_g=2e-4, lr_d=2.5e-4, alpha=100.0, beta=50.0,
                 crop_size=368, batch_size=8, iters=40000, transfer_iters=6000, self_training_iters=6000,
                 temperature=2.0, unseen_rate=0.5, mmd_pixels=256, test_sizes=[513], workers=4),
@@ -123,8 +123,8 @@ def training_step_sim(model, x, y, opt, run, *, weight=None, seen_only=True):
 def training_step_g(model, F_x, z, y, opt_g, opt_d, run):
     """Training Step (G), Eqs. (7)-(8): D maximises L_adv, G minimises L_adv + beta L_MMD.
 
-    E and SIM are fixed: F_x and z arrive detached. Without SIM (ZS3Net-style) z is None
-    and G draws pure noise.
+    E and SIM are fixed: F_x and z arrive detached. Without SIM, or with ``--latent noise``
+    (ZS3Net-style), z is None and G draws pure noise.
     """
     with run.autocast():
         y = resize_labels(y, F_x.shape[-2:])  # (B, h, w)
@@ -237,6 +237,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model (paper section 3; defaults: the paper's best)")
     m.add_argument("--sim", default="multihead", choices=["none", "conv", "attention", "self-attention", "multihead"],
                    help="SIM architecture (Table 2); default and paper's best: multihead; none = no SIM")
+    m.add_argument("--latent", choices=["sim", "noise"],
+                   help="G's latent in Training Step (G): SIM's z (default with a SIM; paper) or pure N(0, 1) "
+                   "noise (ZS3Net; the only choice with --sim none)")
     m.add_argument("--pe", default="rpe", choices=["none", "ape", "ape-interp", "rpe"],
                    help="positional encoding (Table 3); default and paper: rpe")
     m.add_argument("--backbone", choices=["resnet101", "resnet50", "resnet18", "small"],
@@ -286,6 +289,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.pretrained is None:
         args.pretrained = args.dataset != "shapes"
+    if args.latent is None:
+        args.latent = "noise" if args.sim == "none" else "sim"
     if args.mmd_sigmas is None:
         from mmd import DEFAULT_SIGMAS
         args.mmd_sigmas = list(DEFAULT_SIGMAS)
@@ -336,7 +341,10 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.sim == "none" and args.latent == "sim":
+        parser.error("--latent sim needs a SIM to produce z; with --sim none use --latent noise")
     resume = None
     if args.init_from:  # a finished stage of another run: carry on from it with these settings
         if not Path(args.init_from).is_file():
@@ -407,6 +415,7 @@ def train_all(run, resume: dict | None) -> int:
     def sim_and_g(x, y, opts, target=None, weight=None):
         F_x, z, logs = training_step_sim(model, x, y if target is None else target, opts["sim"], run,
                                          weight=weight, seen_only=target is None)
+        z = z if args.latent == "sim" else None  # None: G draws z ~ N(0, 1) (ZS3Net)
         return {**logs, **training_step_g(model, F_x, z, y, opts["g"], opts["d"], run)}
 
     for stage, total in plan:
