@@ -361,36 +361,64 @@ def final_stage(name: str) -> str:
     return "self_training" if "--self-training" in EXPERIMENTS[name][0] else "transfer"
 
 
-def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = ()) -> None:
+RESERVED = ("--seed", "--out", "--resume", "--init-from", "--self-training", "--temperature", "--quiet")
+UNCOMPARED = ("out", "resume", "init_from", "device", "quiet")  # may differ between a run and its rerun
+
+
+def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = ()) -> list[str]:
     """Every run of EXPERIMENTS for every seed, as ``root/<name>/seed<k>``, with ``train.main``.
-    A run whose metrics.json holds its final stage is skipped; one with a checkpoint resumes."""
+    A run whose metrics.json holds its final stage is kept, one with a checkpoint resumes, but
+    only if its config.json matches today's settings (else a ValueError names the differences).
+    A failing run does not stop the others; returns the folders of the runs that failed."""
     import train  # here, not at the top: train.py imports this module
-    root = Path(root)
+    root, failed = Path(root).resolve(), []  # absolute: --init-from paths are stored in config.json
+    reserved = [a for a in train_args if a.split("=")[0] in RESERVED]
+    if reserved:
+        raise ValueError(f"--reproduce sets {reserved} itself; remove them from the flags after --")
     for seed in seeds:
         for name, (flags, base) in EXPERIMENTS.items():
             out = root / name / f"seed{seed}"
-            if final_stage(name) in _read_metrics(out):
-                continue
             argv = [*flags, *train_args, "--seed", str(seed), "--out", str(out), "--quiet"]
             if base:
                 argv += ["--init-from", str(root / base / f"seed{seed}" / "checkpoint_transfer.pt")]
+            if (out / "config.json").is_file():
+                _check_same_settings(out, train.resolve(train.get_args_parser().parse_args(argv)))
+                if final_stage(name) in _read_metrics(out):
+                    continue
             if list(out.glob("checkpoint_*.pt")):
                 argv = ["--resume", str(out), "--quiet"]
             print(f"\n### reproduce: {name}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
             if train.main(argv) != 0:
-                raise RuntimeError(f"reproduce: run {out} failed (see the messages above)")
+                print(f"### reproduce: run {out} failed (see the messages above); going on", flush=True)
+                failed.append(str(out))
+    return failed
+
+
+def _check_same_settings(run_dir: Path, expected) -> None:
+    saved = json.loads((run_dir / "config.json").read_text())
+    differ = {k: (saved.get(k), v) for k, v in vars(expected).items() if k not in UNCOMPARED and saved.get(k) != v}
+    if differ:
+        raise ValueError(f"run {run_dir} was made with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
+                         f"delete it or reproduce into another folder")
 
 
 def _read_metrics(run_dir: Path) -> dict:
     path = run_dir / "metrics.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); expected train.py's metrics.json") from e
 
 
 def collect_runs(root) -> dict[str, dict[int, dict]]:
     """``{name: {seed: metrics.json}}`` for every ``root/<name>/seed<k>/metrics.json``."""
     runs: dict[str, dict[int, dict]] = {}
     for path in sorted(Path(root).glob("*/seed*/metrics.json")):
-        runs.setdefault(path.parent.parent.name, {})[int(path.parent.name[4:])] = json.loads(path.read_text())
+        if not path.parent.name[4:].isdigit():
+            raise ValueError(f"{path.parent}: run folders must be named seed<k>, k an integer")
+        runs.setdefault(path.parent.parent.name, {})[int(path.parent.name[4:])] = _read_metrics(path.parent)
     return runs
 
 
@@ -403,7 +431,8 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def _values(runs: dict, name: str, stage: str, test: str, key: str) -> list[float]:
-    """One number per seed; key is a metrics field or a class name ('sky+water' = their mean IoU)."""
+    """One number per seed that has it; key is a metrics field, or class names joined by '+'
+    ('sky+water': the mean IoU of the two, from seeds where both classes have an IoU)."""
     out = []
     for metrics in runs.get(name, {}).values():
         m = metrics.get(stage, {}).get(test)
@@ -411,9 +440,8 @@ def _values(runs: dict, name: str, stage: str, test: str, key: str) -> list[floa
             continue
         if key.endswith("_miou"):
             out.append(m[key])
-        else:
-            ious = [m["per_class"][c] for c in key.split("+") if c in m["per_class"]]
-            out.extend([float(np.mean(ious))] if ious else [])
+        elif all(c in m["per_class"] for c in key.split("+")):
+            out.append(float(np.mean([m["per_class"][c] for c in key.split("+")])))
     return out
 
 
@@ -437,49 +465,73 @@ def reproduction_tables(root) -> str:
     tests = sorted({t for r in runs.values() for m in r.values() for s in m.values() for t in s},
                    key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))  # "64" before "128"
     seeds = sorted({s for r in runs.values() for s in r})
-    n = lambda name: str(len(runs.get(name, {})))
+    n = lambda name, stage: len(_values(runs, name, stage, tests[0], "seen_miou"))  # seeds that finished stage
+
+    def cell(name, stage, t, key):  # a cell averaging fewer seeds than its row's "runs" says so
+        v = _values(runs, name, stage, t, key)
+        return mean_std(v) + (f" (n = {len(v)})" if len(v) != n(name, stage) else "")
+
     smh = ("seen_miou", "unseen_miou", "harmonic_miou")
-    cell = lambda name, stage, t, key: mean_std(_values(runs, name, stage, t, key))
-    out = [f"Seeds found: {seeds}. Cells: mean ± sample std over the seeds of each row (runs = how many).\n"]
+    out = [f"Seeds found: {seeds}. Cells: mean ± sample standard deviation over the seeds that finished the "
+           "row's stage (runs = how many).\n"]
     rows = [("ZS3Net", "zs3net"), ("ZS3Net + ST", "zs3net-st"), ("CaGNet", "cagnet"), ("CaGNet + ST", "cagnet-st"),
             ("SIGN", "sign"), ("SIGN + ST", "sign-st"), ("SIGN + AST (T = 2)", "sign-ast-T2")]
-    out += ["**Table 1** (seen / unseen / harmonic mIoU, %)\n", _table(
+    out += ["**Table 1** (seen / unseen / harmonic mIoU, %, per test size)\n", _table(
         ["method", "runs"] + [f"{k} {t}" for t in tests for k in ("seen", "unseen", "H")],
-        [[label, n(name)] + [cell(name, final_stage(name), t, k) for t in tests for k in smh] for label, name in rows])]
+        [[label, str(n(name, final_stage(name)))] + [cell(name, final_stage(name), t, k) for t in tests for k in smh]
+         for label, name in rows])]
     sims = [("conv", "sim-conv"), ("attention", "sim-attention"), ("self-attention", "sim-self-attention"),
             ("multihead", "sign")]
     out += ["\n**Table 2** (SIM architecture, after the transfer step)\n", _table(
         ["SIM", "runs", "SIM parameters"] + [f"H {t}" for t in tests],
-        [[label, n(name), _sim_params(root, name)] + [cell(name, "transfer", t, "harmonic_miou") for t in tests]
-         for label, name in sims])]
+        [[label, str(n(name, "transfer")), _sim_params(root, name)]
+         + [cell(name, "transfer", t, "harmonic_miou") for t in tests] for label, name in sims])]
     pes = [("none", "pe-none"), ("APE", "pe-ape"), ("APE + interp.", "pe-ape-interp"), ("RPE", "sign")]
     out += ["\n**Table 3** (positional encoding, after the transfer step; sky/water = mean IoU of the two)\n",
             _table(["PE", "runs"] + [f"{k} {t}" for t in tests for k in ("seen", "unseen", "H", "sky/water")],
-                   [[label, n(name)] + [cell(name, "transfer", t, k) for t in tests for k in smh + ("sky+water",)]
-                    for label, name in pes])]
-    out += ["\n**Table 4** (seen mIoU before the transfer step)\n", _table(
-        ["test", "w/o SIM"] + [label for label, _ in sims],
-        [[t] + [cell(name, "train", t, "seen_miou") for name in ["zs3net"] + [nm for _, nm in sims]] for t in tests])]
+                   [[label, str(n(name, "transfer"))]
+                    + [cell(name, "transfer", t, k) for t in tests for k in smh + ("sky+water",)] for label, name in pes])]
+    out += ["\n**Table 4** (seen mIoU before the transfer step; runs: "
+            + ", ".join(f"{label} {n(name, 'train')}" for label, name in [("w/o SIM", "zs3net")] + sims) + ")\n",
+            _table(["test", "w/o SIM"] + [label for label, _ in sims],
+                   [[t] + [cell(name, "train", t, "seen_miou") for name in ["zs3net"] + [nm for _, nm in sims]]
+                    for t in tests])]
     temps = [("ST", "sign-st")] + [(f"AST, T = {t:g}", f"sign-ast-T{t:g}") for t in TEMPERATURES]
     out += ["\n**Fig. 5** (SIGN self-training: harmonic mIoU by temperature)\n", _table(
         ["self-training", "runs"] + [f"H {t}" for t in tests],
-        [[label, n(name)] + [cell(name, "self_training", t, "harmonic_miou") for t in tests] for label, name in temps])]
+        [[label, str(n(name, "self_training"))] + [cell(name, "self_training", t, "harmonic_miou") for t in tests]
+         for label, name in temps])]
     return "\n".join(out + ["\n" + bars(runs, tests)])
 
 
 def bars(runs: dict, tests: Sequence[str]) -> str:
-    """The reproduction issue's three bars, each with its numbers and 'holds' / 'fails'."""
-    t0, tl = tests[0], tests[-1]
-    stats = lambda v: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0) if v else (float("nan"), 0.0)
-    sign, zs3 = (stats(_values(runs, n, "transfer", t0, "harmonic_miou")) for n in ("sign", "zs3net"))
-    rpe, ape, none = (stats(_values(runs, n, "transfer", tl, "sky+water"))[0] for n in ("sign", "pe-ape", "pe-none"))
-    ast = stats(_values(runs, "sign-ast-T2", "self_training", t0, "harmonic_miou"))[0]
-    checks = [(f"SIGN H {sign[0]:.2f} - ZS3Net H {zs3[0]:.2f} > max std {max(sign[1], zs3[1]):.2f} (test {t0})",
-               sign[0] - zs3[0] > max(sign[1], zs3[1])),
-              (f"RPE sky/water {rpe:.2f} >= APE {ape:.2f} + 5 and > no PE {none:.2f} (test {tl})",
-               rpe >= ape + 5 and rpe > none),
-              (f"SIGN + AST H {ast:.2f} > SIGN H {sign[0]:.2f} (test {t0})", ast > sign[0])]
-    return "**Bars**\n\n" + "\n".join(f"- {'holds' if ok else 'FAILS'}: {text}" for text, ok in checks)
+    """The reproduction issue's three bars, each 'holds', 'FAILS' or 'n/a' (runs missing), with its numbers.
+    Bars 1 and 3 use the first test size (the training size, 64); bar 2 uses "128", else the largest."""
+    t0, tl = tests[0], "128" if "128" in tests else tests[-1]
+    get = lambda name, stage, t, key: np.asarray(_values(runs, name, stage, t, key), dtype=float)
+    sign, zs3 = (get(name, "transfer", t0, "harmonic_miou") for name in ("sign", "zs3net"))
+    rpe, ape, none = (get(name, "transfer", tl, "sky+water") for name in ("sign", "pe-ape", "pe-none"))
+    ast = get("sign-ast-T2", "self_training", t0, "harmonic_miou")
+    checks = []
+    if min(len(sign), len(zs3)) < 2:
+        checks.append(("n/a", f"SIGN vs ZS3Net needs >= 2 seeds of each for a std; found {len(sign)} and {len(zs3)}"))
+    else:
+        spread = max(sign.std(ddof=1), zs3.std(ddof=1))
+        checks.append((sign.mean() - zs3.mean() > spread, f"SIGN H {sign.mean():.2f} - ZS3Net H {zs3.mean():.2f} "
+                       f"> max std {spread:.2f} (test {t0}, {len(sign)} and {len(zs3)} seeds)"))
+    if min(len(rpe), len(ape), len(none)) == 0:
+        checks.append(("n/a", f"RPE / APE / no-PE sky/water at test {tl} needs the sign, pe-ape and pe-none runs"))
+    else:
+        checks.append((rpe.mean() >= ape.mean() + 5 and rpe.mean() > none.mean(),
+                       f"RPE sky/water {rpe.mean():.2f} >= APE {ape.mean():.2f} + 5 and > no PE {none.mean():.2f} "
+                       f"(test {tl})"))
+    if min(len(sign), len(ast)) == 0:
+        checks.append(("n/a", "SIGN + AST vs SIGN needs the sign and sign-ast-T2 runs"))
+    else:
+        checks.append((ast.mean() > sign.mean(), f"SIGN + AST H {ast.mean():.2f} > SIGN H {sign.mean():.2f} "
+                       f"(test {t0})"))
+    word = lambda ok: ok if isinstance(ok, str) else ("holds" if ok else "FAILS")
+    return "**Bars**\n\n" + "\n".join(f"- {word(ok)}: {text}" for ok, text in checks)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -493,7 +545,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       "1-4, Fig. 5) for --seeds into DIR/<name>/seed<k> (finished runs are kept), then write "
                       "DIR/tables.md; arguments after -- go to every train.py run")
     what.add_argument("--tables", type=Path, metavar="DIR", help="only aggregate the runs in DIR into DIR/tables.md")
-    a("--seeds", type=int, nargs="+", default=[0, 1, 2], help="--reproduce: seeds (default: 0 1 2)")
+    a("--seeds", type=int, nargs="+", help="--reproduce: seeds (default: 0 1 2)")
     a("train_args", nargs="*", help="--reproduce: extra train.py flags, after --")
     a("--dataset", choices=sorted(data.DATASETS), help="test dataset; default: the checkpoint's")
     a("--data-root", help="folder holding the real dataset (README 'Datasets'); default: the checkpoint's")
@@ -509,19 +561,26 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if not args.reproduce and (args.seeds or args.train_args):
+        parser.error(f"--seeds and train.py flags after -- go with --reproduce only (got {args.seeds or ''} "
+                     f"{' '.join(args.train_args)})")
     if args.reproduce or args.tables:
-        root = args.reproduce or args.tables
-        if args.reproduce:
-            reproduce(root, args.seeds, args.train_args)
+        root, failed = args.reproduce or args.tables, []
         try:
+            if args.reproduce:
+                failed = reproduce(root, args.seeds or [0, 1, 2], args.train_args)
             tables = reproduction_tables(root)
         except ValueError as e:
             print(f"evaluate.py: error: {e}", file=sys.stderr)
             return 2
         (root / "tables.md").write_text(tables + "\n")
         print(tables + f"\n\nwritten to {root / 'tables.md'}")
-        return 0
+        if failed:
+            print("evaluate.py: these runs failed and are missing from the tables:\n  " + "\n  ".join(failed),
+                  file=sys.stderr)
+        return 1 if failed else 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, ckpt = load_checkpoint(args.checkpoint, device)

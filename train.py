@@ -289,7 +289,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, value)
     if args.pretrained is None:
         args.pretrained = args.dataset != "shapes"
-    if args.latent is None:
+    if getattr(args, "latent", None) is None:  # runs saved before --latent existed have none
         args.latent = "noise" if args.sim == "none" else "sim"
     if args.mmd_sigmas is None:
         from mmd import DEFAULT_SIGMAS
@@ -321,7 +321,14 @@ def evaluate_stage(run, stage: str) -> None:
         run.model, run.tests, class_names=run.train_set.class_names, num_seen=run.model.num_seen, device=run.device,
         eval_res=run.args.eval_res, batch_size=run.args.batch_size, workers=run.args.workers,
         quiet=run.args.quiet, title=stage)
-    (run.out / "metrics.json").write_text(json.dumps(run.metrics, indent=2))
+    write_metrics(run)
+
+
+def write_metrics(run) -> None:
+    """metrics.json, atomically: a reader (``evaluate.py --tables``) never sees half a file."""
+    tmp = run.out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(run.metrics, indent=2))
+    os.replace(tmp, run.out / "metrics.json")
 
 
 def save_checkpoint(run, stage: str, iteration: int, optimizers: dict) -> None:
@@ -343,6 +350,8 @@ def read_checkpoint(path: Path) -> dict:
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.resume and args.init_from:
+        parser.error("--resume continues a run with its own settings; it cannot be combined with --init-from")
     if args.sim == "none" and args.latent == "sim":
         parser.error("--latent sim needs a SIM to produce z; with --sim none use --latent noise")
     resume = None
@@ -457,6 +466,7 @@ def train_all(run, resume: dict | None) -> int:
         if stage != "self_training":
             evaluate_stage(run, "self_training" if stage == "self_training_transfer" else stage)
         save_checkpoint(run, stage, total, opts)
+    write_metrics(run)  # also when a resumed run had nothing left to do
     print_summary(run.metrics)
     print(f"\nrun folder: {run.out} (metrics.json, losses.jsonl, checkpoint_<stage>.pt)")
     return 0

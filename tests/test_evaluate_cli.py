@@ -136,7 +136,7 @@ def test_panels_show_image_labels_in_class_colours_and_a_legend_marking_unseen_c
                                                                                       monkeypatch):
     model, _ = evaluate.load_checkpoint(checkpoint[0], "cpu")
     with torch.no_grad():  # predict seen classes only, so unseen ones reach the legend through the GT alone
-        model.C.bias[16:] = -1e4
+        model.C.bias[model.num_seen:] = -1e4
     shapes = data.Shapes("test", size=SIZE, num_images=4)  # GT holds unseen classes 18 and 16 in images 2, 3
     palette = np.zeros((20, 3), np.uint8)
     palette[:, 1] = 10 + 12 * np.arange(20)  # distinct greens: no class is black (ignore) or red (unseen text)

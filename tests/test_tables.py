@@ -11,9 +11,11 @@ SMH = ("seen_miou", "unseen_miou", "harmonic_miou")
 
 
 def metrics(stages: dict, *, sky=90.0, water=80.0) -> dict:
-    """A metrics.json as train.py writes it: {stage: {test: {S, U, H, per_class}}} for tests 64 and 128."""
-    return {stage: {test: dict(zip(SMH, values), per_class={"sky": sky, "water": water, "grass": 99.0})
-                    for test in ("64", "128")} for stage, values in stages.items()}
+    """A metrics.json as train.py writes it: {stage: {test: {S, U, H, per_class}}}, test "64" with
+    the given values and test "128" with every value 10 lower, so the two sizes cannot be mixed up."""
+    return {stage: {test: dict(zip(SMH, [v - low for v in values]),
+                               per_class={"sky": sky - low, "water": water - low, "grass": 99.0})
+                    for test, low in (("64", 0), ("128", 10))} for stage, values in stages.items()}
 
 
 def same(stored, flag: str) -> bool:
@@ -58,18 +60,51 @@ def test_tables_hold_mean_and_std_over_seeds_in_every_table(tmp_path):
     row = lambda label: next(line for line in lines if line.startswith(f"| {label} |"))
     # Table 1: SIGN after the transfer step, seen / unseen / H at 64 then at 128
     assert row("SIGN") == ("| SIGN | 2 | 70.00 ± 0.00 | 40.00 ± 0.00 | 52.00 ± 2.83 "
-                           "| 70.00 ± 0.00 | 40.00 ± 0.00 | 52.00 ± 2.83 |")
-    assert "| SIGN + AST (T = 2) | 2 | 72.00 ± 0.00 | 50.00 ± 0.00 | 59.00 ± 0.00 |" in text
+                           "| 60.00 ± 0.00 | 30.00 ± 0.00 | 42.00 ± 2.83 |")
+    assert row("SIGN + AST (T = 2)").startswith("| SIGN + AST (T = 2) | 2 | 72.00 ± 0.00 | 50.00 ± 0.00 | 59.00 ± 0.00 |")
     assert row("CaGNet").startswith("| CaGNet | 0 | – |")  # missing runs show as such, not as 0
     # Table 3: sky/water is the mean IoU of the two classes
-    assert row("APE").endswith("| 70.00 ± 0.00 |") and row("RPE").endswith("| 87.50 ± 0.00 |")
+    assert row("APE").endswith("| 60.00 ± 0.00 |") and row("RPE").endswith("| 77.50 ± 0.00 |")
     # Table 4: seen mIoU before the transfer step, without SIM (ZS3Net's run) and with multihead (SIGN's)
     assert row("64") == "| 64 | 71.00 ± 0.00 | – | – | – | 75.00 ± 0.00 |"
-    assert text.index("64 |") < text.index("128 |")  # test sizes in numeric order
-    # the bars: SIGN - ZS3Net = 20 > 2.83; RPE 87.5 >= APE 70 + 5 but no-PE runs are missing; AST 59 > 52
-    assert "- holds: SIGN H 52.00 - ZS3Net H 32.00 > max std 2.83" in text
-    assert "- FAILS: RPE sky/water 87.50 >= APE 70.00 + 5 and > no PE nan" in text
-    assert "- holds: SIGN + AST H 59.00 > SIGN H 52.00" in text
+    assert row("128") == "| 128 | 61.00 ± 0.00 | – | – | – | 65.00 ± 0.00 |"
+    assert lines.index(row("64")) < lines.index(row("128"))  # test sizes in numeric order
+    # the bars: SIGN - ZS3Net = 20 > 2.83 at 64; no-PE runs are missing; AST 59 > 52 at 64
+    assert "- holds: SIGN H 52.00 - ZS3Net H 32.00 > max std 2.83 (test 64, 2 and 2 seeds)" in text
+    assert "- n/a: RPE / APE / no-PE sky/water at test 128 needs the sign, pe-ape and pe-none runs" in text
+    assert "- holds: SIGN + AST H 59.00 > SIGN H 52.00 (test 64)" in text
+
+
+@pytest.mark.tables
+def test_the_sky_water_bar_reads_test_size_128(tmp_path):
+    for name, sky in (("sign", 90.0), ("pe-ape", 84.0), ("pe-none", 70.0)):  # at 64: RPE 85, only 3 above APE 82
+        m = metrics({"transfer": (70, 40, 50.0)}, sky=sky, water=80.0)
+        if name == "pe-ape":
+            m["transfer"]["128"]["per_class"]["sky"] = 50.0  # at 128: APE 60, RPE 75, no PE 65
+        write(tmp_path, name, 0, m)
+    assert ("- holds: RPE sky/water 75.00 >= APE 60.00 + 5 and > no PE 65.00 (test 128)"
+            in evaluate.reproduction_tables(tmp_path))
+
+
+@pytest.mark.tables
+def test_an_unfinished_seed_is_counted_apart_and_a_single_seed_cannot_pass_the_spread_bar(tmp_path):
+    write(tmp_path, "sign", 0, metrics({"train": (75, 0, 0), "transfer": (70, 40, 50.0)}))
+    write(tmp_path, "sign", 1, metrics({"train": (77, 0, 0)}))  # stopped during the transfer step
+    write(tmp_path, "zs3net", 0, metrics({"train": (71, 0, 0), "transfer": (65, 20, 30.0)}))
+    text = evaluate.reproduction_tables(tmp_path)
+    assert "| SIGN | 1 | 70.00 | 40.00 | 50.00 |" in text  # 1 seed finished the transfer step
+    assert "| 64 | 71.00 | – | – | – | 76.00 ± 1.41 |" in text  # both finished stage 1
+    assert "- n/a: SIGN vs ZS3Net needs >= 2 seeds of each for a std; found 1 and 1" in text
+
+
+@pytest.mark.tables
+def test_a_cell_missing_a_seed_of_its_row_says_how_many_it_averages(tmp_path):
+    write(tmp_path, "pe-ape", 0, metrics({"transfer": (70, 40, 50.0)}))
+    m = metrics({"transfer": (70, 40, 50.0)})
+    del m["transfer"]["64"]["per_class"]["water"]  # water has no IoU in this seed's 64 test
+    write(tmp_path, "pe-ape", 1, m)
+    assert ("| APE | 2 | 70.00 ± 0.00 | 40.00 ± 0.00 | 50.00 ± 0.00 | 85.00 (n = 1) |"
+            in evaluate.reproduction_tables(tmp_path))
 
 
 @pytest.mark.tables
@@ -77,7 +112,8 @@ def test_a_gap_within_one_standard_deviation_fails_the_first_bar(tmp_path):
     for seed, (h_sign, h_zs3) in enumerate([(50.0, 48.0), (60.0, 50.0)]):  # gap 6 < std 7.07
         write(tmp_path, "sign", seed, metrics({"transfer": (70, 40, h_sign)}))
         write(tmp_path, "zs3net", seed, metrics({"transfer": (70, 30, h_zs3)}))
-    assert "- FAILS: SIGN H 55.00 - ZS3Net H 49.00 > max std 7.07" in evaluate.reproduction_tables(tmp_path)
+    assert "- FAILS: SIGN H 55.00 - ZS3Net H 49.00 > max std 7.07 (test 64, 2 and 2 seeds)" in \
+        evaluate.reproduction_tables(tmp_path)
 
 
 @pytest.mark.tables
@@ -87,6 +123,20 @@ def test_tables_cli_writes_markdown_and_an_empty_folder_is_an_error(tmp_path, ca
     write(tmp_path, "sign", 0, metrics({"transfer": (70, 40, 50.9)}))
     assert evaluate.main(["--tables", str(tmp_path)]) == 0
     assert "**Table 1**" in (tmp_path / "tables.md").read_text()
+    (tmp_path / "sign" / "seed1").mkdir()
+    (tmp_path / "sign" / "seed1" / "metrics.json").write_text('{"train": ')  # a truncated file
+    assert evaluate.main(["--tables", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'sign' / 'seed1' / 'metrics.json'} is not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.tables
+def test_seeds_and_train_flags_are_refused_without_reproduce(capsys):
+    for argv in (["--tables", "runs", "--seeds", "0"], ["--checkpoint", "ck.pt", "junk"]):
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(argv)
+        assert exit_info.value.code == 2 and "go with --reproduce only" in capsys.readouterr().err
+    assert evaluate.main(["--reproduce", "runs/x", "--", "--seed", "3"]) == 2
+    assert "--reproduce sets ['--seed'] itself" in capsys.readouterr().err
 
 
 @pytest.mark.tables
@@ -104,7 +154,7 @@ def test_latent_sim_without_a_sim_is_refused(capsys):
 
 
 @pytest.mark.slow
-def test_reproduce_runs_every_baseline_and_fills_every_table(tmp_path):
+def test_reproduce_runs_every_baseline_and_fills_every_table(tmp_path, capsys):
     tiny = ["--num-train", "8", "--num-test", "2", "--crop-size", "32", "--test-sizes", "32", "48",
             "--batch-size", "4", "--feat-dim", "16", "--pe-dim", "8", "--heads", "2", "--hidden", "16",
             "--small-width", "8", "--iters", "2", "--transfer-iters", "2", "--self-training-iters", "2",
@@ -119,9 +169,23 @@ def test_reproduce_runs_every_baseline_and_fills_every_table(tmp_path):
         assert evaluate.final_stage(name) in runs[name][0]
     assert json.loads((tmp_path / "zs3net" / "seed0" / "config.json").read_text())["latent"] == "noise"
     assert json.loads((tmp_path / "sign" / "seed0" / "config.json").read_text())["latent"] == "sim"
+    for name, (_, base) in evaluate.EXPERIMENTS.items():  # self-training starts from its base run's transfer step
+        if base:
+            config = json.loads((tmp_path / name / "seed0" / "config.json").read_text())
+            assert config["init_from"] == str(tmp_path / base / "seed0" / "checkpoint_transfer.pt")
+            assert runs[name][0]["transfer"] == runs[base][0]["transfer"]
     tables = (tmp_path / "tables.md").read_text()
-    assert "–" not in tables and "nan" not in tables  # every cell and bar has its runs
+    assert "| 0 |" not in tables  # every row found its run
+    assert all("–" not in line for line in tables.splitlines() if line.startswith(("| 32 |", "| 48 |")))  # Table 4
+    # an interrupted run (checkpoints, no final metrics) resumes; a finished one is not retrained
+    (tmp_path / "sign-st" / "seed0" / "metrics.json").unlink()
+    (tmp_path / "sign-st" / "seed0" / "checkpoint_self_training_transfer.pt").unlink()
     # a second call finds every run finished and retrains nothing
     before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/metrics.json")}
     assert evaluate.main(["--reproduce", str(tmp_path), "--seeds", "0", "--", *tiny]) == 0
-    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/metrics.json")}
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/metrics.json")
+                      if p.parent.parent.name != "sign-st"}
+    assert evaluate.collect_runs(tmp_path)["sign-st"][0] == runs["sign-st"][0]  # resumed to the same metrics
+    # other settings over an existing folder are refused, naming the run and the difference
+    assert evaluate.main(["--reproduce", str(tmp_path), "--seeds", "0", "--", *tiny, "--iters", "3"]) == 2
+    assert "iters: 2 there, 3 now" in capsys.readouterr().err
