@@ -38,7 +38,8 @@ Choices the paper leaves open (README "Deviations" lists them too)
       instead of 100. With alpha = 100 the KL term outweighs the cross-entropy at the start
       (0.05 x 100 against 2.7) and the encoder never learns the shapes: seen mIoU after
       stage 1 was 44 at alpha = 100 against 65 at alpha = 1 and 66 at alpha = 0 (2,000
-      iterations, README "Results"). The real-data presets keep the paper's values.
+      iterations, the earlier 32-channel encoder; README "Deviations"). The real-data presets
+      keep the paper's values.
 """
 import argparse
 import copy
