@@ -76,6 +76,19 @@ def test_every_sim_block_is_residual_so_zero_weights_make_it_the_identity(arch):
 
 
 @pytest.mark.sim
+@pytest.mark.parametrize("arch", ["self-attention", "multihead"])
+def test_transformer_blocks_start_as_the_identity_and_leave_it_after_one_step(arch):
+    torch.manual_seed(0)
+    block = SIM(16, arch=arch, pe="none", latent_dim=8, heads=2).block
+    h = torch.randn(2, 16, 5, 6)
+    assert torch.equal(block(h), h)  # both residual branches are zero at construction
+    opt = torch.optim.SGD(block.parameters(), lr=0.1)
+    block(h).pow(2).sum().neg().backward()  # any loss: the zero layers still receive gradient
+    opt.step()
+    assert not torch.allclose(block(h), h)
+
+
+@pytest.mark.sim
 def test_without_sim_features_are_the_encoder_output_and_g_draws_pure_noise():
     model = tiny_model(sim="none")
     x = torch.randn(2, 3, 32, 32)
