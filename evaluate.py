@@ -17,6 +17,9 @@ Reading order
     evaluate_sets      evaluate_model -> gzsl_miou -> printed table, for every test set
     load_checkpoint    SIGN rebuilt from a train.py checkpoint (config + state_dict, M included)
     save_panels        PNG panels image | ground truth | prediction with a class legend
+    EXPERIMENTS        the paper's tables on shapes as train.py flags (baselines, ablations, Fig. 5)
+    reproduce          every experiment for every seed, runs that only add self-training --init-from
+    reproduction_tables  run folders -> mean ± std Markdown tables; ``bars`` checks the claims
     main               the CLI; settings default to those stored in the checkpoint
 
 Convention (PROTOCOL section 5), pinned by ``tests/test_metrics.py``
@@ -398,7 +401,8 @@ def _check_same_settings(run_dir: Path, expected) -> None:
     saved = json.loads((run_dir / "config.json").read_text())
     differ = {k: (saved.get(k), v) for k, v in vars(expected).items() if k not in UNCOMPARED and saved.get(k) != v}
     if differ:
-        raise ValueError(f"run {run_dir} was made with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
+        listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+        raise ValueError(f"run {run_dir} was made with other settings ({listed}); "
                          f"delete it or reproduce into another folder")
 
 
