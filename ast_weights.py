@@ -19,9 +19,10 @@ Symbols
 
 Deliberate choices (the paper leaves these open)
     * Eligible pixels: training label is ignore (255, which includes the unseen classes'
-      pixels) and the predicted class is unseen. Labelled pixels keep their label and
-      weight 1 (the paper: "the loss weights of seen classes are always 1"); everything
-      else is ignored with weight 0.
+      pixels) and the predicted class is unseen, inside the image: a random crop's padding
+      is also 255 but holds no image, so ``padding`` excludes it. Labelled pixels keep their
+      label and weight 1 (the paper: "the loss weights of seen classes are always 1");
+      everything else is ignored with weight 0.
     * The softmax of Eq. (17) runs over the eligible pixels of one image by default
       (``softmax_over="image"``), so every image's most confident pseudo-label weighs 1
       whatever the rest of the batch holds; ``softmax_over="batch"`` runs it over the batch.
@@ -54,11 +55,13 @@ def annealed_weights(confidence: Tensor, *, T: float = 2.0) -> Tensor:
 
 def pseudo_labels(
     probs: Tensor, label: Tensor, *, unseen: Sequence[int], mode: str, T: float = 2.0,
-    keep: float = 0.75, ignore_index: int = 255, softmax_over: str = "image",
+    keep: float = 0.75, ignore_index: int = 255, softmax_over: str = "image", padding: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pseudo-labels and per-pixel loss weights for one batch: ST (ZS3Net) or AST (Eq. 17).
 
-    probs (B, K, H, W) softmax outputs of the model, label (B, H, W) training labels.
+    probs (B, K, H, W) softmax outputs of the model, label (B, H, W) training labels;
+    ``padding`` (B, H, W) bool marks pixels outside the image (a random crop's padding), which
+    are never eligible: they are not unlabelled pixels of the image.
     Returns ``target`` (B, H, W) long and ``weight`` (B, H, W) float:
       labelled pixels            -> their label, weight 1
       eligible pixels (see module docstring), mode "st"  -> the predicted unseen class,
@@ -69,6 +72,9 @@ def pseudo_labels(
     if probs.dim() != 4 or label.shape != (probs.shape[0], *probs.shape[2:]):
         raise ValueError(f"pseudo_labels: expected probs (B, K, H, W) and label (B, H, W), "
                          f"got {tuple(probs.shape)} and {tuple(label.shape)}")
+    if padding is not None and (padding.shape != label.shape or padding.dtype != torch.bool):
+        raise ValueError(f"pseudo_labels: padding must be a bool mask shaped like label {tuple(label.shape)}, "
+                         f"got {padding.dtype} {tuple(padding.shape)}")
     if mode not in ("st", "ast"):
         raise ValueError(f"pseudo_labels: mode must be 'st' or 'ast', got {mode!r}")
     if softmax_over not in ("image", "batch"):
@@ -82,6 +88,8 @@ def pseudo_labels(
     confidence, predicted = probs.max(dim=1)  # (B, H, W) each
     unseen_t = torch.as_tensor(list(unseen), dtype=predicted.dtype, device=predicted.device)
     eligible = (label == ignore_index) & torch.isin(predicted, unseen_t)  # (B, H, W)
+    if padding is not None:
+        eligible &= ~padding
 
     labelled = label != ignore_index
     weight = labelled.to(probs.dtype)  # seen-class pixels always weigh 1

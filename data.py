@@ -6,8 +6,9 @@ here; it imports none of the project's modules. Reading order:
 1. Class lists as data; `_split` orders classes and `_lut` maps raw label values to model
    indices: seen classes first, then unseen, each in raw-id order; everything else -> 255.
    Training splits set unseen pixels to 255 (images are kept); test splits keep them.
-2. `train_transform` (random scale 0.5-1.5, random crop padded with image 0 / label 255,
-   horizontal flip, ImageNet normalisation) and `eval_transform` (own size, or warped).
+2. `train_transform` (random scale 0.5-1.5, random crop padded with image 0 / label `PADDING`
+   = 254, horizontal flip, ImageNet normalisation) and `eval_transform` (own size, or warped).
+   Consumers treat `PADDING` as ignore; it exists so that padding is never pseudo-labelled.
 3. `VOC` (2012 + SBD), `Context33` (from the common 59-class PNGs), `COCOStuff` (164k).
 4. Class embeddings (paper section 4.2): `read_word2vec_binary`, `read_fasttext_vec`,
    `class_embedding_table`, `load_class_embeddings`, `shapes_embeddings`.
@@ -57,6 +58,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 IGNORE = 255
+PADDING = 254  # label of a training crop's padding: ignored like 255, but known to lie outside the image
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -147,8 +149,9 @@ def _to_float(mean, std):
 
 def train_transform(crop_size: int, *, scale: tuple[float, float] = (0.5, 1.5), mean=IMAGENET_MEAN,
                     std=IMAGENET_STD) -> v2.Compose:
-    """The lineage's augmentation; crops smaller than `crop_size` are padded (image 0, label 255)."""
-    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}
+    """The lineage's augmentation; crops smaller than `crop_size` are padded with image 0 and
+    label `PADDING`, so self-training can tell padding from unlabelled pixels of the image."""
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: PADDING}
     return v2.Compose([RandomScale(scale), v2.RandomCrop(crop_size, pad_if_needed=True, fill=fill),
                        v2.RandomHorizontalFlip()] + _to_float(mean, std))
 
@@ -388,21 +391,40 @@ def _load_npy(path: Path) -> np.ndarray:
         raise EmbeddingError(f"embedding table {path} is missing or not a .npy array: {e}") from e
 
 
-def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_ids=None,
+def _table_rows(table: np.ndarray, path: Path, num_classes: int, raw_ids, order: str) -> np.ndarray:
+    """A precomputed table's rows in model order. Model order: one row per class, in `class_names`
+    order. Raw-id order: one row per class by ascending raw id, or one row per raw value
+    0..max(raw_ids), whose rows for values that are not classes (VOC background, Context's
+    unlabelled, COCO-Stuff's 11 absent ids) go unused."""
+    if order not in ("raw", "model") or (order == "raw" and raw_ids is None):
+        raise ValueError(f"load_class_embeddings: order must be 'model', or 'raw' with raw_ids; got {order!r}")
+    rows = table.shape[0] if table.ndim == 2 else None
+    if order == "raw" and rows == len(raw_ids):
+        ranked = sorted(raw_ids)
+        return table[[ranked.index(r) for r in raw_ids]]
+    if order == "raw" and rows == max(raw_ids) + 1:
+        return table[list(raw_ids)]
+    if order == "model" and rows == num_classes:
+        return table
+    d = table.shape[1] if table.ndim == 2 else "D"
+    raw = f"({len(raw_ids)}, {d}) or ({max(raw_ids) + 1}, {d})" if raw_ids is not None else "(no raw ids given)"
+    raise EmbeddingError(f"{path}: shape {table.shape} fits neither row order: raw-id order (--embeddings-order "
+                         f"raw) expects shape {raw}, model order (--embeddings-order model) ({num_classes}, {d})")
+
+
+def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_ids=None, order: str = "model",
                           cache: bool = True) -> torch.Tensor:
     """The (C, dim) table for `class_names`, from word-vector files or one precomputed `.npy`.
 
     Word-vector files (word2vec `.bin`, fastText `.vec`, either may be `.gz`) give one half
     each, in the given order; the built table is cached as `<first file>.<hash>.npy`. A `.npy`
-    table has one row per class in `class_names` order, or, given `raw_ids`, one per raw id.
+    table is in `order`: "model" (`class_names` order) or "raw" (by the dataset's `raw_ids`, the raw
+    id of each class; see `_table_rows`). Word-vector files are read by name: no order to choose.
     """
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if len(paths) == 1 and paths[0].suffix == ".npy":
         table_path, table = paths[0], _load_npy(paths[0])
-        if raw_ids is not None:
-            if table.ndim != 2 or table.shape[0] <= max(raw_ids):
-                raise EmbeddingError(f"{table_path}: shape {table.shape} has no row for raw id {max(raw_ids)}")
-            table = table[raw_ids]
+        table = _table_rows(table, table_path, len(class_names), raw_ids, order)
     else:
         key = json.dumps([class_names, [(p.name, p.stat().st_size if p.is_file() else 0) for p in paths]])
         table_path = paths[0].with_name(f"{paths[0].name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy")

@@ -17,6 +17,7 @@ Reading order
     evaluate_sets      evaluate_model -> gzsl_miou -> printed table, for every test set
     load_checkpoint    SIGN rebuilt from a train.py checkpoint (config + state_dict, M included)
     save_panels        PNG panels image | ground truth | prediction with a class legend
+    latent_statistics  what SIM's z carries: mu^2, sigma^2, per-channel SNR, linear probes (--latent-stats)
     EXPERIMENTS        the paper's tables on shapes as train.py flags (baselines, ablations, Fig. 5)
     reproduce          every experiment for every seed, runs that only add self-training --init-from
     reproduction_tables  run folders -> mean ± std Markdown tables; ``bars`` checks the claims
@@ -66,7 +67,7 @@ from sign import IGNORE as IGNORE_INDEX, SIGN, resize_labels
 
 __all__ = ["IGNORE_INDEX", "confusion_matrix", "harmonic", "gzsl_miou", "evaluate_model", "format_table",
            "as_metrics", "test_sets", "evaluate_sets", "CheckpointError", "load_checkpoint", "voc_palette",
-           "save_panels", "EXPERIMENTS", "reproduce", "collect_runs", "mean_std",
+           "save_panels", "latent_statistics", "EXPERIMENTS", "reproduce", "collect_runs", "mean_std",
            "reproduction_tables", "bars", "get_args_parser", "main"]
 
 EVAL_RES = ("full", "feature")
@@ -345,6 +346,67 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
     return paths
 
 
+# ----------------------------------------------------------------------------- what z carries
+def _linear_probe(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int, steps: int = 300) -> float:
+    """Balanced accuracy (mean recall over the classes in y_test, %) of a softmax regression fitted
+    to (x, y) by full-batch Adam, on standardised inputs."""
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
+    x, x_test = (x - mean) / std, (x_test - mean) / std
+    probe = nn.Linear(x.shape[1], num_classes)
+    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(probe(x), y).backward()
+            opt.step()
+    pred = probe(x_test).argmax(1)
+    return 100 * float(np.mean([(pred[y_test == c] == c).float().mean() for c in y_test.unique()]))
+
+
+@torch.no_grad()
+def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels: int = 40_000,
+                      device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float]:
+    """What the z that G receives in Training Step (G) carries (z = mu + sigma eps, SIM in training
+    mode), on the labelled seen pixels of the first ``num_images`` items of ``dataset`` at feature
+    resolution: ``mu2`` and ``sigma2``, the means of mu^2 and sigma^2 (the prior: 0 and 1); ``snr``,
+    the per-channel var(mu) / E[sigma^2] (median and max over channels): how much of z changes with
+    the pixel rather than with eps; ``probe_z``, the balanced accuracy of a linear probe for the seen
+    class from z samples, and ``probe_noise``, the same probe on N(0, 1) noise of z's shape (chance).
+    Probes fit on the first half of the images and are scored on the second half."""
+    if model.SIM is None:
+        raise ValueError("latent_statistics: this model has no SIM, so G's latent is pure noise")
+    was_training, n = model.training, min(num_images, len(dataset))
+    model.eval().SIM.train()  # training mode for SIM alone: z is sampled as Training Step (G) sees it
+    torch.manual_seed(seed)
+    zs, mus, variances, labels, halves = [], [], [], [], []
+    try:
+        for i in range(n):
+            x, y = dataset[i]
+            _, z, mu, logvar = model.features(x[None].to(device))  # (1, L, h, w) each
+            y = resize_labels(y[None].to(device), z.shape[-2:]).flatten()  # (h*w,)
+            keep = y < model.num_seen  # labelled seen pixels; 255 is above every class index
+            for store, t in ((zs, z), (mus, mu), (variances, logvar.exp())):
+                store.append(t[0].flatten(1).T[keep].float().cpu())  # (pixels, L)
+            labels.append(y[keep].cpu())
+            halves.append(torch.full((int(keep.sum()),), i >= n // 2))
+    finally:
+        model.train(was_training)
+    z, mu, var, y, test = (torch.cat(t) for t in (zs, mus, variances, labels, halves))
+    if test.all() or not test.any():
+        raise ValueError(f"latent_statistics: need labelled seen pixels in both halves of {n} images")
+    g = torch.Generator().manual_seed(seed)
+    def pick(mask):  # at most max_pixels / 2 random pixels of the half
+        return mask.nonzero()[:, 0][torch.randperm(int(mask.sum()), generator=g)[:max_pixels // 2]]
+    fit, score = pick(~test), pick(test)
+    noise = torch.randn(z.shape, generator=g)
+    snr = mu.var(0) / var.mean(0)  # (L,): Var over pixels of mu_c, against the mean of sigma_c^2
+    return {"mu2": mu.pow(2).mean().item(), "sigma2": var.mean().item(), "snr_median": snr.median().item(),
+            "snr_max": snr.max().item(),
+            "probe_z": _linear_probe(z[fit], y[fit], z[score], y[score], model.num_seen),
+            "probe_noise": _linear_probe(noise[fit], y[fit], noise[score], y[score], model.num_seen),
+            "pixels": len(fit) + len(score)}
+
+
 # ----------------------------------------------------------------------------- the paper's tables on shapes
 # name -> (train.py flags, the run whose end-of-transfer checkpoint it starts from). A run that
 # only adds self-training starts from its base run's checkpoint_transfer.pt instead of retraining.
@@ -539,6 +601,23 @@ def bars(runs: dict, tests: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+def print_latent_statistics(model: SIGN, saved: dict, args, device) -> int:
+    """``--latent-stats``: ``latent_statistics`` on the checkpoint's training split, one line."""
+    name = args.dataset or saved.get("dataset", "shapes")
+    if name == "shapes":
+        train_set = data.Shapes("train", size=saved.get("crop_size", 64), num_images=args.latent_stats)
+    else:
+        train_set = data.build_dataset(name, "train", root=args.data_root or saved.get("data_root"),
+                                       transform=data.eval_transform())
+    stats = latent_statistics(model, train_set, num_images=args.latent_stats, device=device)
+    print(f"latent z of {args.checkpoint} (alpha {saved.get('alpha')}, latent path "
+          f"{model.config.get('latent_path')}), {stats['pixels']} seen pixels of {args.latent_stats} {name} "
+          f"training images: mean mu^2 {stats['mu2']:.3g}, mean sigma^2 {stats['sigma2']:.4g}, SNR var(mu)/E[sigma^2] "
+          f"median {stats['snr_median']:.3g} max {stats['snr_max']:.3g}; linear probe of the seen class "
+          f"(balanced accuracy) from z {stats['probe_z']:.1f} %, from N(0, 1) noise {stats['probe_noise']:.1f} %")
+    return 0
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score a train.py checkpoint on its test sets and draw predictions; "
                                 "or rerun / tabulate the paper's experiments on the shapes benchmark.")
@@ -561,6 +640,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--save-predictions", type=int, default=0, metavar="N",
       help="write N PNG panels (image | ground truth | prediction) per test set (default: 0)")
     a("--out", type=Path, help="panel folder, one subfolder per test set (default: <checkpoint folder>/predictions)")
+    a("--latent-stats", type=int, nargs="?", const=400, metavar="IMAGES",
+      help="instead of scoring: what SIM's z carries on the first IMAGES training images (default 400): "
+           "mean mu^2 and sigma^2, per-channel SNR var(mu) / E[sigma^2], linear probes (latent_statistics)")
     return p
 
 
@@ -599,6 +681,8 @@ def main(argv=None) -> int:
         if (len(names), S) != (model.config["num_classes"], model.num_seen):
             raise CheckpointError(f"checkpoint {args.checkpoint} has {model.config['num_classes']} classes "
                                   f"({model.num_seen} seen) but {dataset} has {len(names)} ({S} seen)")
+        if args.latent_stats:
+            return print_latent_statistics(model, saved, args, device)
         print(f"evaluate: {args.checkpoint} (stage {ckpt.get('stage')}, iteration {ckpt.get('iteration')}); "
               f"dataset {dataset}, test sets {list(sets)}, eval_res {eval_res}, device {device}")
         evaluate_sets(model, sets, class_names=names, num_seen=S, device=device, eval_res=eval_res,

@@ -5,7 +5,8 @@ image -> E -> SIM -> C (inference); M -> G -> D sit beside it for the generative
 
 Reading order (Fig. 2, left to right)
     ASPP, DeepLabV2, SmallEncoder   E, the feature encoder (DeepLab-v2 or a small CPU CNN)
-    _Block, Reparameterize, SIM     Eq. (1): F_x, z = SIM(E(x) (+) PE); supp. Figs. 6-8
+    _Block, Reparameterize, SIM     Eq. (1): F_x, z = SIM(E(x) (+) PE); supp. Figs. 6-8;
+                                    F_x = h + h * sigmoid(z), the gate through which z is learnt
     Classifier                      C: p = C(F_x)
     resize_labels, SemanticMapping  M: e = M(y), labels resized to the feature map
     Generator, Discriminator        G: F^_x = G(e (+) z);  D: one logit per pixel
@@ -20,6 +21,7 @@ Symbol -> identifier (B batch, K classes, F feat_dim, P pe_dim, L latent_dim, h 
     E(x)               model.E(x)                     (B, F, h, w), h = ceil(H / output_stride)
     PE                 model.SIM.positional_encoding  (P, h, w), from rpe.py
     F_x, z             model.SIM(E(x)) -> F_x, z, mu, logvar  (B, F, h, w), (B, L, h, w)
+    h                  SIM's encoded features before the gate    (B, F, h, w)
     mu, log sigma^2    mu, logvar
     e = M(y)           model.M(y, size)               (B, e_dim, h, w); label 255 -> 0
     F^_x = G(e (+) z)  model.generate(y, z)           (B, F, h, w)
@@ -33,6 +35,18 @@ Deliberate choices and changes versus the paper
       Transformer blocks start with zero residual branches (the identity).
     * z has ``latent_dim`` channels, default F (as in the authors' release). log sigma^2 is a
       plain 1x1 conv, without the lineage's ReLU forcing it >= 0.
+    * How z reaches the network. The paper: SIM "produces a space-aware stochastic latent
+      representation z" for G (Eq. 1, Fig. 2, supp. Fig. 6), a "context-aware and space-aware
+      prior" (Fig. 1c); it does not say whether F_x depends on z. If it does not
+      (``latent_path="side"``), Eqs. (4) and (8) never meet in z: its heads learn from the KL
+      term alone and fall to N(0, 1), so z carries nothing. The lineage (CaGNet's contextual
+      module; the authors' release, after its PE module) gates the features, h_att =
+      h * sigmoid(z), and passes h + h_att on; CaGNet wraps that sum in a sigmoid. We gate
+      (default ``latent_path="gate"``): F_x = h + h * sigmoid(z), z = mu + sigma * eps in training
+      and mu in eval, so Eq. (3) trains mu and log sigma^2. No outer sigmoid: F_x stays
+      unbounded like E(x) without SIM, which G's linear output layer and the MMD bandwidths
+      are built for, and C keeps a linear view of h. G still reads z detached (as in both
+      lineage codes), so Eq. (8) trains G alone.
     * Eq. (3) sums over c in C^S, so ``sim_step_loss`` takes the softmax over the seen logits
       only; the unseen rows of C learn only in Eq. (10), whose softmax runs over all K.
     * Eq. (7) runs over labelled pixels only: an unlabelled pixel may be an unseen class
@@ -64,6 +78,7 @@ from rpe import (absolute_positional_encoding, interpolated_absolute_positional_
 IGNORE = 255
 SIM_ARCHS = ("conv", "attention", "self-attention", "multihead")
 PE_KINDS = ("none", "ape", "ape-interp", "rpe")
+LATENT_PATHS = ("gate", "side")
 ENCODERS = {"resnet101": 101, "resnet50": 50, "resnet18": 18, "small": None}
 
 
@@ -199,28 +214,33 @@ class Reparameterize(nn.Module):
         super().__init__()
         self.mu, self.logvar = nn.Conv2d(dim, latent_dim, 1), nn.Conv2d(dim, latent_dim, 1)
 
-    def forward(self, F_x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mu, logvar = self.mu(F_x), self.logvar(F_x)  # (B, L, h, w) each
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mu, logvar = self.mu(h), self.logvar(h)  # (B, L, h, w) each
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu
         return z, mu, logvar
 
 
 class SIM(nn.Module):
     """Spatial Information Module, Eq. (1): F_x, z = SIM(E(x) (+) PE). A 1x1 conv fuses
-    E(x) (+) PE back to F channels, a ``_Block`` follows, ``Reparameterize`` turns F_x into z.
+    E(x) (+) PE back to F channels and a ``_Block`` follows, giving h; ``Reparameterize`` turns
+    h into z. ``latent_path="gate"``: F_x = h + h * sigmoid(z), so C's loss trains z's heads;
+    ``"side"``: F_x = h, z a side output that only G reads (the ablation of an inert z).
     PE is recomputed at every call for the current h x w, so any input size works."""
     def __init__(self, dim: int, *, arch: str = "multihead", pe: str = "rpe", pe_dim: int = 600,
                  latent_dim: int = 600, heads: int = 8, pe_train_size: tuple[int, int] | None = None,
-                 rpe_c: float = 512.0, rpe_endpoint: bool = False):
+                 rpe_c: float = 512.0, rpe_endpoint: bool = False, latent_path: str = "gate"):
         super().__init__()
-        if arch not in SIM_ARCHS or pe not in PE_KINDS:
-            raise ValueError(f"SIM: arch must be one of {SIM_ARCHS} and pe one of {PE_KINDS}, "
-                             f"got {arch!r}, {pe!r}")
+        if arch not in SIM_ARCHS or pe not in PE_KINDS or latent_path not in LATENT_PATHS:
+            raise ValueError(f"SIM: arch must be one of {SIM_ARCHS}, pe one of {PE_KINDS} and latent_path "
+                             f"one of {LATENT_PATHS}, got {arch!r}, {pe!r}, {latent_path!r}")
+        if latent_path == "gate" and latent_dim != dim:
+            raise ValueError(f"SIM: latent_path='gate' multiplies h (F={dim} channels) by sigmoid(z), so "
+                             f"latent_dim must equal feat_dim, got latent_dim={latent_dim}")
         if pe == "ape-interp" and pe_train_size is None:
             raise ValueError("SIM: pe='ape-interp' needs the training feature size pe_train_size")
         if arch == "multihead" and dim % heads:
             raise ValueError(f"SIM: feat_dim {dim} is not divisible by heads={heads}")
-        self.pe, self.pe_dim, self.pe_train_size = pe, pe_dim, pe_train_size
+        self.pe, self.pe_dim, self.pe_train_size, self.latent_path = pe, pe_dim, pe_train_size, latent_path
         self.rpe_c, self.rpe_endpoint = rpe_c, rpe_endpoint
         self.fuse = nn.Conv2d(dim + (pe_dim if pe != "none" else 0), dim, 1)
         self.block = _Block(dim, arch, heads)
@@ -238,12 +258,14 @@ class SIM(nn.Module):
         raise ValueError("SIM.positional_encoding: this SIM was built with pe='none'")
 
     def forward(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        B, _, h, w = f.shape  # f = E(x), (B, F, h, w)
+        B = f.shape[0]  # f = E(x), (B, F, h, w)
         if self.pe != "none":
-            pe = self.positional_encoding(h, w, device=f.device, dtype=f.dtype)  # (P, h, w)
+            pe = self.positional_encoding(*f.shape[-2:], device=f.device, dtype=f.dtype)  # (P, h, w)
             f = torch.cat([f, pe.expand(B, -1, -1, -1)], 1)  # E(x) (+) PE, (B, F + P, h, w)
-        F_x = self.block(self.fuse(f))  # Eq. (1), (B, F, h, w)
-        z, mu, logvar = self.reparameterize(F_x)  # Eq. (1), (B, L, h, w) each
+        h = self.block(self.fuse(f))  # encoded features, (B, F, h, w)
+        z, mu, logvar = self.reparameterize(h)  # Eq. (1), (B, L, h, w) each
+        # The gate is z's only route to C: through it Eq. (3) trains mu and log sigma^2.
+        F_x = h + h * torch.sigmoid(z) if self.latent_path == "gate" else h  # Eq. (1), (B, F, h, w)
         return F_x, z, mu, logvar
 
 
@@ -299,12 +321,14 @@ class SIGN(nn.Module):
     ``config`` holds every constructor argument as plain JSON, so ``SIGN.from_config(config)``
     rebuilds the architecture (the checkpoint's state_dict restores weights and M).
     ``sim="none"`` drops SIM (F_x = E(x), z = mu = logvar = None): G then draws pure noise,
-    ZS3Net-style. ``train_size`` is the training *image* size, needed by ``pe="ape-interp"``."""
+    ZS3Net-style. ``train_size`` is the training *image* size, needed by ``pe="ape-interp"``.
+    ``latent_path`` says how z reaches F_x (``SIM``); it is ignored without SIM."""
     def __init__(self, embeddings: Tensor, *, num_seen: int, encoder: str = "resnet101",
                  pretrained: bool = False, feat_dim: int = 600, sim: str = "multihead",
                  pe: str = "rpe", pe_dim: int = 600, latent_dim: int | None = None, heads: int = 8,
                  hidden: int = 256, train_size: tuple[int, int] | None = None, rpe_c: float = 512.0,
-                 rpe_endpoint: bool = False, small_width: int = 64, output_stride: int | None = None):
+                 rpe_endpoint: bool = False, small_width: int = 64, output_stride: int | None = None,
+                 latent_path: str = "gate"):
         super().__init__()
         K, e_dim = embeddings.shape
         if encoder not in ENCODERS or sim not in ("none",) + SIM_ARCHS:
@@ -319,7 +343,8 @@ class SIGN(nn.Module):
                            pretrained=pretrained, feat_dim=feat_dim, sim=sim, pe=pe, pe_dim=pe_dim,
                            latent_dim=latent_dim, heads=heads, hidden=hidden,
                            train_size=list(train_size) if train_size else None, rpe_c=rpe_c,
-                           rpe_endpoint=rpe_endpoint, small_width=small_width, output_stride=output_stride)
+                           rpe_endpoint=rpe_endpoint, small_width=small_width, output_stride=output_stride,
+                           latent_path=latent_path)
         self.num_seen, self.latent_dim = num_seen, latent_dim
         if encoder == "small":
             self.E = SmallEncoder(feat_dim, width=small_width, output_stride=output_stride or 4)
@@ -328,7 +353,7 @@ class SIGN(nn.Module):
         self.SIM = None if sim == "none" else SIM(
             feat_dim, arch=sim, pe=pe, pe_dim=pe_dim, latent_dim=latent_dim, heads=heads,
             pe_train_size=self.feature_size(*train_size) if train_size else None,
-            rpe_c=rpe_c, rpe_endpoint=rpe_endpoint)
+            rpe_c=rpe_c, rpe_endpoint=rpe_endpoint, latent_path=latent_path)
         self.C = Classifier(feat_dim, K)
         self.M = SemanticMapping(embeddings)
         self.G = Generator(e_dim + latent_dim, feat_dim, hidden)
@@ -345,6 +370,7 @@ class SIGN(nn.Module):
             raise ValueError(f"SIGN.from_config: config expects embeddings ({K}, {e_dim}), "
                              f"got {tuple(embeddings.shape)}")
         cfg["pretrained"] = False
+        cfg.setdefault("latent_path", "side")  # configs written without the key come from side-branch models
         cfg["train_size"] = tuple(cfg["train_size"]) if cfg["train_size"] else None
         return cls(embeddings, **cfg)
 

@@ -24,8 +24,18 @@ Choices the paper leaves open (README "Deviations" lists them too)
     * Transfer Learning Step: E and SIM are frozen and run in eval mode (z = mu); y^ is an
       i.i.d. per-pixel label map in which a pixel is unseen with probability
       ``--unseen-rate`` (uniform over the unseen classes) and seen otherwise; z ~ N(0, 1).
+    * Learning rates (``param_groups``): the paper gives one SGD rate, 2.5e-4, for E, SIM and C.
+      DeepLab-v2 as CaGNet and SIGN train it multiplies it for layers trained from scratch:
+      ASPP weights x10, ASPP biases x20 without weight decay (CaGNet's contextual module x5).
+      ``--lr-mult 10`` (the real-data presets) gives the ResNet body x1, the weights of ASPP,
+      SIM and C x10 and their biases x20 without weight decay, in stage 1, self-training and
+      C's transfer step alike; SIM follows ASPP's x10 rather than CaGNet's x5 because the paper
+      trains SIM and C with one optimiser. The poly schedule scales every group by its
+      multiplier. ``--lr-mult 1`` is one group (the ablation; the ``shapes`` preset, whose
+      small encoder is trained from scratch with Adam).
     * Self-training: a frozen copy of the model after the transfer step (the teacher)
-      pseudo-labels each training batch (``ast_weights.pseudo_labels``). E, SIM and C are
+      pseudo-labels each training batch (``ast_weights.pseudo_labels``), except the random
+      crop's padding (``data.PADDING``, ignored like 255 otherwise). E, SIM and C are
       fine-tuned on the pseudo-labelled batch with Eq. (4), softmax over all classes and
       per-pixel weights (Eq. 9 with Eq. 17's weights), while D and G keep training on the
       real seen labels (Eq. 8), so G follows the fine-tuned feature space. The transfer step
@@ -47,9 +57,11 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -63,11 +75,11 @@ PRESETS = {  # defaults per dataset; every flag below can override them
     "shapes": dict(backbone="small", small_width=64, feat_dim=64, pe_dim=32, heads=4, hidden=128,
                    optimizer="adam", lr=3e-3, lr_transfer=1e-3, lr_g=1e-3, lr_d=1e-3, alpha=1.0, beta=50.0,
                    crop_size=64, batch_size=16, iters=2000, transfer_iters=400, self_training_iters=400,
-                   temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0),
+                   temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0, lr_mult=1.0),
     "voc": dict(backbone="resnet101", small_width=64, feat_dim=600, pe_dim=600, heads=8, hidden=256,
                 optimizer="sgd", lr=2.5e-4, lr_transfer=2.5e-4, lr_g=2e-4, lr_d=2.5e-4, alpha=100.0, beta=50.0,
                 crop_size=368, batch_size=8, iters=40000, transfer_iters=6000, self_training_iters=6000,
-                temperature=2.0, unseen_rate=0.5, mmd_pixels=256, test_sizes=[513], workers=4),
+                temperature=2.0, unseen_rate=0.5, mmd_pixels=256, test_sizes=[513], workers=4, lr_mult=10.0),
 }
 PRESETS["context"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 PRESETS["cocostuff"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
@@ -91,11 +103,43 @@ def poly_lr(base: float, iteration: int, total: int, power: float = 0.9) -> floa
     return base * (1 - iteration / max(total, 1)) ** power
 
 
-def make_optimizer(kind: str, params, lr: float) -> torch.optim.Optimizer:
-    """The paper's SGD (section 4.2) or Adam, which trains the small benchmark encoder from scratch faster."""
+def param_groups(backbone: Sequence[nn.Module | None], new: Sequence[nn.Module | None],
+                 lr_mult: float) -> list[dict]:
+    """DeepLab-v2's learning-rate groups: the ``backbone`` at the base rate; the layers trained
+    from scratch (``new``) at ``lr_mult`` times it for weights and twice that for biases, which
+    get no weight decay. ``lr_mult = 1`` gives one group. Each group carries its ``lr_mult``."""
+    def named(modules):
+        return [(n, p) for m in modules if m is not None for n, p in m.named_parameters() if p.requires_grad]
+    base = [p for _, p in named(backbone)]
+    if lr_mult == 1:
+        return [dict(params=base + [p for _, p in named(new)], lr_mult=1.0)]
+    groups = [dict(params=base, lr_mult=1.0),
+              dict(params=[p for n, p in named(new) if not n.endswith("bias")], lr_mult=lr_mult),
+              dict(params=[p for n, p in named(new) if n.endswith("bias")], lr_mult=2 * lr_mult,
+                   weight_decay=0.0)]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(kind: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    """The paper's SGD (section 4.2) or Adam, which trains the small benchmark encoder from scratch
+    faster, over ``param_groups``; each group starts at ``lr`` times its multiplier."""
+    groups = [dict(g, lr=lr * g["lr_mult"]) for g in groups]
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    return torch.optim.Adam(params, lr=lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def sim_step_groups(model: SIGN, lr_mult: float) -> list[dict]:
+    """``param_groups`` of E, SIM and C: the ResNet body (all of the small encoder) is the backbone;
+    ASPP, SIM and C are trained from scratch."""
+    return param_groups([getattr(model.E, "body", model.E)],
+                        [getattr(model.E, "aspp", None), model.SIM, model.C], lr_mult)
+
+
+def set_poly_lr(optimizer: torch.optim.Optimizer, base: float, iteration: int, total: int) -> None:
+    """Every group follows the poly schedule at its own multiple of ``base``."""
+    for group in optimizer.param_groups:
+        group["lr"] = poly_lr(base * group.get("lr_mult", 1.0), iteration, total)
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -175,8 +219,9 @@ def iteration_seed(seed: int, stage: str, iteration: int) -> int:
 
 
 def batch_stream(dataset, run, stage: str, start: int):
-    """Endless training batches; the order of epoch e is a permutation seeded by (seed, stage, e),
-    so the stream can restart at any iteration ``start``."""
+    """Endless training batches (x, y, padding); the order of epoch e is a permutation seeded by
+    (seed, stage, e), so the stream can restart at any iteration ``start``. ``padding`` (B, H, W)
+    marks the random crop's padding (``data.PADDING``), which becomes ignore (255) in y."""
     B = run.args.batch_size
     per_epoch = len(dataset) // B
     if per_epoch == 0:
@@ -191,22 +236,24 @@ def batch_stream(dataset, run, stage: str, start: int):
         loader = DataLoader(dataset, batch_sampler=order[it % per_epoch:].tolist(), generator=g,
                             num_workers=run.args.workers, pin_memory=run.device.type == "cuda")
         for x, y in loader:
-            yield x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+            padding = y == data.PADDING  # (B, H, W): outside the image, never pseudo-labelled
+            y = y.masked_fill(padding, data.IGNORE)
+            yield (x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True),
+                   padding.to(run.device, non_blocking=True))
             it += 1
 
 
 def run_stage(stage: str, total: int, step, poly, run, start: int = 0, save=None) -> None:
     """Iterations ``start..total-1`` of one stage: reseed, fetch a batch, set poly learning
-    rates, ``step(x, y) -> losses``, stop on a non-finite loss, log, save every --save-every."""
+    rates, ``step(x, y, padding) -> losses``, stop on a non-finite loss, log, save every --save-every."""
     batches = batch_stream(run.train_set, run, stage, start)
     bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=run.args.quiet)
     for i in bar:
         torch.manual_seed(iteration_seed(run.args.seed, stage, i))
-        x, y = next(batches)
+        x, y, padding = next(batches)
         for opt, base in poly:
-            for group in opt.param_groups:
-                group["lr"] = poly_lr(base, i, total)
-        logs = step(x, y)
+            set_poly_lr(opt, base, i, total)
+        logs = step(x, y, padding)
         check_finite(stage, i, **logs)
         run.scaler.update()
         if i % run.args.log_every == 0 or i == total - 1:
@@ -227,6 +274,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--data-root", default="data", help="folder holding the dataset (README 'Datasets'); default: data")
     a("--embeddings", nargs="+", help="word2vec .bin and fastText .vec files (paper: both, 600-d), or one "
       ".npy table; shapes makes its own seeded vectors")
+    a("--embeddings-order", default="raw", choices=["raw", "model"],
+      help="row order of a .npy table: raw, ascending raw label id (default; README 'Class embeddings'), "
+      "or model, the dataset's class_names order (seen classes, then unseen)")
     a("--out", help="run folder; default runs/<dataset>-<timestamp>")
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with its settings")
     a("--init-from", metavar="CHECKPOINT", help="start after the stage this end-of-stage checkpoint of another run "
@@ -238,6 +288,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model (paper section 3; defaults: the paper's best)")
     m.add_argument("--sim", default="multihead", choices=["none", "conv", "attention", "self-attention", "multihead"],
                    help="SIM architecture (Table 2); default and paper's best: multihead; none = no SIM")
+    m.add_argument("--latent-path", default="gate", choices=["gate", "side"],
+                   help="how SIM's z reaches F_x: gate, F_x = h + h * sigmoid(z), so C's loss trains z "
+                   "(default; the lineage), or side, F_x = h and z read by G alone (z stays at the prior)")
     m.add_argument("--latent", choices=["sim", "noise"],
                    help="G's latent in Training Step (G): SIM's z (default with a SIM; paper) or pure N(0, 1) "
                    "noise (ZS3Net; the only choice with --sim none)")
@@ -264,6 +317,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         key = name.replace("-", "_")
         o.add_argument(f"--{name}", type=typ, help=f"default: {PRESETS['shapes'][key]} / {PRESETS['voc'][key]}; "
                        f"paper: {paper}")
+    o.add_argument("--lr-mult", type=float, help="learning-rate multiplier of the layers trained from scratch "
+                   "(ASPP, SIM, C): weights x it, biases x twice it without weight decay, the backbone x 1; "
+                   "1 = one group; default: 1 / 10; lineage (DeepLab-v2): 10")
     o.add_argument("--optimizer", choices=["sgd", "adam"], help="for E, SIM, C (and C in the transfer step); "
                    "default: adam / sgd; paper: SGD, momentum 0.9, weight decay 5e-4")
     o.add_argument("--self-training", default="none", choices=["none", "st", "ast"],
@@ -313,7 +369,8 @@ def build_data(args):
     if not args.embeddings:
         raise data.EmbeddingError(f"--embeddings is required for {args.dataset}: the word2vec .bin and fastText "
                                   f".vec files, or a .npy table (README 'Datasets')")
-    return train_set, tests, data.load_class_embeddings(args.embeddings, train_set.class_names)
+    return train_set, tests, data.load_class_embeddings(args.embeddings, train_set.class_names,
+                                                        raw_ids=train_set.raw_ids, order=args.embeddings_order)
 
 
 def evaluate_stage(run, stage: str) -> None:
@@ -368,8 +425,8 @@ def main(argv=None) -> int:
             print(f"error: --resume {args.resume}: no checkpoint_<stage>.pt in that folder", file=sys.stderr)
             return 2
         resume = read_checkpoint(saved[-1])
-        args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "device": args.device or
-                                     resume["args"]["device"], "quiet": args.quiet})
+        args = argparse.Namespace(**{**vars(parser.parse_args([])), **resume["args"], "resume": args.resume,
+                                     "device": args.device or resume["args"]["device"], "quiet": args.quiet})
     args = resolve(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device = str(device)
@@ -386,7 +443,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model = SIGN(embeddings, num_seen=train_set.num_seen, encoder=args.backbone, pretrained=args.pretrained,
                  feat_dim=args.feat_dim, sim=args.sim, pe=args.pe, pe_dim=args.pe_dim, heads=args.heads,
-                 hidden=args.hidden, small_width=args.small_width,
+                 hidden=args.hidden, small_width=args.small_width, latent_path=args.latent_path,
                  train_size=(args.crop_size, args.crop_size)).to(device)
     run = argparse.Namespace(args=args, device=device, out=out, model=model, train_set=train_set, tests=tests,
                              num_unseen=train_set.num_unseen, metrics={},
@@ -416,11 +473,11 @@ def train_all(run, resume: dict | None) -> int:
         log.unlink(missing_ok=True)
     teacher = None
 
-    def teach(x, y):  # the frozen model after the transfer step pseudo-labels the batch
+    def teach(x, y, padding):  # the frozen model after the transfer step pseudo-labels the batch
         with torch.no_grad(), run.autocast():
             probs = teacher(x).float().softmax(1)  # (B, K, H, W)
-        return pseudo_labels(probs, y, unseen=range(S, S + U), mode=args.self_training,
-                             T=args.temperature, keep=args.keep)  # ST, or AST's Eq. (17) weights
+        return pseudo_labels(probs, y, unseen=range(S, S + U), mode=args.self_training, T=args.temperature,
+                             keep=args.keep, padding=padding)  # ST, or AST's Eq. (17) weights
 
     def sim_and_g(x, y, opts, target=None, weight=None):
         F_x, z, logs = training_step_sim(model, x, y if target is None else target, opts["sim"], run,
@@ -439,20 +496,20 @@ def train_all(run, resume: dict | None) -> int:
             teacher.load_state_dict(read_checkpoint(source if source.exists() else Path(args.init_from))["model"])
         if "transfer" in stage:  # E, SIM, G fixed: eval mode (z = mu), only C learns
             model.eval()
-            opts = {"c": make_optimizer(args.optimizer, model.C.parameters(), args.lr_transfer)}
+            opts = {"c": make_optimizer(args.optimizer, param_groups([], [model.C], args.lr_mult),
+                                        args.lr_transfer)}
             poly = [(opts["c"], args.lr_transfer)]
-            def step(x, y):
-                target, weight = (y, None) if stage == "transfer" else teach(x, y)
+            def step(x, y, padding):
+                target, weight = (y, None) if stage == "transfer" else teach(x, y, padding)
                 return transfer_step(model, x, target, opts["c"], run, weight=weight)
         else:
             model.train()
-            esc = [p for m in (model.E, model.SIM, model.C) if m is not None for p in m.parameters() if p.requires_grad]
-            opts = {"sim": make_optimizer(args.optimizer, esc, args.lr),
+            opts = {"sim": make_optimizer(args.optimizer, sim_step_groups(model, args.lr_mult), args.lr),
                     "g": torch.optim.Adam(model.G.parameters(), lr=args.lr_g),
                     "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
             poly = [(opts["sim"], args.lr)]
-            def step(x, y):
-                return sim_and_g(x, y, opts, *((None, None) if stage == "train" else teach(x, y)))
+            def step(x, y, padding):
+                return sim_and_g(x, y, opts, *((None, None) if stage == "train" else teach(x, y, padding)))
         if start:
             for k, o in opts.items():
                 o.load_state_dict(resume["optimizers"][k])

@@ -108,6 +108,19 @@ def test_pixels_without_a_label_get_ignore_and_weight_zero(batch, mode):
     assert torch.isin(target[(label == 255) & (target != 255)], torch.tensor(UNSEEN)).all()
 
 
+@given(batches(), st.sampled_from(["st", "ast"]), st.integers(0, 2**31 - 1))
+def test_padding_pixels_never_get_a_pseudo_label_or_a_weight_and_the_image_keeps_its_own(batch, mode, seed):
+    probs, label = batch
+    g = torch.Generator().manual_seed(seed)
+    padding = torch.rand(label.shape, generator=g) < 0.4  # a crop's padding is labelled 255 too
+    label = label.masked_fill(padding, 255)
+    target, weight = pseudo_labels(probs, label, unseen=UNSEEN, mode=mode, keep=1.0,
+                                   padding=padding)
+    assert (target[padding] == 255).all() and (weight[padding] == 0).all()
+    eligible = (label == 255) & ~padding & torch.isin(probs.argmax(1), torch.tensor(UNSEEN))
+    assert torch.equal(target[eligible], probs.argmax(1)[eligible]) and (weight[eligible] > 0).all()
+
+
 @given(batches(), st.sampled_from([0.25, 0.5, 0.75, 1.0]))
 def test_st_keeps_exactly_the_most_confident_fraction_per_unseen_class(batch, keep):
     probs, label = batch
@@ -154,6 +167,7 @@ def test_ast_softmax_over_the_batch_gives_one_maximum_for_the_whole_batch():
     (dict(mode="st", keep=0.0), "keep must be"),
     (dict(mode="ast", softmax_over="pixel"), "softmax_over"),
     (dict(mode="ast", unseen=[7]), "must lie in"),
+    (dict(mode="ast", padding=torch.zeros(1, 2, 2)), "padding must be a bool mask"),
 ])
 def test_bad_arguments_raise_value_error(kwargs, match):
     kwargs = {"unseen": UNSEEN, **kwargs}

@@ -219,17 +219,24 @@ def coded_pair(h: int = 10, w: int = 12):
 
 
 @pytest.mark.parametrize("crop", [8, 16])
-def test_train_transform_keeps_image_and_label_aligned_and_pads_with_ignore(crop):
+def test_train_transform_keeps_image_and_label_aligned_and_pads_with_the_padding_label(crop):
     torch.manual_seed(0)
     transform = data.train_transform(crop, scale=(1.0, 1.0))
     for _ in range(20):
         image, label = transform(*wrap(*coded_pair()))
         assert image.shape == (3, crop, crop) and label.shape == (crop, crop)
         red = ((image * STD + MEAN)[0] * 255).round()
-        padded = label == 255
+        padded = label == data.PADDING
         assert torch.equal(red[~padded], label[~padded].float() * 10)
         assert (red[padded] == 0).all()
-        assert padded.any() == (crop > 10)
+        assert padded.sum() == max(crop * crop - 10 * 12, 0)  # exactly the crop's area outside the image
+
+
+def test_unlabelled_pixels_inside_the_image_stay_ignore_and_only_padding_gets_the_padding_label():
+    image, label = coded_pair()
+    label[:, :3] = data.IGNORE  # e.g. VOC background or an unseen class in a training image
+    _, out = data.train_transform(16, scale=(1.0, 1.0))(*wrap(image, label))
+    assert (out == data.IGNORE).sum() == 10 * 3 and (out == data.PADDING).sum() == 16 * 16 - 10 * 12
 
 
 def test_random_scale_resizes_labels_nearest():
@@ -333,8 +340,49 @@ def test_load_class_embeddings_accepts_a_npy_table_in_model_or_raw_order(tmp_pat
     table = np.arange(12, dtype=np.float32).reshape(4, 3)
     np.save(tmp_path / "t.npy", table)
     torch.testing.assert_close(data.load_class_embeddings(tmp_path / "t.npy", list("abcd"), dim=3), torch.tensor(table))
-    got = data.load_class_embeddings(tmp_path / "t.npy", list("ab"), dim=3, raw_ids=[3, 1])
-    torch.testing.assert_close(got, torch.tensor(table[[3, 1]]))
+    by_value = data.load_class_embeddings(tmp_path / "t.npy", list("ab"), dim=3, raw_ids=[3, 1], order="raw")
+    torch.testing.assert_close(by_value, torch.tensor(table[[3, 1]]))  # 4 rows = raw values 0-3
+    ranked = data.load_class_embeddings(tmp_path / "t.npy", list("abcd"), dim=3, raw_ids=[7, 2, 9, 5], order="raw")
+    torch.testing.assert_close(ranked, torch.tensor(table[[2, 0, 3, 1]]))  # 4 rows = raw ids 2, 5, 7, 9
+
+
+def raw_id_table(num_rows: int, first_id: int, dim: int = 600) -> np.ndarray:
+    """A table in raw-id order whose row for raw id r holds r in its first column."""
+    table = np.zeros((num_rows, dim), np.float32)
+    table[:, 0] = np.arange(first_id, first_id + num_rows)
+    return table
+
+
+@pytest.mark.parametrize("rows, first_id", [(33, 1), (34, 0)])  # ids 1-33, or one row per value 0-33
+def test_a_raw_id_ordered_context_table_lands_each_row_on_its_class(tmp_path, rows, first_id):
+    ds = data.Context33(make_context(tmp_path).parents[1], "train")
+    np.save(tmp_path / "t.npy", raw_id_table(rows, first_id))
+    emb = data.load_class_embeddings(tmp_path / "t.npy", ds.class_names, raw_ids=ds.raw_ids, order="raw")
+    raw_id = {name: int(emb[ds.class_names.index(name), 0]) for name in ("aeroplane", "cat", "cow", "sofa", "sky",
+                                                                       "ceiling", "person")}
+    assert raw_id == {"aeroplane": 1, "cat": 8, "cow": 10, "sofa": 18, "sky": 21, "ceiling": 33, "person": 15}
+    assert ds.class_names[-4:] == ["cat", "cow", "motorbike", "sofa"]  # unseen last: model order is not raw order
+
+
+def test_a_raw_id_ordered_cocostuff_table_lands_each_row_on_its_class(tmp_path):
+    ds = data.COCOStuff(make_coco(tmp_path).parent, "train")
+    names = {"person": 0, "frisbee": 33, "bench": 14, "cow": 20, "river": 147, "wood": 181, "playingfield": 144}
+    np.save(tmp_path / "values.npy", raw_id_table(182, 0))  # one row per PNG value 0-181, absent ids included
+    emb = data.load_class_embeddings(tmp_path / "values.npy", ds.class_names, raw_ids=ds.raw_ids, order="raw")
+    assert {n: int(emb[ds.class_names.index(n), 0]) for n in names} == names
+    present = [r for r in range(182) if r not in data.COCO_STUFF_ABSENT]  # one row per class, ascending id
+    np.save(tmp_path / "classes.npy", raw_id_table(182, 0)[present])  # 171 rows
+    emb = data.load_class_embeddings(tmp_path / "classes.npy", ds.class_names, raw_ids=ds.raw_ids, order="raw")
+    assert {n: int(emb[ds.class_names.index(n), 0]) for n in names} == names
+
+
+def test_a_table_fitting_neither_order_is_refused_with_both_expected_shapes(tmp_path):
+    ds = data.Context33(make_context(tmp_path).parents[1], "train")
+    np.save(tmp_path / "t.npy", raw_id_table(59, 1))
+    for order in ("raw", "model"):
+        with pytest.raises(EmbeddingError, match=r"t\.npy: shape \(59, 600\).*raw-id order .* expects shape "
+                           r"\(33, 600\) or \(34, 600\), model order .* \(33, 600\)"):
+            data.load_class_embeddings(tmp_path / "t.npy", ds.class_names, raw_ids=ds.raw_ids, order=order)
 
 
 def test_embeddings_with_the_wrong_dimension_are_refused_naming_the_file(tmp_path):

@@ -177,3 +177,30 @@ def test_a_checkpoint_whose_split_differs_from_the_dataset_returns_2(tmp_path, c
                 "args": dict(dataset="shapes", test_sizes=[SIZE], num_test=2)}, path)
     assert evaluate.main(["--checkpoint", str(path), "--device", "cpu"]) == 2
     assert "20 classes (15 seen) but shapes has 20 (16 seen)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- what z carries (slow)
+@pytest.mark.slow
+def test_latent_statistics_tell_a_z_at_the_prior_from_a_z_that_carries_the_features():
+    shapes = data.Shapes("train", size=SIZE, num_images=24)
+    model = tiny_model()
+    heads = model.SIM.reparameterize
+    for p in heads.parameters():  # mu = 0, log sigma^2 = 0: z is N(0, 1), whatever the pixel
+        torch.nn.init.zeros_(p)
+    prior = evaluate.latent_statistics(model, shapes, num_images=24)
+    assert prior["mu2"] == 0 and prior["sigma2"] == pytest.approx(1) and prior["snr_max"] == 0
+    assert abs(prior["probe_z"] - prior["probe_noise"]) < 3  # both at chance, 1/16 of the seen classes
+    with torch.no_grad():  # mu = the features themselves, sigma = e^-5: z is a nearly exact copy
+        heads.mu.weight.copy_(torch.eye(16)[..., None, None])
+        heads.logvar.bias.fill_(-10.0)
+    informed = evaluate.latent_statistics(model, shapes, num_images=24)
+    # An untrained encoder's features name a class only by its colour, so the probe gains a few points
+    assert informed["snr_median"] > 100 and informed["probe_z"] > informed["probe_noise"] + 4
+
+
+@pytest.mark.slow
+def test_the_latent_stats_cli_prints_one_line_for_a_checkpoint(checkpoint, capsys):
+    path, _ = checkpoint
+    assert evaluate.main(["--checkpoint", str(path), "--latent-stats", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "mean mu^2" in out and "SNR var(mu)/E[sigma^2]" in out and "from N(0, 1) noise" in out

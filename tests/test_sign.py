@@ -22,7 +22,7 @@ from sign import (ASPP, SIGN, SIM, DeepLabV2, SemanticMapping, discriminator_los
                   transfer_loss)
 
 K, NUM_SEEN, E_DIM = 6, 4, 12
-TINY = dict(num_seen=NUM_SEEN, encoder="small", feat_dim=16, pe_dim=8, latent_dim=8, heads=2,
+TINY = dict(num_seen=NUM_SEEN, encoder="small", feat_dim=16, pe_dim=8, latent_dim=16, heads=2,
             hidden=16, small_width=8, train_size=(32, 32))
 
 
@@ -60,7 +60,7 @@ def test_every_sim_architecture_and_pe_gives_the_documented_shapes_at_two_sizes(
         h, w = model.feature_size(H, W)
         F_x, z, mu, logvar = model.features(x)
         assert F_x.shape == (2, 16, h, w)
-        assert z.shape == mu.shape == logvar.shape == (2, 8, h, w)
+        assert z.shape == mu.shape == logvar.shape == (2, 16, h, w)
         assert model(x).shape == (2, K, H, W)
         assert model.generate(labels_like(F_x), z).shape == F_x.shape
 
@@ -68,7 +68,7 @@ def test_every_sim_architecture_and_pe_gives_the_documented_shapes_at_two_sizes(
 @pytest.mark.sim
 @pytest.mark.parametrize("arch", sign.SIM_ARCHS)
 def test_every_sim_block_is_residual_so_zero_weights_make_it_the_identity(arch):
-    block = SIM(16, arch=arch, pe="none", latent_dim=8, heads=2).block
+    block = SIM(16, arch=arch, pe="none", latent_dim=16, heads=2).block
     for p in block.parameters():
         nn.init.zeros_(p)
     h = torch.randn(2, 16, 5, 6)
@@ -79,13 +79,65 @@ def test_every_sim_block_is_residual_so_zero_weights_make_it_the_identity(arch):
 @pytest.mark.parametrize("arch", ["self-attention", "multihead"])
 def test_transformer_blocks_start_as_the_identity_and_leave_it_after_one_step(arch):
     torch.manual_seed(0)
-    block = SIM(16, arch=arch, pe="none", latent_dim=8, heads=2).block
+    block = SIM(16, arch=arch, pe="none", latent_dim=16, heads=2).block
     h = torch.randn(2, 16, 5, 6)
     assert torch.equal(block(h), h)  # both residual branches are zero at construction
     opt = torch.optim.SGD(block.parameters(), lr=0.1)
     block(h).pow(2).sum().neg().backward()  # any loss: the zero layers still receive gradient
     opt.step()
     assert not torch.allclose(block(h), h)
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("latent_path", sign.LATENT_PATHS)
+def test_f_x_is_h_gated_by_sigmoid_z_or_h_itself_on_the_side_path(latent_path):
+    sim = SIM(16, arch="conv", pe="rpe", pe_dim=8, latent_dim=16, latent_path=latent_path)
+    f = torch.randn(2, 16, 5, 6)
+    for mode in ("train", "eval"):
+        getattr(sim, mode)()
+        torch.manual_seed(1)
+        F_x, z, mu, logvar = sim(f)
+        h = sim.block(sim.fuse(torch.cat([f, sim.positional_encoding(5, 6).expand(2, -1, -1, -1)], 1)))
+        torch.testing.assert_close(F_x, h + h * torch.sigmoid(z) if latent_path == "gate" else h)
+        assert torch.equal(z, mu) == (mode == "eval")  # z = mu + sigma * eps in training, mu in eval
+
+
+def scrambled(model: SIGN) -> SIGN:
+    """The model with every SIM weight random: the zero-initialised Transformer branches would
+    otherwise block the gradient at step 0 and hide which parameters a loss can reach at all."""
+    torch.manual_seed(2)
+    for p in model.SIM.parameters():
+        nn.init.normal_(p, std=0.3)
+    return model
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("arch", sign.SIM_ARCHS)
+def test_through_the_gate_eq3_alone_trains_every_parameter_of_sim(arch):
+    model = scrambled(tiny_model(sim=arch)).train()
+    F_x, z, mu, logvar = model.features(torch.randn(2, 3, 32, 32))
+    loss, _ = sim_step_loss(model.C(F_x), labels_like(F_x), mu, logvar, num_seen=NUM_SEEN, alpha=0.0)  # Eq. (3)
+    grads = torch.autograd.grad(loss, list(model.SIM.parameters()))
+    silent = [n for (n, _), g in zip(model.SIM.named_parameters(), grads) if not g.abs().sum() > 0]
+    assert silent == []
+
+
+@pytest.mark.sim
+def test_on_the_side_path_eq3_never_reaches_z_so_only_the_kl_term_trains_its_heads():
+    model = scrambled(tiny_model(latent_path="side")).train()
+    F_x, z, mu, logvar = model.features(torch.randn(2, 3, 32, 32))
+    loss, _ = sim_step_loss(model.C(F_x), labels_like(F_x), mu, logvar, num_seen=NUM_SEEN, alpha=0.0)
+    heads = list(model.SIM.reparameterize.parameters())
+    assert all(g is None or not g.any() for g in torch.autograd.grad(loss, heads, allow_unused=True))
+
+
+@pytest.mark.sim
+def test_the_gate_needs_z_as_wide_as_the_features_and_old_configs_rebuild_the_side_path():
+    with pytest.raises(ValueError, match="latent_dim must equal feat_dim"):
+        SIM(16, latent_dim=8, pe="none")
+    assert SIM(16, latent_dim=8, pe="none", latent_path="side")(torch.randn(1, 16, 3, 3))[1].shape[1] == 8
+    config = {k: v for k, v in tiny_model().config.items() if k != "latent_path"}
+    assert SIGN.from_config(config).SIM.latent_path == "side"
 
 
 @pytest.mark.sim
@@ -177,8 +229,9 @@ def test_eval_is_deterministic_with_z_equal_to_mu_and_accepts_any_size():
 def test_positional_encoding_is_what_makes_a_constant_feature_map_vary_in_space(arch):
     torch.manual_seed(0)
     constant = torch.ones(1, 16, 5, 7)
-    without = SIM(16, arch=arch, pe="none", pe_dim=8, latent_dim=8, heads=2)(constant)[0]
-    with_rpe = SIM(16, arch=arch, pe="rpe", pe_dim=8, latent_dim=8, heads=2)(constant)[0]
+    # eval: z = mu, so the gate adds no noise that would vary in space by itself
+    without = SIM(16, arch=arch, pe="none", pe_dim=8, latent_dim=16, heads=2).eval()(constant)[0]
+    with_rpe = SIM(16, arch=arch, pe="rpe", pe_dim=8, latent_dim=16, heads=2).eval()(constant)[0]
     assert torch.allclose(without, without[..., :1, :1].expand_as(without), atol=1e-5)
     assert not torch.allclose(with_rpe, with_rpe[..., :1, :1].expand_as(with_rpe), atol=1e-3)
 

@@ -162,3 +162,58 @@ def test_real_data_without_embeddings_is_refused_with_a_clear_message(tmp_path, 
     assert train.main(["--dataset", "voc", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "r"),
                        "--quiet"]) == 2
     assert "--embeddings is required for voc" in capsys.readouterr().err
+
+
+def test_the_voc_preset_trains_new_layers_at_10x_biases_at_20x_without_decay_and_poly_keeps_the_ratios():
+    args = train.resolve(train.get_args_parser().parse_args(["--dataset", "voc"]))
+    model = SIGN(torch.randn(20, 600), num_seen=15, encoder="resnet101", pretrained=False)
+    opt = train.make_optimizer(args.optimizer, train.sim_step_groups(model, args.lr_mult), args.lr)
+    assert isinstance(opt, torch.optim.SGD) and args.lr == 2.5e-4
+    ids = [{id(p) for p in g["params"]} for g in opt.param_groups]
+    new = [model.E.aspp, model.SIM, model.C]
+    assert ids[0] == {id(p) for p in model.E.body.parameters()}
+    assert ids[1] == {id(p) for m in new for n, p in m.named_parameters() if not n.endswith("bias")}
+    assert ids[2] == {id(p) for m in new for n, p in m.named_parameters() if n.endswith("bias")}
+    expected = [(2.5e-4, 5e-4), (2.5e-3, 5e-4), (5e-3, 0.0)]  # (lr, weight decay): backbone, weights, biases
+    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == pytest.approx(expected)
+    train.set_poly_lr(opt, args.lr, 30000, args.iters)
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs[0] == pytest.approx(2.5e-4 * 0.25 ** 0.9) and lrs[1] / lrs[0] == pytest.approx(10)
+    assert lrs[2] / lrs[0] == pytest.approx(20)
+    single = train.make_optimizer("sgd", train.sim_step_groups(model, 1.0), args.lr)  # --lr-mult 1
+    assert len(single.param_groups) == 1 and single.param_groups[0]["weight_decay"] == 5e-4
+    assert train.resolve(train.get_args_parser().parse_args([])).lr_mult == 1.0  # shapes: one Adam group
+
+
+def test_a_crop_into_padding_gets_no_pseudo_label_there_while_unlabelled_image_pixels_do(tmp_path):
+    """VOC images of 6 x 8 cropped to 32: most of the crop is padding, and the background (255
+    inside the image) stays eligible for self-training."""
+    import argparse
+    import data
+    from ast_weights import pseudo_labels
+    from test_data import make_voc
+    make_voc(tmp_path)
+    dataset = data.VOC(tmp_path, "train", transform=data.train_transform(32, scale=(1.0, 1.0)))
+    run = argparse.Namespace(args=argparse.Namespace(batch_size=2, seed=0, workers=0), device=torch.device("cpu"))
+    x, y, padding = next(train.batch_stream(dataset, run, "self_training", 0))
+    assert padding.sum() == 2 * (32 * 32 - 6 * 8) and (y[padding] == 255).all()
+    inside = (y == 255) & ~padding  # background, unseen and void pixels of the images
+    assert inside.any()
+    probs = torch.zeros(2, 20, 32, 32)
+    probs[:, 17] = 1.0  # the teacher calls every pixel "sofa", an unseen class
+    target, weight = pseudo_labels(probs, y, unseen=range(15, 20), mode="ast", padding=padding)
+    assert (target[padding] == 255).all() and (weight[padding] == 0).all()
+    assert (target[inside] == 17).all() and (weight[inside] == 1).all()
+
+
+def test_a_npy_table_is_read_in_raw_id_order_unless_told_model_order(tmp_path):
+    import numpy as np
+    from test_data import make_context, raw_id_table
+    make_context(tmp_path / "data")
+    np.save(tmp_path / "t.npy", raw_id_table(33, 1))  # row r - 1 holds raw id r
+    base = ["--dataset", "context", "--data-root", str(tmp_path / "data"), "--embeddings", str(tmp_path / "t.npy")]
+    train_set, _, emb = train.build_data(train.resolve(train.get_args_parser().parse_args(base)))
+    assert int(emb[train_set.class_names.index("cow"), 0]) == 10
+    _, _, emb = train.build_data(train.resolve(train.get_args_parser().parse_args(
+        base + ["--embeddings-order", "model"])))
+    assert int(emb[train_set.class_names.index("cow"), 0]) == train_set.class_names.index("cow") + 1
