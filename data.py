@@ -396,8 +396,11 @@ def _table_rows(table: np.ndarray, path: Path, num_classes: int, raw_ids, order:
     order. Raw-id order: one row per class by ascending raw id, or one row per raw value
     0..max(raw_ids), whose rows for values that are not classes (VOC background, Context's
     unlabelled, COCO-Stuff's 11 absent ids) go unused."""
-    if order not in ("raw", "model") or (order == "raw" and raw_ids is None):
-        raise ValueError(f"load_class_embeddings: order must be 'model', or 'raw' with raw_ids; got {order!r}")
+    if order not in ("raw", "model"):
+        raise ValueError(f"load_class_embeddings: order must be 'raw' or 'model', got {order!r}")
+    if order == "raw" and raw_ids is None:
+        raise ValueError(f"load_class_embeddings: order='raw' needs raw_ids (the dataset's raw id of each class) "
+                         f"to read {path}; or pass order='model'")
     rows = table.shape[0] if table.ndim == 2 else None
     if order == "raw" and rows == len(raw_ids):
         ranked = sorted(raw_ids)
@@ -412,7 +415,7 @@ def _table_rows(table: np.ndarray, path: Path, num_classes: int, raw_ids, order:
                          f"raw) expects shape {raw}, model order (--embeddings-order model) ({num_classes}, {d})")
 
 
-def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_ids=None, order: str = "model",
+def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_ids=None, order: str = "raw",
                           cache: bool = True) -> torch.Tensor:
     """The (C, dim) table for `class_names`, from word-vector files or one precomputed `.npy`.
 

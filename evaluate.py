@@ -353,6 +353,8 @@ def _linear_probe(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, num_clas
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
     x, x_test = (x - mean) / std, (x_test - mean) / std
     probe = nn.Linear(x.shape[1], num_classes)
+    for p in probe.parameters():  # the loss is convex: zeros are as good a start, and draw no random numbers
+        nn.init.zeros_(p)
     opt = torch.optim.Adam(probe.parameters(), lr=0.05)
     with torch.enable_grad():
         for _ in range(steps):
@@ -365,7 +367,7 @@ def _linear_probe(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, num_clas
 
 @torch.no_grad()
 def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels: int = 40_000,
-                      device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float]:
+                      device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float | int]:
     """What the z that G receives in Training Step (G) carries (z = mu + sigma eps, SIM in training
     mode), on the labelled seen pixels of the first ``num_images`` items of ``dataset`` at feature
     resolution: ``mu2`` and ``sigma2``, the means of mu^2 and sigma^2 (the prior: 0 and 1); ``snr``,
@@ -377,20 +379,22 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
         raise ValueError("latent_statistics: this model has no SIM, so G's latent is pure noise")
     was_training, n = model.training, min(num_images, len(dataset))
     model.eval().SIM.train()  # training mode for SIM alone: z is sampled as Training Step (G) sees it
-    torch.manual_seed(seed)
     zs, mus, variances, labels, halves = [], [], [], [], []
-    try:
-        for i in range(n):
-            x, y = dataset[i]
-            _, z, mu, logvar = model.features(x[None].to(device))  # (1, L, h, w) each
-            y = resize_labels(y[None].to(device), z.shape[-2:]).flatten()  # (h*w,)
-            keep = y < model.num_seen  # labelled seen pixels; 255 is above every class index
-            for store, t in ((zs, z), (mus, mu), (variances, logvar.exp())):
-                store.append(t[0].flatten(1).T[keep].float().cpu())  # (pixels, L)
-            labels.append(y[keep].cpu())
-            halves.append(torch.full((int(keep.sum()),), i >= n // 2))
-    finally:
-        model.train(was_training)
+    cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # eps is drawn from a seed of its own, the caller's stream is kept
+        torch.manual_seed(seed)
+        try:
+            for i in range(n):
+                x, y = dataset[i]
+                _, z, mu, logvar = model.features(x[None].to(device))  # (1, L, h, w) each
+                y = resize_labels(y[None].to(device), z.shape[-2:]).flatten()  # (h*w,)
+                keep = y < model.num_seen  # labelled seen pixels; 255 is above every class index
+                for store, t in ((zs, z), (mus, mu), (variances, logvar.exp())):
+                    store.append(t[0].flatten(1).T[keep].float().cpu())  # (pixels, L)
+                labels.append(y[keep].cpu())
+                halves.append(torch.full((int(keep.sum()),), i >= n // 2))
+        finally:
+            model.train(was_training)
     z, mu, var, y, test = (torch.cat(t) for t in (zs, mus, variances, labels, halves))
     if test.all() or not test.any():
         raise ValueError(f"latent_statistics: need labelled seen pixels in both halves of {n} images")

@@ -503,7 +503,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--param-count", action="store_true", help="print the SIM sizes beside Table 2's")
     p.add_argument("--feat-dim", type=int, default=600, help="F, E's output channels (paper: 600)")
     p.add_argument("--pe-dim", type=int, default=600, help="P, PE channels (paper: 600)")
-    p.add_argument("--latent-dim", type=int, default=None, help="L, z channels (default: F)")
+    p.add_argument("--latent-dim", type=int, default=None, help="L, z channels (default: F; the gate needs L = F)")
     p.add_argument("--heads", type=int, default=8, help="heads of the multihead SIM (default 8)")
     return p
 
@@ -518,7 +518,9 @@ def main(argv=None) -> None:
           "including the reparameterisation heads")
     print(f"{'architecture':<16}{'ours':>12}{'Table 2':>10}")
     for arch in SIM_ARCHS:
-        sim = SIM(args.feat_dim, arch=arch, pe_dim=args.pe_dim, latent_dim=L, heads=args.heads)
+        # The gate has no parameters; only the side path allows L != F.
+        sim = SIM(args.feat_dim, arch=arch, pe_dim=args.pe_dim, latent_dim=L, heads=args.heads,
+                  latent_path="gate" if L == args.feat_dim else "side")
         print(f"{arch:<16}{sum(p.numel() for p in sim.parameters()) / 1e6:>11.2f}M{TABLE2[arch]:>10}")
 
 

@@ -84,6 +84,8 @@ PRESETS = {  # defaults per dataset; every flag below can override them
 PRESETS["context"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 PRESETS["cocostuff"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 STAGES = ("train", "transfer", "self_training", "self_training_transfer")
+# A run whose saved settings lack one of these keys was trained with this value: resumed, it keeps it.
+UNSAVED = dict(latent_path="side", lr_mult=1.0, embeddings_order="model")
 COMPLETE = 10**12  # the iteration --init-from gives its checkpoint's stage: past any stage's end
 
 
@@ -149,18 +151,20 @@ def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler) 
     scaler.step(optimizer)
 
 
-def training_step_sim(model, x, y, opt, run, *, weight=None, seen_only=True):
+def training_step_sim(model, x, y, opt, run, *, weight=None, seen_only=True, padding=None):
     """Training Step (SIM), Eq. (4): L_pred^train + alpha L_KLD for E, SIM and C.
 
     Returns SIM's outputs, detached, for Training Step (G), and the losses for the log.
     ``seen_only`` restricts the softmax to the seen classes (Eq. 3); self-training turns it
-    off and passes the AST / ST weights of its pseudo-labels.
+    off and passes the AST / ST weights of its pseudo-labels. The KL term of Eq. (2) averages
+    over the pixels inside the image: ``padding`` (B, H, W) marks the crop's padding.
     """
     with run.autocast():
         F_x, z, mu, logvar = model.features(x)  # Eq. (1): F_x, z = SIM(E(x) (+) PE)
         logits = F.interpolate(model.C(F_x), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        inside = None if padding is None else resize_labels(padding.long(), F_x.shape[-2:]) == 0  # (B, h, w)
         loss, logs = sim_step_loss(logits, y, mu, logvar, num_seen=model.num_seen if seen_only else None,
-                                   alpha=run.args.alpha, weight=weight)  # Eq. (4)
+                                   alpha=run.args.alpha, weight=weight, kl_mask=inside)  # Eq. (4)
     backward_step(loss, opt, run.scaler)
     return F_x.detach(), None if z is None else z.detach(), {"sim": loss.detach(), **logs}
 
@@ -309,7 +313,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     for name, typ, paper in [("iters", int, "40000"), ("transfer-iters", int, "6000 VOC, 10000 Context"),
                              ("self-training-iters", int, "not stated"), ("batch-size", int, "8"),
                              ("crop-size", int, "368"), ("lr", float, "2.5e-4 SGD, poly 0.9"),
-                             ("lr-transfer", float, "not stated"), ("lr-g", float, "2e-4 Adam"),
+                             ("lr-transfer", float, "not stated; C's weights x --lr-mult, biases x 2 --lr-mult"), ("lr-g", float, "2e-4 Adam"),
                              ("lr-d", float, "not stated; lineage 2.5e-4"), ("alpha", float, "100"),
                              ("beta", float, "50"), ("temperature", float, "2"),
                              ("unseen-rate", float, "not stated"), ("mmd-pixels", int, "all pixels"),
@@ -401,6 +405,16 @@ def save_checkpoint(run, stage: str, iteration: int, optimizers: dict) -> None:
     os.replace(tmp, path)
 
 
+def architecture_differences(saved: dict, built: dict) -> str:
+    """'key: saved there, built here' for each architecture setting in which two SIGN configs differ
+    (``pretrained`` only says where the first weights came from, ``train_size`` matters to
+    ``pe="ape-interp"`` alone); '' when they agree."""
+    saved = {"latent_path": UNSAVED["latent_path"], **saved}  # as SIGN.from_config reads it
+    ignored = {"pretrained"} | ({"train_size"} if built["pe"] != "ape-interp" else set())
+    return ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in built.items()
+                     if k not in ignored and saved.get(k) != v)
+
+
 def read_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -425,8 +439,9 @@ def main(argv=None) -> int:
             print(f"error: --resume {args.resume}: no checkpoint_<stage>.pt in that folder", file=sys.stderr)
             return 2
         resume = read_checkpoint(saved[-1])
-        args = argparse.Namespace(**{**vars(parser.parse_args([])), **resume["args"], "resume": args.resume,
-                                     "device": args.device or resume["args"]["device"], "quiet": args.quiet})
+        args = argparse.Namespace(**{**vars(parser.parse_args([])), **UNSAVED, **resume["args"],
+                                     "resume": args.resume, "device": args.device or resume["args"]["device"],
+                                     "quiet": args.quiet})
     args = resolve(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.device = str(device)
@@ -437,14 +452,18 @@ def main(argv=None) -> int:
     except (data.DatasetError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     torch.manual_seed(args.seed)
     model = SIGN(embeddings, num_seen=train_set.num_seen, encoder=args.backbone, pretrained=args.pretrained,
                  feat_dim=args.feat_dim, sim=args.sim, pe=args.pe, pe_dim=args.pe_dim, heads=args.heads,
                  hidden=args.hidden, small_width=args.small_width, latent_path=args.latent_path,
                  train_size=(args.crop_size, args.crop_size)).to(device)
+    if resume and (differ := architecture_differences(resume["config"], model.config)):
+        print(f"error: {args.init_from or args.resume} holds another model than these settings build "
+              f"({differ}); give the flags it was trained with", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
     run = argparse.Namespace(args=args, device=device, out=out, model=model, train_set=train_set, tests=tests,
                              num_unseen=train_set.num_unseen, metrics={},
                              scaler=torch.amp.GradScaler(device.type, enabled=use_amp),
@@ -479,9 +498,9 @@ def train_all(run, resume: dict | None) -> int:
         return pseudo_labels(probs, y, unseen=range(S, S + U), mode=args.self_training, T=args.temperature,
                              keep=args.keep, padding=padding)  # ST, or AST's Eq. (17) weights
 
-    def sim_and_g(x, y, opts, target=None, weight=None):
+    def sim_and_g(x, y, padding, opts, target=None, weight=None):
         F_x, z, logs = training_step_sim(model, x, y if target is None else target, opts["sim"], run,
-                                         weight=weight, seen_only=target is None)
+                                         weight=weight, seen_only=target is None, padding=padding)
         z = z if args.latent == "sim" else None  # None: G draws z ~ N(0, 1) (ZS3Net)
         return {**logs, **training_step_g(model, F_x, z, y, opts["g"], opts["d"], run)}
 
@@ -509,7 +528,7 @@ def train_all(run, resume: dict | None) -> int:
                     "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
             poly = [(opts["sim"], args.lr)]
             def step(x, y, padding):
-                return sim_and_g(x, y, opts, *((None, None) if stage == "train" else teach(x, y, padding)))
+                return sim_and_g(x, y, padding, opts, *((None, None) if stage == "train" else teach(x, y, padding)))
         if start:
             for k, o in opts.items():
                 o.load_state_dict(resume["optimizers"][k])

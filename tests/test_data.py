@@ -339,7 +339,10 @@ def test_load_class_embeddings_builds_from_bin_and_vec_and_caches(tmp_path, monk
 def test_load_class_embeddings_accepts_a_npy_table_in_model_or_raw_order(tmp_path):
     table = np.arange(12, dtype=np.float32).reshape(4, 3)
     np.save(tmp_path / "t.npy", table)
-    torch.testing.assert_close(data.load_class_embeddings(tmp_path / "t.npy", list("abcd"), dim=3), torch.tensor(table))
+    model = data.load_class_embeddings(tmp_path / "t.npy", list("abcd"), dim=3, order="model")
+    torch.testing.assert_close(model, torch.tensor(table))
+    with pytest.raises(ValueError, match="order='raw' needs raw_ids"):
+        data.load_class_embeddings(tmp_path / "t.npy", list("abcd"), dim=3)  # raw, the default, needs the ids
     by_value = data.load_class_embeddings(tmp_path / "t.npy", list("ab"), dim=3, raw_ids=[3, 1], order="raw")
     torch.testing.assert_close(by_value, torch.tensor(table[[3, 1]]))  # 4 rows = raw values 0-3
     ranked = data.load_class_embeddings(tmp_path / "t.npy", list("abcd"), dim=3, raw_ids=[7, 2, 9, 5], order="raw")
@@ -388,7 +391,7 @@ def test_a_table_fitting_neither_order_is_refused_with_both_expected_shapes(tmp_
 def test_embeddings_with_the_wrong_dimension_are_refused_naming_the_file(tmp_path):
     np.save(tmp_path / "t.npy", np.zeros((20, 300), np.float32))
     with pytest.raises(EmbeddingError, match=r"t\.npy.*\(20, 300\).*\(20, 600\)"):
-        data.load_class_embeddings(tmp_path / "t.npy", data.SHAPES_RAW)
+        data.load_class_embeddings(tmp_path / "t.npy", data.SHAPES_RAW, order="model")
     write_word2vec(tmp_path / "w.bin", VECTORS, newline=False)
     with pytest.raises(EmbeddingError, match=r"w\.bin.*3-d class embeddings, expected 600-d"):
         data.load_class_embeddings([tmp_path / "w.bin"], ["sky"])

@@ -53,14 +53,15 @@ def grad_owners(loss: torch.Tensor, model: SIGN) -> set[str]:
 @pytest.mark.sim
 @pytest.mark.parametrize("pe", sign.PE_KINDS)
 @pytest.mark.parametrize("arch", sign.SIM_ARCHS)
-def test_every_sim_architecture_and_pe_gives_the_documented_shapes_at_two_sizes(arch, pe):
-    model = tiny_model(sim=arch, pe=pe)
+@pytest.mark.parametrize("latent_path, L", [("gate", 16), ("side", 8)])  # the side path allows L != F
+def test_every_sim_architecture_and_pe_gives_the_documented_shapes_at_two_sizes(arch, pe, latent_path, L):
+    model = tiny_model(sim=arch, pe=pe, latent_path=latent_path, latent_dim=L)
     for H, W in [(32, 32), (40, 56)]:
         x = torch.randn(2, 3, H, W)
         h, w = model.feature_size(H, W)
         F_x, z, mu, logvar = model.features(x)
         assert F_x.shape == (2, 16, h, w)
-        assert z.shape == mu.shape == logvar.shape == (2, 16, h, w)
+        assert z.shape == mu.shape == logvar.shape == (2, L, h, w)
         assert model(x).shape == (2, K, H, W)
         assert model.generate(labels_like(F_x), z).shape == F_x.shape
 
@@ -132,7 +133,7 @@ def test_on_the_side_path_eq3_never_reaches_z_so_only_the_kl_term_trains_its_hea
 
 
 @pytest.mark.sim
-def test_the_gate_needs_z_as_wide_as_the_features_and_old_configs_rebuild_the_side_path():
+def test_the_gate_needs_z_as_wide_as_the_features_and_configs_without_a_latent_path_are_side():
     with pytest.raises(ValueError, match="latent_dim must equal feat_dim"):
         SIM(16, latent_dim=8, pe="none")
     assert SIM(16, latent_dim=8, pe="none", latent_path="side")(torch.randn(1, 16, 3, 3))[1].shape[1] == 8

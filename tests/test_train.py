@@ -174,8 +174,9 @@ def test_the_voc_preset_trains_new_layers_at_10x_biases_at_20x_without_decay_and
     assert ids[0] == {id(p) for p in model.E.body.parameters()}
     assert ids[1] == {id(p) for m in new for n, p in m.named_parameters() if not n.endswith("bias")}
     assert ids[2] == {id(p) for m in new for n, p in m.named_parameters() if n.endswith("bias")}
-    expected = [(2.5e-4, 5e-4), (2.5e-3, 5e-4), (5e-3, 0.0)]  # (lr, weight decay): backbone, weights, biases
-    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == pytest.approx(expected)
+    # backbone, new weights, new biases
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.5e-4, 2.5e-3, 5e-3], rel=1e-12)
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 5e-4, 0.0]
     train.set_poly_lr(opt, args.lr, 30000, args.iters)
     lrs = [g["lr"] for g in opt.param_groups]
     assert lrs[0] == pytest.approx(2.5e-4 * 0.25 ** 0.9) and lrs[1] / lrs[0] == pytest.approx(10)
@@ -217,3 +218,36 @@ def test_a_npy_table_is_read_in_raw_id_order_unless_told_model_order(tmp_path):
     _, _, emb = train.build_data(train.resolve(train.get_args_parser().parse_args(
         base + ["--embeddings-order", "model"])))
     assert int(emb[train_set.class_names.index("cow"), 0]) == train_set.class_names.index("cow") + 1
+
+
+def test_init_from_a_checkpoint_of_another_architecture_is_refused_naming_the_difference(tiny_run, tmp_path, capsys):
+    code = train.main(TINY + ["--out", str(tmp_path / "r"), "--latent-path", "side",
+                              "--init-from", str(tiny_run / "checkpoint_transfer.pt")])
+    assert code == 2
+    assert "latent_path: 'gate' there, 'side' here" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_self_training_on_real_crops_never_pseudo_labels_their_padding(tmp_path, monkeypatch):
+    """The VOC images (6 x 8) are cropped to 32: train.py must hand the crop's padding to pseudo_labels."""
+    import numpy as np
+    from test_data import make_voc
+    make_voc(tmp_path / "data")
+    np.save(tmp_path / "t.npy", np.random.default_rng(0).normal(size=(20, 600)).astype(np.float32))
+    seen = []
+
+    def recording(probs, label, **kwargs):
+        target, weight = real(probs, label, **kwargs)
+        seen.append((kwargs["padding"], target, weight))
+        return target, weight
+    real = train.pseudo_labels
+    monkeypatch.setattr(train, "pseudo_labels", recording)
+    code = train.main(["--dataset", "voc", "--data-root", str(tmp_path / "data"), "--embeddings", str(tmp_path / "t.npy"),
+                       "--backbone", "resnet18", "--no-pretrained", "--feat-dim", "16", "--pe-dim", "8", "--heads", "2",
+                       "--hidden", "16", "--iters", "1", "--transfer-iters", "1", "--self-training", "ast",
+                       "--self-training-iters", "1", "--batch-size", "2", "--crop-size", "32", "--workers", "0",
+                       "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")])
+    assert code == 0 and len(seen) == 2  # one self-training and one transfer iteration
+    for padding, target, weight in seen:
+        assert padding.float().mean() > 0.5  # at most 1.5 x (6 x 8) of the 32 x 32 crop is image
+        assert (target[padding] == 255).all() and (weight[padding] == 0).all()
