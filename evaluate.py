@@ -349,9 +349,11 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
 # ----------------------------------------------------------------------------- what z carries
 def _linear_probe(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int, steps: int = 300) -> float:
     """Balanced accuracy (mean recall over the classes in y_test, %) of a softmax regression fitted
-    to (x, y) by full-batch Adam, on standardised inputs."""
+    to (x, y) by full-batch Adam, on standardised inputs, each class weighted by 1 / its pixel count:
+    unweighted, a probe on weak evidence predicts the most frequent class (sky) everywhere."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
     x, x_test = (x - mean) / std, (x_test - mean) / std
+    weight = 1 / torch.bincount(y, minlength=num_classes).clamp_min(1).float()  # (num_classes,)
     probe = nn.Linear(x.shape[1], num_classes)
     for p in probe.parameters():  # the loss is convex: zeros are as good a start, and draw no random numbers
         nn.init.zeros_(p)
@@ -359,7 +361,7 @@ def _linear_probe(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, num_clas
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(probe(x), y).backward()
+            F.cross_entropy(probe(x), y, weight=weight).backward()
             opt.step()
     pred = probe(x_test).argmax(1)
     return 100 * float(np.mean([(pred[y_test == c] == c).float().mean() for c in y_test.unique()]))
@@ -373,8 +375,10 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     resolution: ``mu2`` and ``sigma2``, the means of mu^2 and sigma^2 (the prior: 0 and 1); ``snr``,
     the per-channel var(mu) / E[sigma^2] (median and max over channels): how much of z changes with
     the pixel rather than with eps; ``probe_z``, the balanced accuracy of a linear probe for the seen
-    class from z samples, and ``probe_noise``, the same probe on N(0, 1) noise of z's shape (chance).
-    Probes fit on the first half of the images and are scored on the second half."""
+    class from z samples, ``probe_noise``, the same probe on N(0, 1) noise of z's shape (chance), and
+    ``probe_mu``, on mu itself: the ceiling, since mu is a linear map of SIM's features at any scale,
+    so it says nothing about z by itself. Probes fit on the first half of the images and are scored
+    on the second half."""
     if model.SIM is None:
         raise ValueError("latent_statistics: this model has no SIM, so G's latent is pure noise")
     was_training, n = model.training, min(num_images, len(dataset))
@@ -408,6 +412,7 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
             "snr_max": snr.max().item(),
             "probe_z": _linear_probe(z[fit], y[fit], z[score], y[score], model.num_seen),
             "probe_noise": _linear_probe(noise[fit], y[fit], noise[score], y[score], model.num_seen),
+            "probe_mu": _linear_probe(mu[fit], y[fit], mu[score], y[score], model.num_seen),
             "pixels": len(fit) + len(score)}
 
 
@@ -618,7 +623,8 @@ def print_latent_statistics(model: SIGN, saved: dict, args, device) -> int:
           f"{model.config.get('latent_path')}), {stats['pixels']} seen pixels of {args.latent_stats} {name} "
           f"training images: mean mu^2 {stats['mu2']:.3g}, mean sigma^2 {stats['sigma2']:.4g}, SNR var(mu)/E[sigma^2] "
           f"median {stats['snr_median']:.3g} max {stats['snr_max']:.3g}; linear probe of the seen class "
-          f"(balanced accuracy) from z {stats['probe_z']:.1f} %, from N(0, 1) noise {stats['probe_noise']:.1f} %")
+          f"(balanced accuracy) from z {stats['probe_z']:.1f} %, from N(0, 1) noise {stats['probe_noise']:.1f} %, "
+          f"from mu {stats['probe_mu']:.1f} % (the ceiling)")
     return 0
 
 

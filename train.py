@@ -44,12 +44,14 @@ Choices the paper leaves open (README "Deviations" lists them too)
     * Every iteration reseeds torch from (seed, stage, iteration), so a run resumed from a
       checkpoint replays exactly the batches, augmentations and noise it would have drawn.
     * The ``shapes`` preset trains its small encoder from scratch, so it departs from the
-      paper's optimiser settings: Adam (lr 3e-3, poly) instead of SGD 2.5e-4, and alpha = 1
-      instead of 100. With alpha = 100 the KL term outweighs the cross-entropy at the start
-      (0.05 x 100 against 2.7) and the encoder never learns the shapes: seen mIoU after
-      stage 1 was 44 at alpha = 100 against 65 at alpha = 1 and 66 at alpha = 0 (2,000
-      iterations, the earlier 32-channel encoder; README "Deviations"). The real-data presets
-      keep the paper's values.
+      paper's optimiser settings: Adam (lr 3e-3, poly) instead of SGD 2.5e-4, and alpha = 10
+      instead of 100, chosen on seeds 100-102, which no reported result uses. Harmonic mIoU
+      at 64 after the transfer step, mean of the three: 18.1 at alpha = 0 (z leaves the prior,
+      and the transfer step draws z ~ N(0, 1)), 44.2 at 0.01, 50.4 at 0.1, 48.2 at 1, 51.0 at
+      10, 39.4 at 100, where the KL term holds the encoder back (stage-1 seen 57.9 against
+      74.5-75.7). 0.1 to 10 are level within the seed spread; 10 has the highest mean and is
+      the nearest to the paper's value (README "Deviations"). The real-data presets keep the
+      paper's values.
 """
 import argparse
 import copy
@@ -73,7 +75,7 @@ from sign import SIGN, discriminator_loss, generator_loss, resize_labels, sim_st
 
 PRESETS = {  # defaults per dataset; every flag below can override them
     "shapes": dict(backbone="small", small_width=64, feat_dim=64, pe_dim=32, heads=4, hidden=128,
-                   optimizer="adam", lr=3e-3, lr_transfer=1e-3, lr_g=1e-3, lr_d=1e-3, alpha=1.0, beta=50.0,
+                   optimizer="adam", lr=3e-3, lr_transfer=1e-3, lr_g=1e-3, lr_d=1e-3, alpha=10.0, beta=50.0,
                    crop_size=64, batch_size=16, iters=2000, transfer_iters=400, self_training_iters=400,
                    temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0, lr_mult=1.0),
     "voc": dict(backbone="resnet101", small_width=64, feat_dim=600, pe_dim=600, heads=8, hidden=256,
