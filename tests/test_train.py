@@ -137,21 +137,24 @@ def test_init_from_a_finished_stage_runs_only_the_stages_after_it(tiny_run, tmp_
     assert not (tmp_path / "checkpoint_train.pt").exists()
 
 
-def test_the_real_data_path_runs_on_a_tiny_voc_layout(tmp_path):
-    """--dataset voc end to end: VOC reader, .npy class table, DeepLab-v2 (ResNet-18), metrics on 'val'."""
+def tiny_voc_run(tmp_path, *flags: str) -> list[str]:
+    """train.py flags for a tiny VOCdevkit written in the real on-disk formats under tmp_path,
+    a random .npy class table, DeepLab-v2 on ResNet-18, 2 x 2 batches cropped to 32."""
     import numpy as np
-    from test_data import make_voc  # the tiny VOCdevkit written in the real on-disk formats
+    from test_data import make_voc
     make_voc(tmp_path / "data")
     table = tmp_path / "voc_classes.npy"
     np.save(table, np.random.default_rng(0).normal(size=(20, 600)).astype(np.float32))
-    out = tmp_path / "run"
-    code = train.main(["--dataset", "voc", "--data-root", str(tmp_path / "data"), "--embeddings", str(table),
-                       "--backbone", "resnet18", "--no-pretrained", "--feat-dim", "16", "--pe-dim", "8",
-                       "--heads", "2", "--hidden", "16", "--iters", "2", "--transfer-iters", "2",
-                       "--batch-size", "2", "--crop-size", "32", "--workers", "0", "--device", "cpu",
-                       "--quiet", "--out", str(out)])
-    assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    return ["--dataset", "voc", "--data-root", str(tmp_path / "data"), "--embeddings", str(table),
+            "--backbone", "resnet18", "--no-pretrained", "--feat-dim", "16", "--pe-dim", "8", "--heads", "2",
+            "--hidden", "16", "--batch-size", "2", "--crop-size", "32", "--workers", "0", "--device", "cpu",
+            "--quiet", "--out", str(tmp_path / "run"), *flags]
+
+
+def test_the_real_data_path_runs_on_a_tiny_voc_layout(tmp_path):
+    """--dataset voc end to end: VOC reader, .npy class table, DeepLab-v2 (ResNet-18), metrics on 'val'."""
+    assert train.main(tiny_voc_run(tmp_path, "--iters", "2", "--transfer-iters", "2")) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics) == {"train", "transfer"} and set(metrics["transfer"]) == {"val"}
     assert 0.0 <= metrics["transfer"]["val"]["harmonic_miou"] <= 100.0
 
@@ -230,10 +233,6 @@ def test_init_from_a_checkpoint_of_another_architecture_is_refused_naming_the_di
 
 def test_self_training_on_real_crops_never_pseudo_labels_their_padding(tmp_path, monkeypatch):
     """The VOC images (6 x 8) are cropped to 32: train.py must hand the crop's padding to pseudo_labels."""
-    import numpy as np
-    from test_data import make_voc
-    make_voc(tmp_path / "data")
-    np.save(tmp_path / "t.npy", np.random.default_rng(0).normal(size=(20, 600)).astype(np.float32))
     seen = []
 
     def recording(probs, label, **kwargs):
@@ -242,11 +241,8 @@ def test_self_training_on_real_crops_never_pseudo_labels_their_padding(tmp_path,
         return target, weight
     real = train.pseudo_labels
     monkeypatch.setattr(train, "pseudo_labels", recording)
-    code = train.main(["--dataset", "voc", "--data-root", str(tmp_path / "data"), "--embeddings", str(tmp_path / "t.npy"),
-                       "--backbone", "resnet18", "--no-pretrained", "--feat-dim", "16", "--pe-dim", "8", "--heads", "2",
-                       "--hidden", "16", "--iters", "1", "--transfer-iters", "1", "--self-training", "ast",
-                       "--self-training-iters", "1", "--batch-size", "2", "--crop-size", "32", "--workers", "0",
-                       "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")])
+    code = train.main(tiny_voc_run(tmp_path, "--iters", "1", "--transfer-iters", "1", "--self-training", "ast",
+                                   "--self-training-iters", "1"))
     assert code == 0 and len(seen) == 2  # one self-training and one transfer iteration
     for padding, target, weight in seen:
         assert padding.float().mean() > 0.5  # at most 1.5 x (6 x 8) of the 32 x 32 crop is image
