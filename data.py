@@ -473,27 +473,49 @@ SHAPES_COLOURS = {"red": (0.85, 0.15, 0.12), "green": (0.15, 0.70, 0.20), "blue"
 SHAPES_FORMS = ["circle", "square", "triangle", "cross"]
 SHAPES_RAW = SHAPES_STUFF + [f"{c} {f}" for c in SHAPES_COLOURS for f in SHAPES_FORMS]  # raw ids 0-19
 SHAPES_UNSEEN = ["red triangle", "green cross", "blue circle", "yellow square"]  # a Latin square
+SHAPES_LAYOUTS = ("context", "uniform")  # where things stand; the first is the default
+SHAPES_FLY = [0, 3]  # form indices of the things that fly (circle, cross); the others stand
+SHAPES_OWN_BAND = 0.8  # probability that a thing's centre lies in its own band (layout context)
 _STUFF_RGB = np.array([(0.45, 0.65, 0.90), (0.45, 0.65, 0.90), (0.33, 0.56, 0.24), (0.86, 0.77, 0.55)])
 _SHAPES_PALETTE = np.array([(150, 200, 255), (20, 60, 200), (40, 140, 40), (230, 200, 120)] + [
     [round(255 * c * (1 - 0.22 * f)) for c in rgb] for rgb in SHAPES_COLOURS.values() for f in range(4)], np.uint8)
 
 
-def _shapes_scenes(n: int, seed: int, split: str) -> dict[str, np.ndarray]:
+def _shapes_scenes(n: int, seed: int, split: str, layout: str = "context") -> dict[str, np.ndarray]:
     """Scene parameters in relative coordinates: they do not depend on the render size.
 
-    Each parameter has its own random stream, so the first k scenes are the same for any n >= k.
+    Each parameter has its own random stream, so the first k scenes are the same for any n >= k,
+    and ``layout="uniform"`` draws exactly the scenes of the benchmark's first version.
+    ``"context"`` then moves each centre's height into the thing's band (``_place_things``).
     """
-    rng = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, split == "test"]).spawn(8)]
+    if layout not in SHAPES_LAYOUTS:
+        raise ValueError(f"Shapes: layout must be one of {SHAPES_LAYOUTS}, got {layout!r}")
+    rng = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, split == "test"]).spawn(10)]
     stuff_rgb = _STUFF_RGB + rng[0].uniform(-0.06, 0.06, (n, 4, 3))  # (n, 4, 3) per-image stuff colours
     stuff_rgb[:, 1] = stuff_rgb[:, 0]  # water looks exactly like sky: only position tells them apart
     thing = rng[1].integers(0, 16, (n, 3))  # colour * 4 + form
-    return {"stuff_rgb": stuff_rgb, "thing": thing,
-            "thing_rgb": np.array(list(SHAPES_COLOURS.values()))[thing // 4] + rng[2].uniform(-0.05, 0.05, (n, 3, 3)),
-            "horizon": rng[3].uniform(0.35, 0.65, n),  # horizon height / image height
-            "bottom": rng[4].integers(1, 4, n),  # water, grass or sand
-            "count": rng[5].integers(1, 4, n),  # things 0..count-1 are drawn, in order
-            "centre": rng[6].uniform(0.1, 0.9, (n, 3, 2)),  # (y, x) / image size
-            "radius": rng[7].uniform(6, 13, (n, 3)) / 64}  # radius in pixels / base_size
+    scenes = {"stuff_rgb": stuff_rgb, "thing": thing,
+              "thing_rgb": np.array(list(SHAPES_COLOURS.values()))[thing // 4] + rng[2].uniform(-0.05, 0.05, (n, 3, 3)),
+              "horizon": rng[3].uniform(0.35, 0.65, n),  # horizon height / image height
+              "bottom": rng[4].integers(1, 4, n),  # water, grass or sand
+              "count": rng[5].integers(1, 4, n),  # things 0..count-1 are drawn, in order
+              "centre": rng[6].uniform(0.1, 0.9, (n, 3, 2)),  # (y, x) / image size
+              "radius": rng[7].uniform(6, 13, (n, 3)) / 64}  # radius in pixels / base_size
+    if layout == "context":
+        scenes["centre"][..., 0] = _place_things(scenes, rng[8].random((n, 3)), rng[9].random((n, 3)))
+    return scenes
+
+
+def _place_things(scenes: dict, band_draw: np.ndarray, height_draw: np.ndarray) -> np.ndarray:
+    """Layout ``context`` (PROTOCOL section 7): circle and cross things fly, square and triangle
+    things stand. A thing's centre lies in its own band (above the horizon if it flies, below
+    if it stands) with probability ``SHAPES_OWN_BAND``, else in the other; within the band it
+    is uniform, kept clear of the horizon by the thing's radius. Returns the centre heights (n, 3)."""
+    flies = np.isin(scenes["thing"] % 4, SHAPES_FLY)  # (n, 3); colour (thing // 4) plays no part
+    above = flies == (band_draw < SHAPES_OWN_BAND)
+    horizon, r = scenes["horizon"][:, None], scenes["radius"]
+    low, high = np.where(above, 0.1, horizon + r), np.where(above, horizon - r, 0.9)  # band limits
+    return low + (high - low) * height_draw
 
 
 def _render_shapes(scenes: dict, size: int, base_size: int, noise: float, generator: torch.Generator):
@@ -537,7 +559,9 @@ class Shapes(_Segmentation):
     """The built-in zero-shot benchmark: 4 stuff and 16 thing classes, 4 of the things unseen.
 
     Scenes come from `seed` (train and test draw different scenes) in relative coordinates
-    and are rendered once, at `size`; things are 6-13 px in radius at `base_size` and keep
+    and are rendered once, at `size`; `layout` says where things stand: "context" (circle and
+    cross things above the horizon, square and triangle things below, each with probability
+    0.8) or "uniform" (anywhere); things are 6-13 px in radius at `base_size` and keep
     that pixel size at any `size`. `images` (N, 3, S, S) uint8, `labels` (N, S, S) uint8
     (model indices, 255 ignore) and `scenes` (the parameters) hold the whole split.
     """
@@ -546,7 +570,7 @@ class Shapes(_Segmentation):
     mean, std = (0.50, 0.64, 0.69), (0.20, 0.13, 0.28)
 
     def __init__(self, split: str, *, size: int = 64, num_images: int | None = None, seed: int = 0,
-                 transform=None, base_size: int = 64, noise: float = 0.04):
+                 transform=None, base_size: int = 64, noise: float = 0.04, layout: str = "context"):
         self.split = _split_name(split, {"train": "train", "test": "test"})
         if size < 8 or base_size < 8 or (num_images is not None and num_images < 1):
             raise ValueError(f"Shapes: need size, base_size >= 8 and num_images >= 1; got {size}, {base_size}, "
@@ -556,7 +580,7 @@ class Shapes(_Segmentation):
         self.num_unseen, self.palette = len(SHAPES_UNSEEN), _SHAPES_PALETTE[self.raw_ids]
         lut = torch.from_numpy(_lut(20, {r: r for r in names}, self.raw_ids, self.num_seen, split == "train"))
         n = num_images if num_images is not None else (2000 if split == "train" else 300)
-        self.scenes = _shapes_scenes(n, seed, split)
+        self.layout, self.scenes = layout, _shapes_scenes(n, seed, split, layout)
         noise_seed = np.random.SeedSequence([seed, split == "test", size]).generate_state(1)[0]
         g = torch.Generator().manual_seed(int(noise_seed))  # noise, unlike the scenes, depends on size
         chunks = [_render_shapes({k: v[i:i + 256] for k, v in self.scenes.items()}, size, base_size, noise, g)
@@ -569,6 +593,14 @@ class Shapes(_Segmentation):
 
     def __getitem__(self, i: int):
         return self._finish(self.images[i], self.labels[i])
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What a DataLoader fetches for a batch: without a transform, normalised as one tensor
+        (the same values as ``__getitem__``, in one call instead of B); with one, item by item."""
+        if self.transform is not None:
+            return [self[i] for i in indices]
+        images = v2.Compose(_to_float(self.mean, self.std))(self.images[indices])  # (B, 3, S, S) float32
+        return list(zip(images, self.labels[indices].long()))
 
 
 # ------------------------------------------------------------------ 6. factory, preview, CLI
@@ -612,6 +644,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "test"], default="train", help="split (default: train)")
     p.add_argument("--size", type=int, default=64, help="shapes render size and preview tile size (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="shapes scene seed (default: 0)")
+    p.add_argument("--layout", choices=SHAPES_LAYOUTS, default="context", help="shapes: where things stand "
+                   "(default: context)")
     p.add_argument("--preview", type=Path, help="write a PNG grid of samples (image | label) to this file")
     p.add_argument("--num-samples", type=int, default=8, help="samples in the preview (default: 8)")
     return p
@@ -619,7 +653,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    shapes = {"size": args.size, "seed": args.seed, "num_images": max(args.num_samples, 1)}
+    shapes = {"size": args.size, "seed": args.seed, "num_images": max(args.num_samples, 1), "layout": args.layout}
     try:
         dataset = build_dataset(args.dataset, args.split, root=args.data_root,
                                 **(shapes if args.dataset == "shapes" else {}))

@@ -18,9 +18,9 @@ Reading order
     load_checkpoint    SIGN rebuilt from a train.py checkpoint (config + state_dict, M included)
     save_panels        PNG panels image | ground truth | prediction with a class legend
     latent_statistics  what SIM's z carries: mu^2, sigma^2, per-channel SNR, linear probes (--latent-stats)
-    EXPERIMENTS        the paper's tables on shapes as train.py flags (baselines, ablations, Fig. 5)
-    reproduce          every experiment for every seed, runs that only add self-training --init-from
-    reproduction_tables  run folders -> mean ± std Markdown tables; ``bars`` checks the claims
+    collect_runs       run folders of ``train.py --reproduce`` -> {name: {seed: metrics.json}}
+    reproduction_tables  run folders -> mean ± std Markdown tables (Tables 1-4, Fig. 5)
+    CLAIMS, claims     the paper's claims as paired by-seed differences with 95 % intervals
     main               the CLI; settings default to those stored in the checkpoint
 
 Convention (PROTOCOL section 5), pinned by ``tests/test_metrics.py``
@@ -67,8 +67,8 @@ from sign import IGNORE as IGNORE_INDEX, SIGN, resize_labels
 
 __all__ = ["IGNORE_INDEX", "confusion_matrix", "harmonic", "gzsl_miou", "evaluate_model", "format_table",
            "as_metrics", "test_sets", "evaluate_sets", "CheckpointError", "load_checkpoint", "voc_palette",
-           "save_panels", "latent_statistics", "EXPERIMENTS", "reproduce", "collect_runs", "mean_std",
-           "reproduction_tables", "bars", "get_args_parser", "main"]
+           "save_panels", "latent_statistics", "read_metrics", "collect_runs", "mean_std",
+           "reproduction_tables", "CLAIMS", "paired_difference", "claims", "get_args_parser", "main"]
 
 EVAL_RES = ("full", "feature")
 
@@ -239,14 +239,24 @@ def as_metrics(result: dict, class_names: Sequence[str]) -> dict:
 
 # ----------------------------------------------------------------------------- test sets, checkpoints
 def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, eval_res: str = "full",
-              num_images: int | None = None) -> dict[str, torch.utils.data.Dataset]:
-    """shapes: ``{str(s): Shapes("test", size=s, num_images=...)}`` per size (default [64, 128]);
+              num_images: int | Sequence[int] | None = None, layout: str = "context", seed: int = 0
+              ) -> dict[str, torch.utils.data.Dataset]:
+    """shapes: ``{str(s): Shapes("test", size=s, num_images=n, layout=..., seed=...)}`` per size (default
+    [64, 128]), ``num_images`` one count for all sizes or one per size (None: the Shapes default), ``seed``
+    the scenes (0: the benchmark's test set; others draw independent test sets of the same task);
     voc ``{"val": ...}``, context / cocostuff ``{"test": ...}``: whole images at their own size, or
     warped to ``sizes[0]`` (default 513) when ``eval_res="feature"``."""
     if eval_res not in EVAL_RES:
         raise ValueError(f"test_sets: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
     if dataset == "shapes":
-        return {str(s): data.Shapes("test", size=s, num_images=num_images) for s in sizes or [64, 128]}
+        sizes = sizes or [64, 128]
+        counts = list(num_images) if isinstance(num_images, (list, tuple)) else [num_images]
+        counts = counts * len(sizes) if len(counts) == 1 else counts
+        if len(counts) != len(sizes):
+            raise ValueError(f"test_sets: {len(counts)} test-image counts {list(counts)} for {len(sizes)} test "
+                             f"sizes {list(sizes)}; give one count, or one per size")
+        return {str(s): data.Shapes("test", size=s, num_images=n, layout=layout, seed=seed)
+                for s, n in zip(sizes, counts)}
     if sizes is not None and len(sizes) != 1:  # silently using sizes[0] would hide a typo
         raise ValueError(f"test_sets: {dataset} is tested at one size, got sizes {list(sizes)}")
     size = (sizes or [513])[0] if eval_res == "feature" else None
@@ -417,67 +427,11 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
 
 
 # ----------------------------------------------------------------------------- the paper's tables on shapes
-# name -> (train.py flags, the run whose end-of-transfer checkpoint it starts from). A run that
-# only adds self-training starts from its base run's checkpoint_transfer.pt instead of retraining.
-TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5
-BASELINES = {"zs3net": ["--sim", "none", "--latent", "noise"],  # no SIM, z ~ N(0, 1): ZS3Net
-             "cagnet": ["--sim", "attention", "--pe", "none"],  # contextual latent, no PE: CaGNet
-             "sign": []}  # the defaults: multi-head SIM, RPE
-EXPERIMENTS = {**{name: (flags, None) for name, flags in BASELINES.items()},
-               **{f"sim-{a}": (["--sim", a], None) for a in ("conv", "attention", "self-attention")},
-               **{f"pe-{p}": (["--pe", p], None) for p in ("none", "ape", "ape-interp")},
-               **{f"{name}-st": (flags + ["--self-training", "st"], name) for name, flags in BASELINES.items()},
-               **{f"sign-ast-T{t:g}": (["--self-training", "ast", "--temperature", str(t)], "sign")
-                  for t in TEMPERATURES}}
-
-
-def final_stage(name: str) -> str:
-    return "self_training" if "--self-training" in EXPERIMENTS[name][0] else "transfer"
-
-
-RESERVED = ("--seed", "--out", "--resume", "--init-from", "--self-training", "--temperature", "--quiet")
-UNCOMPARED = ("out", "resume", "init_from", "device", "quiet")  # may differ between a run and its rerun
-
-
-def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = ()) -> list[str]:
-    """Every run of EXPERIMENTS for every seed, as ``root/<name>/seed<k>``, with ``train.main``.
-    A run whose metrics.json holds its final stage is kept, one with a checkpoint resumes, but
-    only if its config.json matches today's settings (else a ValueError names the differences).
-    A failing run does not stop the others; returns the folders of the runs that failed."""
-    import train  # here, not at the top: train.py imports this module
-    root, failed = Path(root).resolve(), []  # absolute: --init-from paths are stored in config.json
-    reserved = [a for a in train_args if a.split("=")[0] in RESERVED]
-    if reserved:
-        raise ValueError(f"--reproduce sets {reserved} itself; remove them from the flags after --")
-    for seed in seeds:
-        for name, (flags, base) in EXPERIMENTS.items():
-            out = root / name / f"seed{seed}"
-            argv = [*flags, *train_args, "--seed", str(seed), "--out", str(out), "--quiet"]
-            if base:
-                argv += ["--init-from", str(root / base / f"seed{seed}" / "checkpoint_transfer.pt")]
-            if (out / "config.json").is_file():
-                _check_same_settings(out, train.resolve(train.get_args_parser().parse_args(argv)))
-                if final_stage(name) in _read_metrics(out):
-                    continue
-            if list(out.glob("checkpoint_*.pt")):
-                argv = ["--resume", str(out), "--quiet"]
-            print(f"\n### reproduce: {name}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
-            if train.main(argv) != 0:
-                print(f"### reproduce: run {out} failed (see the messages above); going on", flush=True)
-                failed.append(str(out))
-    return failed
-
-
-def _check_same_settings(run_dir: Path, expected) -> None:
-    saved = json.loads((run_dir / "config.json").read_text())
-    differ = {k: (saved.get(k), v) for k, v in vars(expected).items() if k not in UNCOMPARED and saved.get(k) != v}
-    if differ:
-        listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-        raise ValueError(f"run {run_dir} was made with other settings ({listed}); "
-                         f"delete it or reproduce into another folder")
-
-
-def _read_metrics(run_dir: Path) -> dict:
+# Run folders root/<name>/seed<k>/metrics.json as ``python train.py --reproduce`` writes them
+# (train.EXPERIMENTS names them); the tables aggregate whatever runs they find.
+TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5's AST temperatures: runs sign-ast-T<T>
+def read_metrics(run_dir: Path) -> dict:
+    """A run folder's metrics.json, {} if it has none yet; a ValueError if it is not valid JSON."""
     path = run_dir / "metrics.json"
     if not path.is_file():
         return {}
@@ -493,7 +447,7 @@ def collect_runs(root) -> dict[str, dict[int, dict]]:
     for path in sorted(Path(root).glob("*/seed*/metrics.json")):
         if not path.parent.name[4:].isdigit():
             raise ValueError(f"{path.parent}: run folders must be named seed<k>, k an integer")
-        runs.setdefault(path.parent.parent.name, {})[int(path.parent.name[4:])] = _read_metrics(path.parent)
+        runs.setdefault(path.parent.parent.name, {})[int(path.parent.name[4:])] = read_metrics(path.parent)
     return runs
 
 
@@ -505,19 +459,28 @@ def mean_std(values: Sequence[float]) -> str:
     return f"{v.mean():.2f}" + (f" ± {v.std(ddof=1):.2f}" if len(v) > 1 else "")
 
 
-def _values(runs: dict, name: str, stage: str, test: str, key: str) -> list[float]:
-    """One number per seed that has it; key is a metrics field, or class names joined by '+'
+def _by_seed(runs: dict, name: str, stage: str, test: str, key: str) -> dict[int, float]:
+    """{seed: value} for the seeds that have it; key is a metrics field, or class names joined by '+'
     ('sky+water': the mean IoU of the two, from seeds where both classes have an IoU)."""
-    out = []
-    for metrics in runs.get(name, {}).values():
+    out = {}
+    for seed, metrics in runs.get(name, {}).items():
         m = metrics.get(stage, {}).get(test)
         if m is None:
             continue
         if key.endswith("_miou"):
-            out.append(m[key])
+            out[seed] = m[key]
         elif all(c in m["per_class"] for c in key.split("+")):
-            out.append(float(np.mean([m["per_class"][c] for c in key.split("+")])))
+            out[seed] = float(np.mean([m["per_class"][c] for c in key.split("+")]))
     return out
+
+
+def _values(runs: dict, name: str, stage: str, test: str, key: str) -> list[float]:
+    return list(_by_seed(runs, name, stage, test, key).values())
+
+
+def final_stage(runs: dict, name: str) -> str:
+    """The last stage a method's runs report: self-training runs end with it, the others with transfer."""
+    return "self_training" if any("self_training" in m for m in runs.get(name, {}).values()) else "transfer"
 
 
 def _sim_params(root: Path, name: str) -> str:
@@ -533,7 +496,7 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def reproduction_tables(root) -> str:
-    """The five tables (Markdown, mean ± std over seeds) and the issue's bars, from run folders."""
+    """The five tables (Markdown, mean ± std over seeds) and the paired claims, from run folders."""
     root, runs = Path(root), collect_runs(root)
     if not runs:
         raise ValueError(f"no run folders <name>/seed<k>/metrics.json under {root}")
@@ -553,7 +516,7 @@ def reproduction_tables(root) -> str:
             ("SIGN", "sign"), ("SIGN + ST", "sign-st"), ("SIGN + AST (T = 2)", "sign-ast-T2")]
     out += ["**Table 1** (seen / unseen / harmonic mIoU, %, per test size)\n", _table(
         ["method", "runs"] + [f"{k} {t}" for t in tests for k in ("seen", "unseen", "H")],
-        [[label, str(n(name, final_stage(name)))] + [cell(name, final_stage(name), t, k) for t in tests for k in smh]
+        [[label, str(n(name, final_stage(runs, name)))] + [cell(name, final_stage(runs, name), t, k) for t in tests for k in smh]
          for label, name in rows])]
     sims = [("conv", "sim-conv"), ("attention", "sim-attention"), ("self-attention", "sim-self-attention"),
             ("multihead", "sign")]
@@ -576,37 +539,59 @@ def reproduction_tables(root) -> str:
         ["self-training", "runs"] + [f"H {t}" for t in tests],
         [[label, str(n(name, "self_training"))] + [cell(name, "self_training", t, "harmonic_miou") for t in tests]
          for label, name in temps])]
-    return "\n".join(out + ["\n" + bars(runs, tests)])
+    return "\n".join(out + ["\n" + claims(runs, tests)])
 
 
-def bars(runs: dict, tests: Sequence[str]) -> str:
-    """The reproduction issue's three bars, each 'holds', 'FAILS' or 'n/a' (runs missing), with its numbers.
-    Bars 1 and 3 use the first test size (the training size, 64); bar 2 uses "128", else the largest."""
-    t0, tl = tests[0], "128" if "128" in tests else tests[-1]
-    get = lambda name, stage, t, key: np.asarray(_values(runs, name, stage, t, key), dtype=float)
-    sign, zs3 = (get(name, "transfer", t0, "harmonic_miou") for name in ("sign", "zs3net"))
-    rpe, ape, none = (get(name, "transfer", tl, "sky+water") for name in ("sign", "pe-ape", "pe-none"))
-    ast = get("sign-ast-T2", "self_training", t0, "harmonic_miou")
-    checks = []
-    if min(len(sign), len(zs3)) < 2:
-        checks.append(("n/a", f"SIGN vs ZS3Net needs >= 2 seeds of each for a std; found {len(sign)} and {len(zs3)}"))
-    else:
-        spread = max(sign.std(ddof=1), zs3.std(ddof=1))
-        checks.append((sign.mean() - zs3.mean() > spread, f"SIGN H {sign.mean():.2f} - ZS3Net H {zs3.mean():.2f} "
-                       f"> max std {spread:.2f} (test {t0}, {len(sign)} and {len(zs3)} seeds)"))
-    if min(len(rpe), len(ape), len(none)) == 0:
-        checks.append(("n/a", f"RPE / APE / no-PE sky/water at test {tl} needs the sign, pe-ape and pe-none runs"))
-    else:
-        checks.append((rpe.mean() >= ape.mean() + 5 and rpe.mean() > none.mean(),
-                       f"RPE sky/water {rpe.mean():.2f} >= APE {ape.mean():.2f} + 5 and > no PE {none.mean():.2f} "
-                       f"(test {tl})"))
-    if min(len(sign), len(ast)) == 0:
-        checks.append(("n/a", "SIGN + AST vs SIGN needs the sign and sign-ast-T2 runs"))
-    else:
-        checks.append((ast.mean() > sign.mean(), f"SIGN + AST H {ast.mean():.2f} > SIGN H {sign.mean():.2f} "
-                       f"(test {t0})"))
-    word = lambda ok: ok if isinstance(ok, str) else ("holds" if ok else "FAILS")
-    return "**Bars**\n\n" + "\n".join(f"- {word(ok)}: {text}" for ok, text in checks)
+# The paper's claims as paired comparisons: runs of two methods with the same seed share the
+# benchmark, the batch order and the test set, so the per-seed difference cancels what they share.
+# (claim, (run, stage) of A, (run, stage) of B, test size: "first" (training size) or "new", key)
+CLAIMS = [("SIGN > ZS3Net (Table 1)", ("sign", "transfer"), ("zs3net", "transfer"), "first", "harmonic_miou"),
+          ("SIGN + AST > SIGN (Table 1)", ("sign-ast-T2", "self_training"), ("sign", "transfer"), "first",
+           "harmonic_miou"),
+          ("RPE > APE at a new size (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "harmonic_miou"),
+          ("RPE > APE at a new size, sky/water (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new",
+           "sky+water"),
+          ("SIM helps seen classes (Table 4)", ("sign", "train"), ("zs3net", "train"), "first", "seen_miou"),
+          ("AST > ST (Fig. 5)", ("sign-ast-T2", "self_training"), ("sign-st", "self_training"), "first",
+           "harmonic_miou")]
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # Student's t, 97.5 % quantile, by degrees of freedom
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Paired A - B over n >= 2 seeds: mean d, its standard error s_d / sqrt(n), the 95 % t interval
+    (t quantile of the nearest tabulated df at or below n - 1: never narrower than exact) and the
+    number of seeds with A > B. The reading: "supported" if the interval lies above 0,
+    "contradicted" if below, "not supported" if it holds 0."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if len(d) < 2:
+        raise ValueError(f"paired_difference needs >= 2 paired seeds, got {len(d)}")
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    half = T_975[max(k for k in T_975 if k <= len(d) - 1)] * se
+    low, high = d.mean() - half, d.mean() + half
+    reading = "supported" if low > 0 else "contradicted" if high < 0 else "not supported"
+    return dict(n=len(d), mean=float(d.mean()), se=float(se), low=float(low), high=float(high),
+                agree=int((d > 0).sum()), reading=reading)
+
+
+def claims(runs: dict, tests: Sequence[str]) -> str:
+    """CLAIMS as a Markdown table, each paired over the seeds both runs finished."""
+    sizes = {"first": tests[0], "new": "128" if "128" in tests else tests[-1]}
+    rows = []
+    for claim, (a, stage_a), (b, stage_b), size, key in CLAIMS:
+        va, vb = (_by_seed(runs, name, stage, sizes[size], key) for name, stage in ((a, stage_a), (b, stage_b)))
+        seeds = sorted(set(va) & set(vb))
+        head = [claim, sizes[size], key.replace("_miou", "").replace("+", "/"), str(len(seeds))]
+        if len(seeds) < 2:
+            rows.append(head + ["–"] * 5 + [f"needs >= 2 seeds with both {a} and {b}"])
+            continue
+        A, B = [va[s] for s in seeds], [vb[s] for s in seeds]
+        p = paired_difference(A, B)
+        rows.append(head + [mean_std(A), mean_std(B), f"{p['mean']:+.2f} ± {p['se']:.2f}",
+                            f"[{p['low']:+.2f}, {p['high']:+.2f}]", f"{p['agree']} of {p['n']}", p["reading"]])
+    return ("**Claims**, paired by seed (A - B per seed: mean ± standard error, 95 % t interval, seeds with "
+            "A > B)\n\n" + _table(["claim", "test", "metric", "seeds", "A", "B", "A - B", "95 % interval",
+                                    "A > B", "reading"], rows))
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -614,7 +599,8 @@ def print_latent_statistics(model: SIGN, saved: dict, args, device) -> int:
     """``--latent-stats``: ``latent_statistics`` on the checkpoint's training split, one line."""
     name = args.dataset or saved.get("dataset", "shapes")
     if name == "shapes":
-        train_set = data.Shapes("train", size=saved.get("crop_size", 64), num_images=args.latent_stats)
+        train_set = data.Shapes("train", size=saved.get("crop_size", 64), num_images=args.latent_stats,
+                                layout=saved.get("layout", "uniform"))
     else:
         train_set = data.build_dataset(name, "train", root=args.data_root or saved.get("data_root"),
                                        transform=data.eval_transform())
@@ -630,22 +616,22 @@ def print_latent_statistics(model: SIGN, saved: dict, args, device) -> int:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score a train.py checkpoint on its test sets and draw predictions; "
-                                "or rerun / tabulate the paper's experiments on the shapes benchmark.")
+                                "or tabulate the runs of 'python train.py --reproduce DIR'.")
     a = p.add_argument
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a checkpoint_<stage>.pt written by train.py")
-    what.add_argument("--reproduce", type=Path, metavar="DIR", help="run every experiment of EXPERIMENTS (Tables "
-                      "1-4, Fig. 5) for --seeds into DIR/<name>/seed<k> (finished runs are kept), then write "
-                      "DIR/tables.md; arguments after -- go to every train.py run")
-    what.add_argument("--tables", type=Path, metavar="DIR", help="only aggregate the runs in DIR into DIR/tables.md")
-    a("--seeds", type=int, nargs="+", help="--reproduce: seeds (default: 0 1 2)")
-    a("train_args", nargs="*", help="--reproduce: extra train.py flags, after --")
+    what.add_argument("--tables", type=Path, metavar="DIR", help="aggregate the run folders DIR/<name>/seed<k> "
+                      "(python train.py --reproduce DIR) into DIR/tables.md: Tables 1-4, Fig. 5, the paired claims")
     a("--dataset", choices=sorted(data.DATASETS), help="test dataset; default: the checkpoint's")
     a("--data-root", help="folder holding the real dataset (README 'Datasets'); default: the checkpoint's")
     a("--size", type=int, nargs="+", help="shapes: render sizes; real data with --eval-res feature: the warp "
                                           "size; default: the checkpoint's (paper: 513)")
     a("--eval-res", choices=EVAL_RES, help="full: logits upsampled to the label; feature: 513 warp scored at "
                                            "the feature map (the lineage); default: the checkpoint's")
+    a("--num-test", type=int, nargs="+", help="shapes: test images, one count or one per size; default: the "
+      "checkpoint's")
+    a("--test-seed", type=int, default=0, help="shapes: scene seed of the test sets; 0 (default) is the "
+      "benchmark's, others draw independent test sets of the same task (test-sampling noise)")
     a("--device", help="default: cuda if available, else cpu")
     a("--save-predictions", type=int, default=0, metavar="N",
       help="write N PNG panels (image | ground truth | prediction) per test set (default: 0)")
@@ -659,24 +645,15 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if not args.reproduce and (args.seeds or args.train_args):
-        parser.error(f"--seeds and train.py flags after -- go with --reproduce only (got {args.seeds or ''} "
-                     f"{' '.join(args.train_args)})")
-    if args.reproduce or args.tables:
-        root, failed = args.reproduce or args.tables, []
+    if args.tables:
         try:
-            if args.reproduce:
-                failed = reproduce(root, args.seeds or [0, 1, 2], args.train_args)
-            tables = reproduction_tables(root)
+            tables = reproduction_tables(args.tables)
         except ValueError as e:
             print(f"evaluate.py: error: {e}", file=sys.stderr)
             return 2
-        (root / "tables.md").write_text(tables + "\n")
-        print(tables + f"\n\nwritten to {root / 'tables.md'}")
-        if failed:
-            print("evaluate.py: these runs failed and are missing from the tables:\n  " + "\n  ".join(failed),
-                  file=sys.stderr)
-        return 1 if failed else 0
+        (args.tables / "tables.md").write_text(tables + "\n")
+        print(tables + f"\n\nwritten to {args.tables / 'tables.md'}")
+        return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, ckpt = load_checkpoint(args.checkpoint, device)
@@ -686,7 +663,9 @@ def main(argv=None) -> int:
         eval_res = args.eval_res or saved.get("eval_res", "full")
         sets = test_sets(dataset, root=args.data_root or saved.get("data_root"), eval_res=eval_res,
                          sizes=args.size or (saved.get("test_sizes") if same else None),
-                         num_images=saved.get("num_test") if same else None)
+                         num_images=args.num_test or (saved.get("num_test") if same else None),
+                         layout=saved.get("layout", "uniform"),  # runs saved before layouts existed: uniform
+                         seed=args.test_seed)
         names, S = next(iter(sets.values())).class_names, next(iter(sets.values())).num_seen
         if (len(names), S) != (model.config["num_classes"], model.num_seen):
             raise CheckpointError(f"checkpoint {args.checkpoint} has {model.config['num_classes']} classes "

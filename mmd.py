@@ -4,7 +4,8 @@ Training Step (G) pulls the generator's synthetic features towards the real feat
 the same seen class: L_MMD is the sum over seen classes c of MMD(F_x,c, F^_x,c).
 
 Reading order
-    gaussian_kernel   k(f, f') summed over a set of bandwidths
+    gaussian_kernel   k(f, f') summed over a set of bandwidths (_kernel: the same for stacks of sets)
+    _weighted_mmd     Eq. (6) for a stack of set pairs with row weights (padding weighs 0)
     mmd               Eq. (6): the (biased) squared MMD of two sets of features
     classwise_mmd     Eq. (5): the sum of Eq. (6) over the classes present in a batch
 
@@ -57,13 +58,31 @@ def gaussian_kernel(x: Tensor, y: Tensor, *, sigmas: Sequence[float] = DEFAULT_S
     ``sigmas=(1.0,)`` is exactly the paper's kernel exp(-1/2 ||f - f'||^2) (Eq. 6).
     """
     _check_pair(x, y, "gaussian_kernel")
+    _check_sigmas(sigmas, "gaussian_kernel")
+    return _kernel(x, y, sigmas)
+
+
+def _check_sigmas(sigmas: Sequence[float], name: str) -> None:
     if len(sigmas) == 0 or any(s <= 0 for s in sigmas):
-        raise ValueError(f"gaussian_kernel: sigmas must be a non-empty set of positive numbers, got {sigmas}")
+        raise ValueError(f"{name}: sigmas must be a non-empty set of positive numbers, got {sigmas}")
+
+
+def _kernel(x: Tensor, y: Tensor, sigmas: Sequence[float]) -> Tensor:
+    """``gaussian_kernel`` for stacks of sets: x (G, N, D), y (G, M, D) -> (G, N, M) (or unstacked)."""
     # ||x||^2 + ||y||^2 - 2 x.y needs O(N M) memory instead of the O(N M D) of x[:, None] - y;
     # rounding can push it slightly below zero, hence the clamp. It also keeps the gradient
     # finite at x = y, where the gradient of a Euclidean distance (cdist) is not.
-    sq_dist = (x.pow(2).sum(1)[:, None] + y.pow(2).sum(1)[None, :] - 2 * x @ y.T).clamp_min(0)  # (N, M)
+    sq_dist = (x.pow(2).sum(-1)[..., :, None] + y.pow(2).sum(-1)[..., None, :]
+               - 2 * x @ y.transpose(-1, -2)).clamp_min(0)  # (G, N, M)
     return sum(torch.exp(-sq_dist / (2 * s * s)) for s in sigmas)
+
+
+def _weighted_mmd(x: Tensor, y: Tensor, wx: Tensor, wy: Tensor, sigmas: Sequence[float]) -> Tensor:
+    """Eq. (6) for G pairs of sets at once: x (G, N, D) and y (G, M, D) with row weights wx (G, N),
+    wy (G, M) that sum to 1 per set (a padding row weighs 0) -> (G,) squared MMDs."""
+    def mean_k(a, wa, b, wb):  # sum_ij wa_i wb_j k(a_i, b_j), (G,)
+        return (wa[:, :, None] * _kernel(a, b, sigmas) * wb[:, None, :]).sum((1, 2))
+    return mean_k(x, wx, x, wx) + mean_k(y, wy, y, wy) - 2 * mean_k(x, wx, y, wy)  # Eq. (6)
 
 
 def mmd(x: Tensor, y: Tensor, *, sigmas: Sequence[float] = DEFAULT_SIGMAS) -> Tensor:
@@ -75,9 +94,9 @@ def mmd(x: Tensor, y: Tensor, *, sigmas: Sequence[float] = DEFAULT_SIGMAS) -> Te
     _check_pair(x, y, "mmd")
     if len(x) == 0 or len(y) == 0:
         raise ValueError(f"mmd: both sets need at least one row, got {len(x)} and {len(y)}")
-    return (gaussian_kernel(x, x, sigmas=sigmas).mean()
-            + gaussian_kernel(y, y, sigmas=sigmas).mean()
-            - 2 * gaussian_kernel(x, y, sigmas=sigmas).mean())  # Eq. (6)
+    _check_sigmas(sigmas, "mmd")
+    uniform = lambda n: x.new_full((1, n), 1.0 / n)
+    return _weighted_mmd(x[None], y[None], uniform(len(x)), uniform(len(y)), sigmas)[0]
 
 
 def classwise_mmd(
@@ -92,6 +111,7 @@ def classwise_mmd(
     ``max_per_class`` pixels is represented by that many pixels drawn at random (torch RNG),
     the same pixels for real and fake. With no class present the result is a zero that is
     still connected to ``fake`` and ``real``, so ``backward()`` works on every batch.
+    All classes are computed at once, as one padded stack of sets (the same sum, one pass).
     """
     if real.shape != fake.shape or real.dim() != 2:
         raise ValueError(f"classwise_mmd: real and fake must both be (N, D), got "
@@ -101,7 +121,9 @@ def classwise_mmd(
                          f"features, got {tuple(labels.shape)}")
     if max_per_class < 1:
         raise ValueError(f"classwise_mmd: max_per_class must be >= 1, got {max_per_class}")
+    _check_sigmas(sigmas, "classwise_mmd")
     total = (real.sum() + fake.sum()) * 0.0  # the zero that carries a graph
+    sets = []  # the pixel indices of each present class, (N_c,) each
     for c in classes:
         if c == ignore_index:
             continue
@@ -110,5 +132,10 @@ def classwise_mmd(
             continue
         if idx.numel() > max_per_class:
             idx = idx[torch.randperm(idx.numel(), device=idx.device)[:max_per_class]]
-        total = total + mmd(real[idx], fake[idx], sigmas=sigmas)  # Eq. (5)
-    return total
+        sets.append(idx)
+    if not sets:
+        return total
+    idx = torch.nn.utils.rnn.pad_sequence(sets, batch_first=True)  # (G, P), padded with pixel 0
+    n = torch.tensor([len(i) for i in sets], device=idx.device)  # (G,)
+    w = (torch.arange(idx.shape[1], device=idx.device) < n[:, None]).to(real.dtype) / n[:, None]  # (G, P)
+    return total + _weighted_mmd(real[idx], fake[idx], w, w, sigmas).sum()  # Eq. (5)

@@ -205,7 +205,7 @@ class _Block(nn.Module):
         t = h.flatten(2).transpose(1, 2)  # (B, H*W, F)
         t = t + self.attend(self.norm1(t))
         t = t + self.mlp(self.norm2(t))
-        return t.transpose(1, 2).reshape(B, C, H, W)  # (B, F, h, w)
+        return t.transpose(1, 2).reshape(B, C, H, W).contiguous()  # (B, F, h, w)
 
 
 class Reparameterize(nn.Module):
@@ -292,21 +292,35 @@ class SemanticMapping(nn.Module):
         self.num_classes = K
         self.register_buffer("table", torch.cat([embeddings, embeddings.new_zeros(1, e_dim)]).float())
 
-    def forward(self, labels: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-        labels = resize_labels(labels, size) if size is not None else labels  # (B, h, w)
+    def rows(self, labels: Tensor) -> Tensor:
+        """The table row of every pixel, (B, h, w): its class, or the zero row for 255."""
         if ((labels < 0) | ((labels >= self.num_classes) & (labels != IGNORE))).any():
             raise ValueError(f"SemanticMapping: labels must lie in [0, {self.num_classes}) or be "
                              f"{IGNORE}, got values {labels.unique().tolist()}")
-        rows = torch.where(labels == IGNORE, self.num_classes, labels)  # 255 -> the zero row
-        return self.table[rows].permute(0, 3, 1, 2)  # e = M(y), (B, e_dim, h, w)
+        return torch.where(labels == IGNORE, self.num_classes, labels)  # 255 -> the zero row
+
+    def forward(self, labels: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        labels = resize_labels(labels, size) if size is not None else labels  # (B, h, w)
+        return self.table[self.rows(labels)].permute(0, 3, 1, 2)  # e = M(y), (B, e_dim, h, w)
 
 
 class Generator(nn.Sequential):
     """G: per pixel (1x1 convs), e (+) z -> a synthetic feature with F_x's channels. The output
     layer is linear on purpose: F_x ends in a residual sum (or, without SIM, ASPP's) with no
-    activation, so it takes unbounded values of either sign that tanh/sigmoid/ReLU cannot reach."""
+    activation, so it takes unbounded values of either sign that tanh/sigmoid/ReLU cannot reach.
+    ``G(e (+) z)`` is the definition; ``G.from_table`` computes the same map for e = M(y)."""
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 256):
         super().__init__(nn.Conv2d(in_dim, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, out_dim, 1))
+
+    def from_table(self, table: Tensor, rows: Tensor, z: Tensor) -> Tensor:
+        """G(M(y) (+) z) with M(y) = table[rows]: the first layer is linear per pixel, W (e (+) z)
+        = W_e e + W_z z, and W_e table[rows] = (table W_e^T)[rows]. So the (B, e_dim, h, w) map e
+        is never built: G's costliest layer shrinks from e_dim + L input channels to L.
+        table (K + 1, e_dim), rows (B, h, w), z (B, L, h, w) -> (B, F, h, w)."""
+        first, act, last = self
+        W_e, W_z = first.weight[:, :table.shape[1], 0, 0], first.weight[:, table.shape[1]:]
+        e_part = F.embedding(rows, table.to(W_e.dtype) @ W_e.T).permute(0, 3, 1, 2)  # W_e M(y), (B, hidden, h, w)
+        return last(act(e_part + F.conv2d(z, W_z, first.bias)))  # = self(cat([M(y), z], 1))
 
 
 class Discriminator(nn.Sequential):
@@ -392,11 +406,11 @@ class SIGN(nn.Module):
         """F^_x = G(M(y) (+) z) for a label map at feature resolution, (B, h, w) -> (B, F, h, w).
         ``z=None`` draws z ~ N(0, 1), the prior Eq. (2) pulls SIM's z towards (the Transfer
         Learning Step, and every step without SIM). z is detached: SIM learns from Eq. (4) only."""
-        e = self.M(labels)  # (B, e_dim, h, w)
-        B, _, h, w = e.shape
+        rows = self.M.rows(labels)  # e = M(y) is the table's row for each pixel, (B, h, w)
         if z is None:
-            z = torch.randn(B, self.latent_dim, h, w, device=e.device, dtype=e.dtype)
-        return self.G(torch.cat([e, z.detach()], 1))  # (B, F, h, w)
+            B, h, w = rows.shape
+            z = torch.randn(B, self.latent_dim, h, w, device=rows.device, dtype=self.M.table.dtype)
+        return self.G.from_table(self.M.table, rows, z.detach())  # G(M(y) (+) z), (B, F, h, w)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> logits (B, K, H, W)
         logits = self.C(self.features(x)[0])  # (B, K, h, w)

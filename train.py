@@ -11,8 +11,12 @@ Reading order (the paper's algorithm, section 3.2 and 3.4)
     transfer_step        Transfer Learning Step, Eq. (10): C on real + synthetic features
     run_stage            one stage's loop: seeding, progress bar, logging, checkpoints
     main                 stage 1 = SIM + G jointly (the paper: "we jointly optimize them");
-                         stage 2 = transfer; stage 3 = self-training (ST / AST, Eq. 17), then
-                         the transfer step again; evaluation after every stage
+                         stage 2 = transfer; stage 3 = self-training (ST / AST, Eq. 17; AST by
+                         default, the paper's SIGN + AST), then the transfer step again;
+                         evaluation after every stage
+    EXPERIMENTS, reproduce  the paper's tables on shapes as train.py flags, run as
+                         ``python train.py`` processes (``--reproduce DIR``), two at a time on
+                         two cores; ``evaluate.reproduction_tables`` aggregates the folders
 
 Symbols: x image, y label map (255 = ignore), F_x = SIM's features, z SIM's latent,
 F^_x = G(M(y) (+) z) synthetic features, alpha / beta the loss weights of Eqs. (4) / (8),
@@ -43,6 +47,11 @@ Choices the paper leaves open (README "Deviations" lists them too)
       keeps what it learnt from real unseen pixels while seeing synthetic ones.
     * Every iteration reseeds torch from (seed, stage, iteration), so a run resumed from a
       checkpoint replays exactly the batches, augmentations and noise it would have drawn.
+    * The reproduction runner lives here, beside the flags it combines, and starts each run
+      as its own ``python train.py`` process: two of them keep two cores busy (one thread
+      each, which beats one run on two threads), a failing run cannot take the others down,
+      each run is exactly the command a user would type, and ``evaluate.py`` stays a reader
+      of results that never imports this module.
     * The ``shapes`` preset trains its small encoder from scratch, so it departs from the
       paper's optimiser settings: Adam (lr 3e-3, poly) instead of SGD 2.5e-4, and alpha = 10
       instead of 100, chosen on seeds 100-102, which no reported result uses. Harmonic mIoU
@@ -57,9 +66,11 @@ import argparse
 import copy
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -77,17 +88,19 @@ PRESETS = {  # defaults per dataset; every flag below can override them
     "shapes": dict(backbone="small", small_width=64, feat_dim=64, pe_dim=32, heads=4, hidden=128,
                    optimizer="adam", lr=3e-3, lr_transfer=1e-3, lr_g=1e-3, lr_d=1e-3, alpha=10.0, beta=50.0,
                    crop_size=64, batch_size=16, iters=2000, transfer_iters=400, self_training_iters=400,
-                   temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0, lr_mult=1.0),
+                   temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0, lr_mult=1.0,
+                   num_test=[2000, 300]),
     "voc": dict(backbone="resnet101", small_width=64, feat_dim=600, pe_dim=600, heads=8, hidden=256,
                 optimizer="sgd", lr=2.5e-4, lr_transfer=2.5e-4, lr_g=2e-4, lr_d=2.5e-4, alpha=100.0, beta=50.0,
                 crop_size=368, batch_size=8, iters=40000, transfer_iters=6000, self_training_iters=6000,
-                temperature=2.0, unseen_rate=0.5, mmd_pixels=256, test_sizes=[513], workers=4, lr_mult=10.0),
+                temperature=2.0, unseen_rate=0.5, mmd_pixels=256, test_sizes=[513], workers=4, lr_mult=10.0,
+                num_test=None),
 }
 PRESETS["context"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 PRESETS["cocostuff"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 STAGES = ("train", "transfer", "self_training", "self_training_transfer")
 # A run whose saved settings lack one of these keys was trained with this value: resumed, it keeps it.
-UNSAVED = dict(latent_path="side", lr_mult=1.0, embeddings_order="model")
+UNSAVED = dict(latent_path="side", lr_mult=1.0, embeddings_order="model", layout="uniform")
 COMPLETE = 10**12  # the iteration --init-from gives its checkpoint's stage: past any stage's end
 
 
@@ -278,6 +291,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--dataset", default="shapes", choices=sorted(PRESETS), help="default: shapes, the built-in benchmark")
     a("--data-root", default="data", help="folder holding the dataset (README 'Datasets'); default: data")
+    a("--layout", default="context", choices=data.SHAPES_LAYOUTS,
+      help="shapes: where things stand; context, circles and crosses mostly above the horizon, squares and "
+      "triangles mostly below (default; README 'The built-in benchmark'), or uniform, anywhere")
     a("--embeddings", nargs="+", help="word2vec .bin and fastText .vec files (paper: both, 600-d), or one "
       ".npy table; shapes makes its own seeded vectors")
     a("--embeddings-order", default="raw", choices=["raw", "model"],
@@ -329,8 +345,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "1 = one group; default: 1 / 10; lineage (DeepLab-v2): 10")
     o.add_argument("--optimizer", choices=["sgd", "adam"], help="for E, SIM, C (and C in the transfer step); "
                    "default: adam / sgd; paper: SGD, momentum 0.9, weight decay 5e-4")
-    o.add_argument("--self-training", default="none", choices=["none", "st", "ast"],
-                   help="stage 3: none, ZS3Net's top-75%% (st) or annealed (ast, Eq. 17); default: none")
+    o.add_argument("--self-training", default="ast", choices=["none", "st", "ast"],
+                   help="stage 3: annealed self-training (ast, Eq. 17; default, the paper's SIGN + AST), "
+                   "ZS3Net's top-75%% (st), or none")
     o.add_argument("--keep", type=float, default=0.75, help="fraction ST keeps per unseen class; default and ZS3Net: 0.75")
     o.add_argument("--mmd-sigmas", type=float, nargs="+", help="MMD kernel bandwidths; default: mmd.DEFAULT_SIGMAS; "
                    "paper: 1 (see README 'Deviations')")
@@ -340,7 +357,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-res", default="full", choices=["full", "feature"],
                    help="score at the label's resolution (default) or the lineage's feature resolution")
     e.add_argument("--num-train", type=int, help="shapes training images; default: 2000")
-    e.add_argument("--num-test", type=int, help="shapes test images; default: 300")
+    e.add_argument("--num-test", type=int, nargs="+", help="shapes test images, one count for every test size or "
+                   f"one per size; default: {' '.join(map(str, PRESETS['shapes']['num_test']))}")
     e.add_argument("--log-every", type=int, default=10, help="default: 10")
     e.add_argument("--save-every", type=int, default=0, help="also checkpoint every N iterations; default: 0 (per stage)")
     return p
@@ -367,9 +385,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 def build_data(args):
     """Training set, test sets by name, and the class-embedding table behind M."""
     tests = evaluate.test_sets(args.dataset, root=args.data_root, sizes=args.test_sizes, eval_res=args.eval_res,
-                               num_images=args.num_test)
+                               num_images=args.num_test, layout=args.layout)
     if args.dataset == "shapes":  # the benchmark itself is fixed (scene seed 0); --seed varies training
-        train_set = data.Shapes("train", size=args.crop_size, num_images=args.num_train)
+        train_set = data.Shapes("train", size=args.crop_size, num_images=args.num_train, layout=args.layout)
         return train_set, tests, data.shapes_embeddings(train_set.class_names)
     train_set = data.build_dataset(args.dataset, "train", root=args.data_root,
                                    transform=data.train_transform(args.crop_size))
@@ -423,6 +441,9 @@ def read_checkpoint(path: Path) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a.split("=")[0] == "--reproduce" for a in argv):
+        return reproduce_main(argv)
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.resume and args.init_from:
@@ -557,6 +578,123 @@ def print_summary(metrics: dict) -> None:
     for stage, sets in metrics.items():
         for name, m in sets.items():
             print(f"{stage:<15} {name:<6} {m['seen_miou']:6.2f} {m['unseen_miou']:7.2f} {m['harmonic_miou']:8.2f}")
+
+
+# ----------------------------------------------------------------------------- the paper's tables on shapes
+# name -> (train.py flags, the run whose end-of-transfer checkpoint it starts from). A run that
+# only adds self-training starts from its base run's checkpoint_transfer.pt instead of retraining.
+BASELINES = {"zs3net": ["--sim", "none", "--latent", "noise"],  # no SIM, z ~ N(0, 1): ZS3Net
+             "cagnet": ["--sim", "attention", "--pe", "none"],  # contextual latent, no PE: CaGNet
+             "sign": []}  # the defaults: multi-head SIM, RPE
+NO_ST = ["--self-training", "none"]
+EXPERIMENTS = {**{name: (flags + NO_ST, None) for name, flags in BASELINES.items()},
+               **{f"sim-{a}": (["--sim", a] + NO_ST, None) for a in ("conv", "attention", "self-attention")},
+               **{f"pe-{p}": (["--pe", p] + NO_ST, None) for p in ("none", "ape", "ape-interp")},
+               **{f"{name}-st": (flags + ["--self-training", "st"], name) for name, flags in BASELINES.items()},
+               **{f"sign-ast-T{t:g}": (["--self-training", "ast", "--temperature", str(t)], "sign")
+                  for t in evaluate.TEMPERATURES}}
+CLAIMED = ["sign", "zs3net", "pe-ape", "sign-st", "sign-ast-T2"]  # the runs evaluate.CLAIMS compares
+RESERVED = ("--seed", "--out", "--resume", "--init-from", "--self-training", "--temperature", "--quiet",
+            "--reproduce", "--seeds", "--experiments", "--jobs")
+UNCOMPARED = ("out", "resume", "init_from", "device", "quiet")  # may differ between a run and its rerun
+
+
+def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, names: Sequence[str] | None = None,
+              jobs: int = 1) -> list[str]:
+    """Every run of EXPERIMENTS (or of ``names`` and their base runs) for every seed, as
+    ``root/<name>/seed<k>``: ``jobs`` ``python train.py`` processes at a time, each with
+    cores // jobs threads and its log in ``train.log``; base runs first, then the runs that
+    start from them. A run whose metrics.json holds its final stage is kept, one with a
+    checkpoint resumes, but only if its config.json matches today's settings (else a
+    ValueError names the differences). A failing run does not stop the others; returns the
+    folders of the runs that failed."""
+    root = Path(root).resolve()  # absolute: --init-from paths are stored in config.json
+    reserved = [a for a in train_args if a.split("=")[0] in RESERVED]
+    if reserved:
+        raise ValueError(f"--reproduce sets {reserved} itself; remove them")
+    names = list(EXPERIMENTS) if names is None else list(names)
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"--experiments: unknown {unknown}; expected names from {list(EXPERIMENTS)}")
+    names += [EXPERIMENTS[n][1] for n in names if EXPERIMENTS[n][1] and EXPERIMENTS[n][1] not in names]
+    waves = [[], []]  # base runs, then the runs that start from their checkpoint_transfer.pt
+    for seed in seeds:
+        for name in [n for n in EXPERIMENTS if n in names]:
+            flags, base = EXPERIMENTS[name]
+            out = root / name / f"seed{seed}"
+            argv = [*flags, *train_args, "--seed", str(seed), "--out", str(out), "--quiet"]
+            if base:
+                argv += ["--init-from", str(root / base / f"seed{seed}" / "checkpoint_transfer.pt")]
+            if (out / "config.json").is_file():
+                _check_same_settings(out, resolve(get_args_parser().parse_args(argv)))
+                if ("self_training" if base else "transfer") in evaluate.read_metrics(out):
+                    continue
+            if list(out.glob("checkpoint_*.pt")):
+                argv = ["--resume", str(out), "--quiet"]
+            waves[bool(base)].append((f"{name}, seed {seed}", out, argv))
+    total, done, failed = sum(map(len, waves)), [0], []
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    print(f"reproduce: {total} runs into {root}, {jobs} at a time, {threads} thread(s) each", flush=True)
+
+    def run(job) -> None:
+        label, out, argv = job
+        out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        with open(out / "train.log", "a") as log:
+            code = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], stdout=log,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": threads}).returncode
+        done[0] += 1
+        status = "done" if code == 0 else f"FAILED (exit {code}; see {out / 'train.log'})"
+        print(f"[{done[0]}/{total}] {label}: {status} in {time.perf_counter() - start:.0f} s", flush=True)
+        if code != 0:
+            failed.append(str(out))
+
+    with ThreadPoolExecutor(jobs) as pool:
+        for wave in waves:
+            list(pool.map(run, wave))
+    return failed
+
+
+def _check_same_settings(run_dir: Path, expected) -> None:
+    saved = json.loads((run_dir / "config.json").read_text())
+    differ = {k: (saved.get(k), v) for k, v in vars(expected).items() if k not in UNCOMPARED and saved.get(k) != v}
+    if differ:
+        listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+        raise ValueError(f"run {run_dir} was made with other settings ({listed}); "
+                         f"delete it or reproduce into another folder")
+
+
+def reproduce_main(argv: list[str]) -> int:
+    """``python train.py --reproduce DIR [--seeds ...] [--experiments ...] [--jobs N] [train.py flags]``:
+    the runs, then ``DIR/tables.md`` (``evaluate.reproduction_tables``), and the wall time."""
+    p = argparse.ArgumentParser(prog="train.py --reproduce", allow_abbrev=False,  # --seed must not mean --seeds
+                                description="Run the paper's experiments on shapes (train.EXPERIMENTS) and "
+                                "tabulate them; other flags go to every run.")
+    p.add_argument("--reproduce", type=Path, required=True, metavar="DIR", help="run folders DIR/<name>/seed<k>")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
+    p.add_argument("--experiments", nargs="+", metavar="NAME", help="only these runs (and the runs they start "
+                   f"from); 'claimed' = {' '.join(CLAIMED)}; default: all of train.EXPERIMENTS")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="runs at a time; default: 2 on two or more cores, else 1")
+    args, train_args = p.parse_known_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
+    names = None if args.experiments is None else [
+        n for e in args.experiments for n in (CLAIMED if e == "claimed" else [e])]
+    start = time.perf_counter()
+    try:
+        get_args_parser().parse_args(train_args)  # a bad flag fails here, before any run starts
+        failed = reproduce(args.reproduce, args.seeds, train_args, names=names, jobs=args.jobs)
+        tables = evaluate.reproduction_tables(args.reproduce)
+    except ValueError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    (args.reproduce / "tables.md").write_text(tables + "\n")
+    print(tables + f"\n\nwritten to {args.reproduce / 'tables.md'}; wall time {time.perf_counter() - start:.0f} s")
+    if failed:
+        print("train.py: these runs failed and are missing from the tables:\n  " + "\n  ".join(failed),
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

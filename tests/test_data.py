@@ -520,6 +520,52 @@ def test_shapes_double_size_test_shows_the_same_scenes_with_things_at_the_same_p
         assert 1.9 < sky_rows < 2.1  # ...while the stuff bands scale with the image
 
 
+def test_shapes_context_layout_puts_circles_and_crosses_above_the_horizon_and_the_others_below_with_p_0_8():
+    scenes = data._shapes_scenes(4000, 0, "train", "context")  # 12,000 things
+    form, colour = scenes["thing"] % 4, scenes["thing"] // 4
+    y, h, r = scenes["centre"][..., 0], scenes["horizon"][:, None], scenes["radius"]
+    above = y < h
+    for f, name in enumerate(data.SHAPES_FORMS):
+        own = 0.8 if name in ("circle", "cross") else 0.2  # share above the horizon
+        assert abs(above[form == f].mean() - own) < 0.03  # ~3,000 things: binomial std 0.007
+        for c in range(4):  # colour says nothing about place
+            assert abs(above[(form == f) & (colour == c)].mean() - own) < 0.05  # ~750 things: std 0.015
+    assert ((y + r <= h) | (y - r >= h)).all() and ((0.1 <= y) & (y <= 0.9)).all()  # clear of the horizon
+    # Uniform within the band: the relative height in it falls into each quarter a quarter of the time.
+    t = np.where(above, (y - 0.1) / (h - r - 0.1), (y - h - r) / (0.9 - h - r))
+    np.testing.assert_allclose(np.histogram(t, bins=4, range=(0, 1))[0] / t.size, 0.25, atol=0.02)
+    uniform = data._shapes_scenes(4000, 0, "train", "uniform")
+    assert abs((uniform["centre"][..., 0] < h)[form == 0].mean() - 0.5) < 0.05  # uniform: no preference
+    for k in scenes:  # the layout moves the centre heights, nothing else
+        np.testing.assert_array_equal(scenes[k][..., 1] if k == "centre" else scenes[k],
+                                      uniform[k][..., 1] if k == "centre" else uniform[k])
+
+
+def test_shapes_context_layout_is_what_the_rendered_labels_show():
+    ds = data.Shapes("test", num_images=400)  # the default layout
+    assert ds.layout == "context"
+    rows = torch.arange(64).view(-1, 1) + 0.5
+    sides = {True: 0, False: 0}
+    for i in np.flatnonzero(ds.scenes["count"] == 1):
+        thing = ds.class_names.index(data.SHAPES_RAW[4 + ds.scenes["thing"][i, 0]])
+        pixel_rows = rows.expand(64, 64)[ds.labels[i] == thing]
+        above = pixel_rows < ds.scenes["horizon"][i] * 64
+        assert above.all() or not above.any()  # one side of the horizon, never across it
+        sides[bool(above.all()) == (ds.scenes["thing"][i, 0] % 4 in data.SHAPES_FLY)] += 1
+    assert sides[True] > 2.5 * sides[False] > 0  # mostly in its own band, sometimes in the other
+
+
+def test_shapes_uniform_layout_draws_the_first_version_of_the_benchmark_bit_for_bit():
+    import hashlib
+    ds = data.Shapes("train", num_images=64, layout="uniform")
+    test = data.Shapes("test", size=128, num_images=16, layout="uniform")
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in (ds.images, ds.labels, test.images, test.labels)))
+    assert digest.hexdigest()[:16] == UNIFORM_DIGEST
+
+
+UNIFORM_DIGEST = "88b141b14dc93809"  # sha256 of the images and labels the benchmark's first version rendered
+
+
 @pytest.mark.parametrize("key", ["train", "test", "test128"])
 def test_shapes_every_object_has_a_one_pixel_void_ring(shapes, key):
     ds = shapes[key]
@@ -541,6 +587,14 @@ def test_shapes_every_object_has_a_one_pixel_void_ring(shapes, key):
         thing = things[i].float()[None, None]
         ring = (torch.nn.functional.max_pool2d(thing, 3, 1, 1) - thing)[0, 0].bool()
         assert torch.equal(lab[i] == 255, ring)
+
+
+def test_shapes_batches_fetched_at_once_equal_the_items_one_by_one(shapes):
+    ds = shapes["train"]
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=[[5, 0, 299, 17]])
+    x, y = next(iter(loader))
+    assert torch.equal(x, torch.stack([ds[i][0] for i in (5, 0, 299, 17)]))  # bit for bit
+    assert torch.equal(y, torch.stack([ds[i][1] for i in (5, 0, 299, 17)])) and y.dtype == torch.int64
 
 
 def test_shapes_default_sets_have_2000_and_300_images_and_render_in_seconds():

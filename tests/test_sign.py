@@ -155,6 +155,19 @@ def test_without_sim_features_are_the_encoder_output_and_g_draws_pure_noise():
 
 
 @pytest.mark.sim
+def test_g_computes_its_definition_g_of_m_y_concatenated_with_z_and_its_gradients():
+    model = scrambled(tiny_model()).double()
+    y = torch.tensor([[[0, 3, 255], [NUM_SEEN, 1, 1]]])  # (1, 2, 3): seen, unseen and ignore pixels
+    z = torch.randn(1, model.latent_dim, 2, 3, dtype=torch.float64)
+    fake = model.generate(y, z)  # G.from_table: M(y) is never built
+    reference = model.G(torch.cat([model.M(y), z], 1))  # the definition, F^_x = G(e (+) z)
+    torch.testing.assert_close(fake, reference)
+    params = list(model.G.parameters())
+    torch.testing.assert_close(torch.autograd.grad(fake.square().sum(), params),
+                               torch.autograd.grad(reference.square().sum(), params))
+
+
+@pytest.mark.sim
 @pytest.mark.parametrize("encoder,stride", [("resnet18", 8), ("resnet50", 8), ("small", 4)])
 def test_encoder_output_is_one_over_output_stride_of_the_input(encoder, stride):
     model = tiny_model(encoder=encoder, sim="none")

@@ -1,5 +1,6 @@
 """Specification of the reproduction tables (evaluate.py): run folders ``<name>/seed<k>/metrics.json``
-become mean ± std Markdown tables and the three bars; every baseline's flags run end to end."""
+become mean ± std Markdown tables and the paper's claims as paired differences; the runner
+(``train.py --reproduce``) runs every experiment's flags end to end."""
 import json
 
 import pytest
@@ -69,21 +70,50 @@ def test_tables_hold_mean_and_std_over_seeds_in_every_table(tmp_path):
     assert row("64") == "| 64 | 71.00 ± 0.00 | – | – | – | 75.00 ± 0.00 |"
     assert row("128") == "| 128 | 61.00 ± 0.00 | – | – | – | 65.00 ± 0.00 |"
     assert lines.index(row("64")) < lines.index(row("128"))  # test sizes in numeric order
-    # the bars: SIGN - ZS3Net = 20 > 2.83 at 64; no-PE runs are missing; AST 59 > 52 at 64
-    assert "- holds: SIGN H 52.00 - ZS3Net H 32.00 > max std 2.83 (test 64, 2 and 2 seeds)" in text
-    assert "- n/a: RPE / APE / no-PE sky/water at test 128 needs the sign, pe-ape and pe-none runs" in text
-    assert "- holds: SIGN + AST H 59.00 > SIGN H 52.00 (test 64)" in text
+    # the claims, paired by seed: SIGN - ZS3Net is +20 in both seeds (no spread: a zero-width interval)
+    assert row("SIGN > ZS3Net (Table 1)") == ("| SIGN > ZS3Net (Table 1) | 64 | harmonic | 2 | 52.00 ± 2.83 | "
+                                              "32.00 ± 2.83 | +20.00 ± 0.00 | [+20.00, +20.00] | 2 of 2 | supported |")
+    assert row("AST > ST (Fig. 5)").endswith("| 0 | – | – | – | – | – | needs >= 2 seeds with both sign-ast-T2 and sign-st |")
 
 
 @pytest.mark.tables
-def test_the_sky_water_bar_reads_test_size_128(tmp_path):
-    for name, sky in (("sign", 90.0), ("pe-ape", 84.0), ("pe-none", 70.0)):  # at 64: RPE 85, only 3 above APE 82
-        m = metrics({"transfer": (70, 40, 50.0)}, sky=sky, water=80.0)
-        if name == "pe-ape":
-            m["transfer"]["128"]["per_class"]["sky"] = 50.0  # at 128: APE 60, RPE 75, no PE 65
-        write(tmp_path, name, 0, m)
-    assert ("- holds: RPE sky/water 75.00 >= APE 60.00 + 5 and > no PE 65.00 (test 128)"
-            in evaluate.reproduction_tables(tmp_path))
+def test_paired_difference_is_the_mean_of_the_per_seed_gaps_with_a_t_interval():
+    p = evaluate.paired_difference([52.0, 50.0, 61.0], [50.0, 47.0, 57.0])  # gaps 2, 3, 4
+    se = 1 / 3 ** 0.5  # s_d / sqrt(n), s_d = 1
+    assert p["mean"] == pytest.approx(3.0) and p["se"] == pytest.approx(se)
+    assert (p["low"], p["high"]) == pytest.approx((3 - 4.303 * se, 3 + 4.303 * se))  # t(0.975, df 2) = 4.303
+    assert (p["agree"], p["n"], p["reading"]) == (3, 3, "supported")
+    # every seed agrees, but gaps 2, 1, 6 leave 0 inside the interval: three seeds cannot tell
+    assert evaluate.paired_difference([52.0, 50.0, 61.0], [50.0, 49.0, 55.0])["reading"] == "not supported"
+    # the unpaired spread (std 5.6 and 3.2) would hide a gap that every seed shows
+    assert evaluate.paired_difference([50.0, 40.0], [49.0, 41.0])["reading"] == "not supported"
+    assert evaluate.paired_difference([40.0, 41.0, 39.0], [45.0, 45.5, 44.0])["reading"] == "contradicted"
+    assert evaluate.paired_difference(list(range(40)), [v - 1.0 for v in range(40)])["high"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="needs >= 2 paired seeds"):
+        evaluate.paired_difference([1.0], [2.0])
+
+
+@pytest.mark.tables
+def test_claims_pair_seeds_read_the_right_stage_and_size_and_drop_unpaired_seeds(tmp_path):
+    for seed, (h_sign, h_ape, sky_ape) in enumerate([(50.0, 40.0, 50.0), (54.0, 47.0, 60.0), (58.0, 47.0, 70.0)]):
+        m = metrics({"train": (75 + seed, 0, 0), "transfer": (70, 40, h_sign)})
+        write(tmp_path, "sign", seed, m)
+        ape = metrics({"transfer": (70, 40, 99.0)})  # H at 64 is not what the claim reads
+        ape["transfer"]["128"].update(harmonic_miou=h_ape - 10)
+        ape["transfer"]["128"]["per_class"]["sky"] = sky_ape
+        write(tmp_path, "pe-ape", seed, ape)
+    write(tmp_path, "zs3net", 0, metrics({"train": (71, 0, 0), "transfer": (65, 20, 30.0)}))
+    write(tmp_path, "zs3net", 1, metrics({"train": (70, 0, 0), "transfer": (65, 20, 31.0)}))
+    write(tmp_path, "zs3net", 7, metrics({"train": (90, 0, 0), "transfer": (65, 20, 99.0)}))  # no SIGN seed 7
+    lines = evaluate.reproduction_tables(tmp_path).splitlines()
+    row = lambda label: next(line for line in lines if line.startswith(f"| {label} |")).split(" | ")
+    assert row("SIGN > ZS3Net (Table 1)")[3:7] == ["2", "52.00 ± 2.83", "30.50 ± 0.71", "+21.50 ± 1.50"]
+    seen = row("SIM helps seen classes (Table 4)")  # stage 1, seen mIoU: 75, 76 against 71, 70
+    assert seen[2:7] == ["seen", "2", "75.50 ± 0.71", "70.50 ± 0.71", "+5.00 ± 1.00"]
+    h128 = row("RPE > APE at a new size (Table 3)")  # at 128: sign 40, 44, 48 against 30, 37, 37
+    assert h128[1] == "128" and h128[6:9] == ["+9.33 ± 1.20", "[+4.16, +14.50]", "3 of 3"]
+    sky = row("RPE > APE at a new size, sky/water (Table 3)")  # at 128: (80 + 70) / 2 against (sky + 70) / 2
+    assert sky[6] == "+10.00 ± 2.89" and sky[-1] == "not supported |"
 
 
 @pytest.mark.tables
@@ -94,7 +124,7 @@ def test_an_unfinished_seed_is_counted_apart_and_a_single_seed_cannot_pass_the_s
     text = evaluate.reproduction_tables(tmp_path)
     assert "| SIGN | 1 | 70.00 | 40.00 | 50.00 |" in text  # 1 seed finished the transfer step
     assert "| 64 | 71.00 | – | – | – | 76.00 ± 1.41 |" in text  # both finished stage 1
-    assert "- n/a: SIGN vs ZS3Net needs >= 2 seeds of each for a std; found 1 and 1" in text
+    assert "| SIGN > ZS3Net (Table 1) | 64 | harmonic | 1 | – |" in text  # one paired seed: no interval
 
 
 @pytest.mark.tables
@@ -105,15 +135,6 @@ def test_a_cell_missing_a_seed_of_its_row_says_how_many_it_averages(tmp_path):
     write(tmp_path, "pe-ape", 1, m)
     assert ("| APE | 2 | 70.00 ± 0.00 | 40.00 ± 0.00 | 50.00 ± 0.00 | 85.00 (n = 1) |"
             in evaluate.reproduction_tables(tmp_path))
-
-
-@pytest.mark.tables
-def test_a_gap_within_one_standard_deviation_fails_the_first_bar(tmp_path):
-    for seed, (h_sign, h_zs3) in enumerate([(50.0, 48.0), (60.0, 50.0)]):  # gap 6 < std 7.07
-        write(tmp_path, "sign", seed, metrics({"transfer": (70, 40, h_sign)}))
-        write(tmp_path, "zs3net", seed, metrics({"transfer": (70, 30, h_zs3)}))
-    assert "- FAILS: SIGN H 55.00 - ZS3Net H 49.00 > max std 7.07 (test 64, 2 and 2 seeds)" in \
-        evaluate.reproduction_tables(tmp_path)
 
 
 @pytest.mark.tables
@@ -130,21 +151,27 @@ def test_tables_cli_writes_markdown_and_an_empty_folder_is_an_error(tmp_path, ca
 
 
 @pytest.mark.tables
-def test_seeds_and_train_flags_are_refused_without_reproduce(capsys):
-    for argv in (["--tables", "runs", "--seeds", "0"], ["--checkpoint", "ck.pt", "junk"]):
-        with pytest.raises(SystemExit) as exit_info:
-            evaluate.main(argv)
-        assert exit_info.value.code == 2 and "go with --reproduce only" in capsys.readouterr().err
-    assert evaluate.main(["--reproduce", "runs/x", "--", "--seed", "3"]) == 2
+def test_reproduce_refuses_the_flags_it_sets_itself_and_unknown_experiments(tmp_path, capsys):
+    assert train.main(["--reproduce", str(tmp_path), "--seed", "3"]) == 2  # --seed is not --seeds
     assert "--reproduce sets ['--seed'] itself" in capsys.readouterr().err
+    assert train.main(["--reproduce", str(tmp_path), "--experiments", "sign", "nonsense"]) == 2
+    assert "--experiments: unknown ['nonsense']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.main(["--reproduce", str(tmp_path), "--lr", "fast"])  # a bad train.py flag, before any run
+    assert "--lr: invalid float value" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.tables
 def test_every_self_training_run_starts_from_its_base_run_with_the_same_model_flags():
-    for name, (flags, base) in evaluate.EXPERIMENTS.items():
-        assert (base is not None) == ("--self-training" in flags), name
+    for name, (flags, base) in train.EXPERIMENTS.items():
+        assert (base is not None) == (flags[flags.index("--self-training") + 1] != "none"), name
         if base:
-            assert flags[:len(evaluate.EXPERIMENTS[base][0])] == evaluate.EXPERIMENTS[base][0], name
+            model_flags = train.EXPERIMENTS[base][0][:-2]  # without its "--self-training none"
+            assert flags[:len(model_flags)] == model_flags, name
+    assert set(train.CLAIMED) <= set(train.EXPERIMENTS)
+    used = {name for _, (a, _), (b, _), _, _ in evaluate.CLAIMS for name in (a, b)}
+    assert used == set(train.CLAIMED)  # the claims compare exactly the runs "--experiments claimed" makes
 
 
 def test_latent_sim_without_a_sim_is_refused(capsys):
@@ -159,17 +186,19 @@ def test_reproduce_runs_every_baseline_and_fills_every_table(tmp_path, capsys):
             "--batch-size", "4", "--feat-dim", "16", "--pe-dim", "8", "--heads", "2", "--hidden", "16",
             "--small-width", "8", "--iters", "2", "--transfer-iters", "2", "--self-training-iters", "2",
             "--device", "cpu"]
-    assert evaluate.main(["--reproduce", str(tmp_path), "--seeds", "0", "--", *tiny]) == 0
+    assert train.main(["--reproduce", str(tmp_path), "--seeds", "0", *tiny]) == 0
+    out = capsys.readouterr().out
+    assert f"[{len(train.EXPERIMENTS)}/{len(train.EXPERIMENTS)}]" in out and "wall time" in out
     runs = evaluate.collect_runs(tmp_path)
-    assert set(runs) == set(evaluate.EXPERIMENTS)
-    for name, (flags, _) in evaluate.EXPERIMENTS.items():
+    assert set(runs) == set(train.EXPERIMENTS)
+    for name, (flags, _) in train.EXPERIMENTS.items():
         config = json.loads((tmp_path / name / "seed0" / "config.json").read_text())
         for flag, value in zip(flags[::2], flags[1::2]):  # every flag reached train.py
             assert same(config[flag[2:].replace("-", "_")], value), (name, flag)
-        assert evaluate.final_stage(name) in runs[name][0]
+        assert evaluate.final_stage(runs, name) in runs[name][0]
     assert json.loads((tmp_path / "zs3net" / "seed0" / "config.json").read_text())["latent"] == "noise"
     assert json.loads((tmp_path / "sign" / "seed0" / "config.json").read_text())["latent"] == "sim"
-    for name, (_, base) in evaluate.EXPERIMENTS.items():  # self-training starts from its base run's transfer step
+    for name, (_, base) in train.EXPERIMENTS.items():  # self-training starts from its base run's transfer step
         if base:
             config = json.loads((tmp_path / name / "seed0" / "config.json").read_text())
             assert config["init_from"] == str(tmp_path / base / "seed0" / "checkpoint_transfer.pt")
@@ -182,10 +211,10 @@ def test_reproduce_runs_every_baseline_and_fills_every_table(tmp_path, capsys):
     (tmp_path / "sign-st" / "seed0" / "checkpoint_self_training_transfer.pt").unlink()
     # a second call finds every run finished and retrains nothing
     before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/metrics.json")}
-    assert evaluate.main(["--reproduce", str(tmp_path), "--seeds", "0", "--", *tiny]) == 0
+    assert train.main(["--reproduce", str(tmp_path), "--seeds", "0", *tiny]) == 0
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*/seed0/metrics.json")
                       if p.parent.parent.name != "sign-st"}
     assert evaluate.collect_runs(tmp_path)["sign-st"][0] == runs["sign-st"][0]  # resumed to the same metrics
     # other settings over an existing folder are refused, naming the run and the difference
-    assert evaluate.main(["--reproduce", str(tmp_path), "--seeds", "0", "--", *tiny, "--iters", "3"]) == 2
+    assert train.main(["--reproduce", str(tmp_path), "--seeds", "0", *tiny, "--iters", "3"]) == 2
     assert "iters: 2 there, 3 now" in capsys.readouterr().err

@@ -153,7 +153,7 @@ def tiny_voc_run(tmp_path, *flags: str) -> list[str]:
 
 def test_the_real_data_path_runs_on_a_tiny_voc_layout(tmp_path):
     """--dataset voc end to end: VOC reader, .npy class table, DeepLab-v2 (ResNet-18), metrics on 'val'."""
-    assert train.main(tiny_voc_run(tmp_path, "--iters", "2", "--transfer-iters", "2")) == 0
+    assert train.main(tiny_voc_run(tmp_path, "--iters", "2", "--transfer-iters", "2", "--self-training", "none")) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(metrics) == {"train", "transfer"} and set(metrics["transfer"]) == {"val"}
     assert 0.0 <= metrics["transfer"]["val"]["harmonic_miou"] <= 100.0
@@ -247,3 +247,12 @@ def test_self_training_on_real_crops_never_pseudo_labels_their_padding(tmp_path,
     for padding, target, weight in seen:
         assert padding.float().mean() > 0.5  # at most 1.5 x (6 x 8) of the 32 x 32 crop is image
         assert (target[padding] == 255).all() and (weight[padding] == 0).all()
+
+
+def test_the_layout_flag_reaches_the_training_and_test_sets_and_context_is_the_default():
+    for flags, layout in (([], "context"), (["--layout", "uniform"], "uniform")):
+        args = train.resolve(train.get_args_parser().parse_args(flags + ["--num-train", "8", "--num-test", "3", "2"]))
+        train_set, tests, _ = train.build_data(args)
+        assert train_set.layout == layout and [t.layout for t in tests.values()] == [layout, layout]
+        assert [len(t) for t in tests.values()] == [3, 2]  # one count per test size
+    assert train.resolve(train.get_args_parser().parse_args([])).self_training == "ast"  # SIGN + AST by default
