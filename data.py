@@ -12,7 +12,9 @@ here; it imports none of the project's modules. Reading order:
 3. `VOC` (2012 + SBD), `Context33` (from the common 59-class PNGs), `COCOStuff` (164k).
 4. Class embeddings (paper section 4.2): `read_word2vec_binary`, `read_fasttext_vec`,
    `class_embedding_table`, `load_class_embeddings`, `shapes_embeddings`.
-5. `Shapes`, the built-in procedural zero-shot benchmark (PROTOCOL section 7).
+5. `Shapes`, the built-in procedural zero-shot benchmark (PROTOCOL section 7): scene parameters
+   (`_shapes_scenes`, where layout "context" places things by their shape word with
+   `_place_things`), then `_render_shapes`.
 6. `build_dataset`, `save_preview`, and the CLI `main`
    (`python data.py --preview docs/shapes_samples.png` draws the README's picture).
 

@@ -9,7 +9,8 @@ Reading order (Fig. 2, left to right)
                                     F_x = h + h * sigmoid(z), the gate through which z is learnt
     Classifier                      C: p = C(F_x)
     resize_labels, SemanticMapping  M: e = M(y), labels resized to the feature map
-    Generator, Discriminator        G: F^_x = G(e (+) z);  D: one logit per pixel
+    Generator, Discriminator        G: F^_x = G(e (+) z) (``from_table``: the same map, with
+                                    e = M(y) looked up rather than built);  D: one logit per pixel
     SIGN                            all six; forward(x) = upsample(C(SIM(E(x))))
     kl_loss, prediction_loss        Eq. (2); Eqs. (3) and (9), optionally weighted per pixel
     sim_step_loss                   Eq. (4), Training Step (SIM): E, SIM, C
