@@ -45,6 +45,18 @@ def test_shapes_test_sets_are_keyed_by_render_size():
 
 
 @pytest.mark.metrics
+def test_shapes_test_sets_take_one_count_per_size_a_layout_and_an_independent_scene_seed():
+    sets = evaluate.test_sets("shapes", sizes=[16, 24], num_images=[3, 2], layout="uniform", seed=5)
+    assert [len(s) for s in sets.values()] == [3, 2] and all(s.layout == "uniform" for s in sets.values())
+    np.testing.assert_array_equal(sets["16"].scenes["horizon"],
+                                  data.Shapes("test", size=16, num_images=3, seed=5).scenes["horizon"])
+    assert not np.array_equal(sets["16"].scenes["horizon"], evaluate.test_sets("shapes", sizes=[16], num_images=3)
+                              ["16"].scenes["horizon"])  # seed 0, the benchmark's own test set, differs
+    with pytest.raises(ValueError, match="3 test-image counts"):
+        evaluate.test_sets("shapes", sizes=[16, 24], num_images=[3, 2, 1])
+
+
+@pytest.mark.metrics
 @pytest.mark.parametrize("name", ["voc", "context", "cocostuff"])
 def test_a_real_test_set_with_a_missing_root_raises_dataset_error(name, tmp_path):
     with pytest.raises(data.DatasetError, match="Expected layout"):
@@ -204,3 +216,14 @@ def test_the_latent_stats_cli_prints_one_line_for_a_checkpoint(checkpoint, capsy
     assert evaluate.main(["--checkpoint", str(path), "--latent-stats", "8"]) == 0
     out = capsys.readouterr().out
     assert "mean mu^2" in out and "SNR var(mu)/E[sigma^2]" in out and "from N(0, 1) noise" in out
+
+
+@pytest.mark.slow
+def test_main_scores_an_independently_drawn_test_set_of_the_size_asked_for(checkpoint, monkeypatch, capsys):
+    path, _ = checkpoint
+    drawn = []
+    real_test_sets = evaluate.test_sets
+    monkeypatch.setattr(evaluate, "test_sets", lambda *a, **kw: drawn.append(kw) or real_test_sets(*a, **kw))
+    assert evaluate.main(["--checkpoint", str(path), "--device", "cpu", "--test-seed", "7", "--num-test", "3"]) == 0
+    assert (drawn[0]["seed"], drawn[0]["num_images"], drawn[0]["layout"]) == (7, [3], "uniform")  # saved without one
+    assert f"test set {SIZE}" in capsys.readouterr().out
