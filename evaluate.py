@@ -516,7 +516,8 @@ def reproduction_tables(root) -> str:
             ("SIGN", "sign"), ("SIGN + ST", "sign-st"), ("SIGN + AST (T = 2)", "sign-ast-T2")]
     out += ["**Table 1** (seen / unseen / harmonic mIoU, %, per test size)\n", _table(
         ["method", "runs"] + [f"{k} {t}" for t in tests for k in ("seen", "unseen", "H")],
-        [[label, str(n(name, final_stage(runs, name)))] + [cell(name, final_stage(runs, name), t, k) for t in tests for k in smh]
+        [[label, str(n(name, final_stage(runs, name)))]
+         + [cell(name, final_stage(runs, name), t, k) for t in tests for k in smh]
          for label, name in rows])]
     sims = [("conv", "sim-conv"), ("attention", "sim-attention"), ("self-attention", "sim-self-attention"),
             ("multihead", "sign")]

@@ -71,9 +71,11 @@ def test_tables_hold_mean_and_std_over_seeds_in_every_table(tmp_path):
     assert row("128") == "| 128 | 61.00 ± 0.00 | – | – | – | 65.00 ± 0.00 |"
     assert lines.index(row("64")) < lines.index(row("128"))  # test sizes in numeric order
     # the claims, paired by seed: SIGN - ZS3Net is +20 in both seeds (no spread: a zero-width interval)
-    assert row("SIGN > ZS3Net (Table 1)") == ("| SIGN > ZS3Net (Table 1) | 64 | harmonic | 2 | 52.00 ± 2.83 | "
-                                              "32.00 ± 2.83 | +20.00 ± 0.00 | [+20.00, +20.00] | 2 of 2 | supported |")
-    assert row("AST > ST (Fig. 5)").endswith("| 0 | – | – | – | – | – | needs >= 2 seeds with both sign-ast-T2 and sign-st |")
+    assert row("SIGN > ZS3Net (Table 1)") == (
+        "| SIGN > ZS3Net (Table 1) | 64 | harmonic | 2 | 52.00 ± 2.83 | 32.00 ± 2.83 | +20.00 ± 0.00 | "
+        "[+20.00, +20.00] | 2 of 2 | supported |")
+    assert row("AST > ST (Fig. 5)").endswith(
+        "| 0 | – | – | – | – | – | needs >= 2 seeds with both sign-ast-T2 and sign-st |")
 
 
 @pytest.mark.tables
