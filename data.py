@@ -15,8 +15,9 @@ here; it imports none of the project's modules. Reading order:
 5. `Shapes`, the built-in procedural zero-shot benchmark (PROTOCOL section 7): scene parameters
    (`_shapes_scenes`, where layout "context" places things by their shape word with
    `_place_things`), then `_render_shapes`.
-6. `build_dataset`, `save_preview`, and the CLI `main`
-   (`python data.py --preview docs/shapes_samples.png` draws the README's picture).
+6. `build_dataset`, `save_preview`, `check_all` (every item of both splits), and the CLI `main`
+   (`python data.py --preview docs/shapes_samples.png` draws the README's picture;
+   `python data.py --dataset voc --data-root DIR --all` reads every file of a layout).
 
 Symbols: y (label map) -> `label`; e = M(y) -> a row of the class embedding table;
 seen / unseen classes -> model indices `range(num_seen)` / `range(num_seen, num_seen + num_unseen)`.
@@ -58,6 +59,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from tqdm import tqdm
 
 IGNORE = 255
 PADDING = 254  # label of a training crop's padding: ignored like 255, but known to lie outside the image
@@ -650,7 +652,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "(default: context)")
     p.add_argument("--preview", type=Path, help="write a PNG grid of samples (image | label) to this file")
     p.add_argument("--num-samples", type=int, default=8, help="samples in the preview (default: 8)")
+    p.add_argument("--all", action="store_true", help="read every item of both splits (a progress bar), list "
+                   "every file that fails, exit 1 if any does; without it, only item 0 of --split is read")
     return p
+
+
+def check_all(name: str, root, **kwargs) -> list[str]:
+    """Read every item of both splits of a dataset; the one-line errors of the items that fail."""
+    bad = []
+    for split in ("train", "test"):
+        dataset = build_dataset(name, split, root=root, **kwargs)
+        for i in tqdm(range(len(dataset)), desc=f"{name} {split}", dynamic_ncols=True):
+            try:
+                dataset[i]
+            except DatasetError as e:
+                bad.append(f"{split} item {i}: {e}")
+    return bad
 
 
 def main(argv=None) -> int:
@@ -664,6 +681,13 @@ def main(argv=None) -> int:
               f"{', '.join(dataset.class_names[dataset.num_seen:])}")
         image, label = dataset[0]  # reading one item surfaces format errors now
         print(f"item 0: image {tuple(image.shape)}, label {tuple(label.shape)}")
+        if args.all:
+            bad = check_all(args.dataset, args.data_root, **(shapes if args.dataset == "shapes" else {}))
+            for line in bad:
+                print(f"data.py: bad {line}", file=sys.stderr)
+            print(f"{len(bad)} bad item(s)" if bad else "every item of both splits reads")
+            if bad:
+                return 1
         if args.preview:
             save_preview(dataset, args.preview, num=args.num_samples, size=args.size)
             print(f"wrote {args.preview}")

@@ -15,7 +15,9 @@ Reading order
     as_metrics         the result keyed by class name, for ``metrics.json``
     test_sets          a benchmark's test sets by name ("64", "128" | "val" | "test")
     evaluate_sets      evaluate_model -> gzsl_miou -> printed table, for every test set
+    read_checkpoint    a train.py checkpoint dict, or a one-line CheckpointError naming the file
     load_checkpoint    SIGN rebuilt from a train.py checkpoint (config + state_dict, M included)
+    choose_device      --device, checked: cpu, cuda or cuda:N where CUDA exists
     save_panels        PNG panels image | ground truth | prediction with a class legend
     latent_statistics  what SIM's z carries: mu^2, sigma^2, per-channel SNR, linear probes (--latent-stats)
     collect_runs       run folders of ``train.py --reproduce`` -> {name: {seed: metrics.json}}
@@ -66,9 +68,9 @@ import data
 from sign import IGNORE as IGNORE_INDEX, SIGN, resize_labels
 
 __all__ = ["IGNORE_INDEX", "confusion_matrix", "harmonic", "gzsl_miou", "evaluate_model", "format_table",
-           "as_metrics", "test_sets", "evaluate_sets", "CheckpointError", "load_checkpoint", "voc_palette",
-           "save_panels", "latent_statistics", "read_metrics", "collect_runs", "mean_std",
-           "reproduction_tables", "CLAIMS", "paired_difference", "claims", "get_args_parser", "main"]
+           "as_metrics", "test_sets", "evaluate_sets", "CheckpointError", "read_checkpoint", "load_checkpoint",
+           "choose_device", "voc_palette", "save_panels", "latent_statistics", "read_metrics", "collect_runs",
+           "mean_std", "reproduction_tables", "CLAIMS", "paired_difference", "claims", "get_args_parser", "main"]
 
 EVAL_RES = ("full", "feature")
 
@@ -285,22 +287,59 @@ class CheckpointError(Exception):
     """A checkpoint file is missing, unreadable, or not a model written by train.py."""
 
 
+def read_checkpoint(path, keys: Sequence[str] = ("model", "config")) -> dict:
+    """The dict ``train.py`` saved at ``path``, holding at least ``keys``, read with
+    ``weights_only=True`` (never unpickles code). A missing path, a directory, a truncated,
+    corrupt or foreign file: one-line ``CheckpointError`` naming the path. torch's own message
+    is left out on purpose: for a foreign file it suggests ``weights_only=False``, which would
+    run the file's code."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (expected a checkpoint_<stage>.pt)")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(f"{path} is not a train.py checkpoint: torch.load cannot read it "
+                              f"({type(e).__name__}; truncated, corrupt, or not written by torch.save)") from e
+    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys)
+    if missing:
+        raise CheckpointError(f"{path} is not a train.py checkpoint: it holds a {type(ckpt).__name__} "
+                              f"without {', '.join(map(repr, missing))}")
+    return ckpt
+
+
 def load_checkpoint(path, device: torch.device | str) -> tuple[SIGN, dict]:
     """(SIGN.from_config(ckpt["config"]) with ckpt["model"] loaded, M's table included, on ``device``
     in eval mode; the whole checkpoint dict). Every failure is a one-line ``CheckpointError``."""
-    path, expected = Path(path), "expected a train.py checkpoint: a dict with 'model' and 'config'"
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist ({expected})")
+    ckpt = read_checkpoint(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or not {"model", "config"} <= ckpt.keys():
-            raise CheckpointError(f"found {sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__}")
         model = SIGN.from_config(ckpt["config"])
         model.load_state_dict(ckpt["model"])
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"cannot use checkpoint {path} ({expected}): {type(e).__name__}: "
-                              f"{(str(e).splitlines() or [''])[0]}") from e
+    except Exception as e:  # a config or state dict that no SIGN of this code takes
+        raise CheckpointError(f"{path}: its model does not load into this code's SIGN ({type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0]})") from e
     return model.to(device).eval(), ckpt
+
+
+def choose_device(name: str | None) -> torch.device:
+    """``--device``: None picks cuda when available, else cpu. An unknown name, or cuda where
+    there is none, is a ValueError naming the flag (before any data is read)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is False); "
+                         f"use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 # ----------------------------------------------------------------------------- prediction panels
@@ -486,7 +525,7 @@ def final_stage(runs: dict, name: str) -> str:
 def _sim_params(root: Path, name: str) -> str:
     """SIM's parameter count from the run's first checkpoint (state-dict keys 'SIM.*')."""
     for path in sorted(root.glob(f"{name}/seed*/checkpoint_train.pt")):
-        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        state = read_checkpoint(path)["model"]
         return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k"
     return "–"
 
@@ -649,14 +688,16 @@ def main(argv=None) -> int:
     if args.tables:
         try:
             tables = reproduction_tables(args.tables)
-        except ValueError as e:
+        except (CheckpointError, ValueError) as e:
             print(f"evaluate.py: error: {e}", file=sys.stderr)
             return 2
         (args.tables / "tables.md").write_text(tables + "\n")
         print(tables + f"\n\nwritten to {args.tables / 'tables.md'}")
         return 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
+        if args.save_predictions < 0:
+            raise ValueError(f"--save-predictions must be >= 0 (panels per test set), got {args.save_predictions}")
+        device = choose_device(args.device)
         model, ckpt = load_checkpoint(args.checkpoint, device)
         saved = ckpt.get("args") or {}
         dataset = args.dataset or saved.get("dataset", "shapes")

@@ -64,9 +64,12 @@ Choices the paper leaves open (README "Deviations" lists them too)
 """
 import argparse
 import copy
+import errno
 import itertools
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -269,6 +272,7 @@ def run_stage(stage: str, total: int, step, poly, run, start: int = 0, save=None
     batches = batch_stream(run.train_set, run, stage, start)
     bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=run.args.quiet)
     for i in bar:
+        run.at = f"stage {stage}, iteration {i}"
         torch.manual_seed(iteration_seed(run.args.seed, stage, i))
         x, y, padding = next(batches)
         for opt, base in poly:
@@ -402,6 +406,7 @@ def build_data(args):
 
 def evaluate_stage(run, stage: str) -> None:
     """Score every test set (tables printed), record the results in metrics.json."""
+    run.at = f"evaluating after stage {stage}"
     run.metrics[stage] = evaluate.evaluate_sets(
         run.model, run.tests, class_names=run.train_set.class_names, num_seen=run.model.num_seen, device=run.device,
         eval_res=run.args.eval_res, batch_size=run.args.batch_size, workers=run.args.workers,
@@ -416,85 +421,250 @@ def write_metrics(run) -> None:
     os.replace(tmp, run.out / "metrics.json")
 
 
+class CheckpointWriteError(OSError):
+    """torch.save failed (a full disk, most often); the temporary file is gone, older checkpoints intact."""
+
+
 def save_checkpoint(run, stage: str, iteration: int, optimizers: dict) -> None:
-    """Everything needed to continue or evaluate, written atomically (temporary file, rename)."""
+    """Everything needed to continue or evaluate, written atomically (temporary file, rename):
+    a failed or interrupted write removes its temporary file and leaves the previous checkpoint."""
     state = {"model": run.model.state_dict(), "config": run.model.config, "args": vars(run.args),
              "stage": stage, "iteration": iteration, "metrics": run.metrics,
              "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
              "scaler": run.scaler.state_dict(), "rng": torch.get_rng_state()}
     path = run.out / f"checkpoint_{stage}.pt"
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        free = shutil.disk_usage(run.out).free
+        why = ("no space left on the device" if getattr(err, "errno", None) == errno.ENOSPC or free < 2**20
+               else f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
+        raise CheckpointWriteError(f"cannot write {path}: {why} ({free / 2**20:.0f} MiB free)") from err
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's newest checkpoint file, by stage order (a stage's file is rewritten in place)."""
+    saved = [run_dir / f"checkpoint_{s}.pt" for s in reversed(STAGES)]
+    return next((p for p in saved if p.is_file()), None)
+
+
+# The flag behind each SIGN.config key; the others follow from the dataset and --embeddings.
+CONFIG_FLAGS = {"encoder": "backbone", "feat_dim": "feat-dim", "sim": "sim", "pe": "pe", "pe_dim": "pe-dim",
+                "latent_dim": "feat-dim", "heads": "heads", "hidden": "hidden", "train_size": "crop-size",
+                "small_width": "small-width", "latent_path": "latent-path"}
 
 
 def architecture_differences(saved: dict, built: dict) -> str:
-    """'key: saved there, built here' for each architecture setting in which two SIGN configs differ
-    (``pretrained`` only says where the first weights came from, ``train_size`` matters to
-    ``pe="ape-interp"`` alone); '' when they agree."""
+    """'--flag A in the checkpoint, --flag B in this run' for each architecture setting in which
+    two SIGN configs differ (``pretrained`` only says where the first weights came from,
+    ``train_size`` matters to ``pe="ape-interp"`` alone); '' when they agree."""
     saved = {"latent_path": UNSAVED["latent_path"], **saved}  # as SIGN.from_config reads it
     ignored = {"pretrained"} | ({"train_size"} if built["pe"] != "ape-interp" else set())
-    return ", ".join(f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in built.items()
-                     if k not in ignored and saved.get(k) != v)
+
+    def shown(key, value):
+        value = value[0] if key == "train_size" and value else value
+        return f"--{CONFIG_FLAGS[key]} {value}" if key in CONFIG_FLAGS else f"{key} {value}"
+    return ", ".join(f"{shown(k, saved.get(k))} in the checkpoint, {shown(k, v)} in this run"
+                     for k, v in built.items() if k not in ignored and saved.get(k) != v)
 
 
 def read_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint this module wrote, with what continuing from it needs (``evaluate.read_checkpoint``)."""
+    return evaluate.read_checkpoint(path, keys=("model", "config", "args", "stage", "iteration", "metrics"))
+
+
+# ----------------------------------------------------------------------------- settings, checked
+class SettingsError(ValueError):
+    """A flag out of its range or at odds with another: one line naming it, before any work."""
+
+
+STAGE_LENGTH = {"train": "iters", "transfer": "transfer_iters", "self_training": "self_training_iters",
+                "self_training_transfer": "transfer_iters"}
+EVALUATED_AS = {"train": "train", "transfer": "transfer", "self_training_transfer": "self_training"}
+RESUME_FLAGS = ("resume", "device", "quiet")  # what --resume may be given: the rest is the run's own
+
+
+def given_flags(argv: Sequence[str]) -> set[str]:
+    """The destinations of the flags written in ``argv`` (abbreviations resolved by argparse)."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def check_settings(args: argparse.Namespace) -> None:
+    """Every flag's range and the combinations that cannot work, before data is built or
+    anything trained: a ``SettingsError`` naming the flag and what it must be."""
+    def need(ok: bool, flag: str, rule: str) -> None:
+        if not ok:
+            raise SettingsError(f"--{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
+
+    def finite(v) -> bool:
+        return v is not None and math.isfinite(v)
+    for flag in ("batch-size", "log-every", "mmd-pixels", "feat-dim", "hidden", "heads"):
+        need(getattr(args, flag.replace("-", "_")) >= 1, flag, ">= 1")
+    for flag in ("iters", "transfer-iters", "self-training-iters", "save-every", "workers"):
+        need(getattr(args, flag.replace("-", "_")) >= 0, flag, ">= 0")
+    for flag in ("lr", "lr-transfer", "lr-g", "lr-d", "lr-mult", "temperature"):
+        need(finite(getattr(args, flag.replace("-", "_"))) and getattr(args, flag.replace("-", "_")) > 0,
+             flag, "a finite number > 0")
+    for flag in ("alpha", "beta"):
+        need(finite(getattr(args, flag)) and getattr(args, flag) >= 0, flag, "a finite number >= 0")
+    need(finite(args.unseen_rate) and 0 <= args.unseen_rate <= 1, "unseen-rate", "in [0, 1]")
+    need(finite(args.keep) and 0 < args.keep <= 1, "keep", "in (0, 1]")
+    need(all(finite(s) and s > 0 for s in args.mmd_sigmas), "mmd-sigmas", "finite numbers > 0")
+    if args.pe != "none":
+        need(args.pe_dim >= 4 and args.pe_dim % 4 == 0, "pe-dim", "a positive multiple of 4 (sin and cos "
+             "along two axes)")
+    if args.sim == "multihead":
+        need(args.feat_dim % args.heads == 0, "heads", f"a divisor of --feat-dim {args.feat_dim}")
+    if args.sim == "none" and args.latent == "sim":
+        raise SettingsError("--latent sim needs a SIM to produce z; with --sim none use --latent noise")
+    if args.backbone == "small":  # GroupNorm: min(8, c) groups must divide c at widths w / 2 and w
+        w = args.small_width
+        need(w >= 2 and all(c % min(8, c) == 0 for c in (w // 2, w)), "small-width",
+             "an even number up to 8 or a multiple of 16")
+    need(args.crop_size >= 8, "crop-size", ">= 8")
+    need(all(s >= 8 for s in args.test_sizes), "test-sizes", "sizes >= 8")
+    if args.dataset == "shapes":
+        need(args.num_train is None or args.num_train >= args.batch_size, "num-train",
+             f">= --batch-size ({args.batch_size})")
+        counts = args.num_test if isinstance(args.num_test, list) else [args.num_test]
+        need(all(n is None or n >= 1 for n in counts) and len(counts) in (1, len(args.test_sizes)), "num-test",
+             f"counts >= 1, one for all test sizes or one per size ({len(args.test_sizes)})")
+        if args.embeddings:
+            raise SettingsError("--embeddings: shapes makes its own seeded word vectors; the flag is for voc, "
+                                "context and cocostuff")
+    for path in args.embeddings or ():
+        if not Path(path).is_file():
+            raise SettingsError(f"--embeddings {path}: no such file")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"--out {out} is a file; expected a run folder")
+    parent = next(p for p in [out, *out.parents] if p.exists())  # the folder mkdir would start from
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SettingsError(f"--out {out}: cannot create the run folder ({parent} is not a writable folder)")
+    if not args.resume and newest_checkpoint(out):
+        raise SettingsError(f"--out {out} already holds a run ({newest_checkpoint(out).name}); continue it with "
+                            f"--resume {out}, or choose another folder")
+
+
+def finished_stage(path: Path) -> dict:
+    """--init-from: the checkpoint at the end of a stage; a mid-stage one (--save-every) is refused."""
+    ckpt = read_checkpoint(path)
+    total = ckpt["args"].get(STAGE_LENGTH.get(ckpt["stage"], ""))
+    if total is None or ckpt["iteration"] < total:
+        raise SettingsError(f"--init-from {path}: stage {ckpt['stage']} stopped at iteration {ckpt['iteration']} "
+                            f"of {total} (a --save-every checkpoint), not at the end of a stage; continue that run "
+                            f"with --resume {path.parent}")
+    return {**ckpt, "iteration": COMPLETE}
+
+
+def intact_checkpoint(run_dir: Path) -> dict:
+    """--resume: the newest checkpoint of the run that reads; an unreadable newer one is named."""
+    if not run_dir.is_dir():
+        raise SettingsError(f"--resume {run_dir}: no such run folder")
+    saved = [p for p in (run_dir / f"checkpoint_{s}.pt" for s in reversed(STAGES)) if p.exists()]
+    if not saved:
+        raise SettingsError(f"--resume {run_dir}: no checkpoint_<stage>.pt in that folder")
+    for path in saved:
+        try:
+            ckpt = read_checkpoint(path)
+        except evaluate.CheckpointError as err:
+            print(f"note: {err}; trying the one before it", file=sys.stderr)
+            continue
+        if path != saved[0]:
+            print(f"note: resuming from {path.name}, the newest intact checkpoint", file=sys.stderr)
+        return ckpt
+    raise SettingsError(f"--resume {run_dir}: none of its checkpoints ({', '.join(p.name for p in saved)}) reads")
+
+
+def settings(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, dict | None]:
+    """The run's settings, checked, and the checkpoint it continues from (None: from scratch)."""
+    args = parser.parse_args(argv)
+    resume = None
+    if args.resume and args.init_from:
+        raise SettingsError("--resume continues a run with its own settings; it cannot be combined with --init-from")
+    if args.init_from:  # a finished stage of another run: carry on from it with these settings
+        resume = finished_stage(Path(args.init_from))
+    if args.resume:  # the interrupted run's own settings, in its own folder
+        extra = sorted(given_flags(argv) - set(RESUME_FLAGS))
+        if extra:
+            raise SettingsError(f"--resume {args.resume} continues that run with its saved settings; drop "
+                                f"{', '.join('--' + k.replace('_', '-') for k in extra)} (only --device and "
+                                f"--quiet may be given)")
+        resume = intact_checkpoint(Path(args.resume))
+        args = argparse.Namespace(**{**vars(parser.parse_args([])), **UNSAVED, **resume["args"],
+                                     "resume": args.resume, "out": args.resume,
+                                     "device": args.device or resume["args"]["device"], "quiet": args.quiet})
+    args = resolve(args)
+    check_settings(args)
+    return args, resume
+
+
+def one_line(err: Exception) -> str:
+    """An error's message; raised in a DataLoader worker, the worker's own message, not its traceback."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    if lines[0].startswith("Caught ") and len(lines) > 1:
+        return lines[-1].split(": ", 1)[-1]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a.split("=")[0] == "--reproduce" for a in argv):
         return reproduce_main(argv)
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.resume and args.init_from:
-        parser.error("--resume continues a run with its own settings; it cannot be combined with --init-from")
-    if args.sim == "none" and args.latent == "sim":
-        parser.error("--latent sim needs a SIM to produce z; with --sim none use --latent noise")
-    resume = None
-    if args.init_from:  # a finished stage of another run: carry on from it with these settings
-        if not Path(args.init_from).is_file():
-            print(f"error: --init-from {args.init_from}: no such checkpoint file", file=sys.stderr)
-            return 2
-        resume = {**read_checkpoint(Path(args.init_from)), "iteration": COMPLETE}
-    if args.resume:  # the interrupted run's own settings; only --device and --quiet may change
-        saved = [Path(args.resume) / f"checkpoint_{s}.pt" for s in STAGES]
-        saved = [p for p in saved if p.exists()]
-        if not saved:
-            print(f"error: --resume {args.resume}: no checkpoint_<stage>.pt in that folder", file=sys.stderr)
-            return 2
-        resume = read_checkpoint(saved[-1])
-        args = argparse.Namespace(**{**vars(parser.parse_args([])), **UNSAVED, **resume["args"],
-                                     "resume": args.resume, "device": args.device or resume["args"]["device"],
-                                     "quiet": args.quiet})
-    args = resolve(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        args, resume = settings(get_args_parser(), argv)
+        device = evaluate.choose_device(args.device)
+    except (SettingsError, evaluate.CheckpointError, ValueError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
     args.device = str(device)
-    use_amp = args.amp and device.type == "cuda"  # the one place CUDA-only features are switched
+    if args.amp and device.type != "cuda":  # the one place CUDA-only features are switched
+        print(f"note: --amp is CUDA-only here; on {device} the run trains in float32 (config.json: amp false)",
+              file=sys.stderr)
+        args.amp = False
     print("settings:", json.dumps(vars(args), indent=1))
+    out = Path(args.out)
+    run = argparse.Namespace(args=args, device=device, out=out, metrics={}, at="building the data",
+                             scaler=torch.amp.GradScaler(device.type, enabled=args.amp),
+                             autocast=lambda: torch.autocast(device.type, enabled=args.amp))
     try:
         train_set, tests, embeddings = build_data(args)
-    except (data.DatasetError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        torch.manual_seed(args.seed)
+        model = SIGN(embeddings, num_seen=train_set.num_seen, encoder=args.backbone, pretrained=args.pretrained,
+                     feat_dim=args.feat_dim, sim=args.sim, pe=args.pe, pe_dim=args.pe_dim, heads=args.heads,
+                     hidden=args.hidden, small_width=args.small_width, latent_path=args.latent_path,
+                     train_size=(args.crop_size, args.crop_size)).to(device)
+        if resume and (differ := architecture_differences(resume["config"], model.config)):
+            raise SettingsError(f"{args.init_from or args.resume} holds another model than these settings build "
+                                f"({differ}); give the flags it was trained with")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2, allow_nan=False))
+        run.__dict__.update(model=model, train_set=train_set, tests=tests, num_unseen=train_set.num_unseen)
+        return train_all(run, resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {run.at}; {resumable(out)}", file=sys.stderr)
+        return 130
+    except (data.DatasetError, SettingsError, CheckpointWriteError, ValueError) as err:
+        if isinstance(err, ValueError) and not isinstance(err, SettingsError) and run.at != "building the data":
+            raise  # from inside the training loop a ValueError is a bug: keep its traceback
+        where = "" if run.at == "building the data" else f" ({run.at}; {resumable(out)})"
+        print(f"train.py: error: {one_line(err)}{where}", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
-    model = SIGN(embeddings, num_seen=train_set.num_seen, encoder=args.backbone, pretrained=args.pretrained,
-                 feat_dim=args.feat_dim, sim=args.sim, pe=args.pe, pe_dim=args.pe_dim, heads=args.heads,
-                 hidden=args.hidden, small_width=args.small_width, latent_path=args.latent_path,
-                 train_size=(args.crop_size, args.crop_size)).to(device)
-    if resume and (differ := architecture_differences(resume["config"], model.config)):
-        print(f"error: {args.init_from or args.resume} holds another model than these settings build "
-              f"({differ}); give the flags it was trained with", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(vars(args), indent=2))
-    run = argparse.Namespace(args=args, device=device, out=out, model=model, train_set=train_set, tests=tests,
-                             num_unseen=train_set.num_unseen, metrics={},
-                             scaler=torch.amp.GradScaler(device.type, enabled=use_amp),
-                             autocast=lambda: torch.autocast(device.type, enabled=use_amp))
-    return train_all(run, resume)
+
+
+def resumable(out: Path) -> str:
+    """Where an interrupted run can go on from, for its last message."""
+    last = newest_checkpoint(out) if out.is_dir() else None
+    return (f"the last checkpoint, {last}, is intact: continue with python train.py --resume {out}" if last
+            else "no checkpoint was written yet")
 
 
 def train_all(run, resume: dict | None) -> int:
@@ -511,9 +681,20 @@ def train_all(run, resume: dict | None) -> int:
         torch.set_rng_state(resume["rng"])
         # Drop what the interrupted run logged after its checkpoint; those iterations run again.
         at = (STAGES.index(resume["stage"]), resume["iteration"])
-        lines = log.read_text().splitlines() if log.exists() else []
-        log.write_text("".join(f"{line}\n" for line in lines
-                               if (STAGES.index(json.loads(line)["stage"]), json.loads(line)["iteration"]) < at))
+        kept, dropped = [], 0
+        for line in log.read_text().splitlines() if log.exists() else []:
+            try:  # a run killed while appending leaves a half-written last line
+                entry = json.loads(line)
+                position = (STAGES.index(entry["stage"]), entry["iteration"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            if position < at:
+                kept.append(line)
+        if dropped:
+            print(f"note: {log}: dropped {dropped} unreadable line(s), as a run killed mid-write leaves",
+                  file=sys.stderr)
+        log.write_text("".join(f"{line}\n" for line in kept))
     else:
         log.unlink(missing_ok=True)
     teacher = None
@@ -534,6 +715,11 @@ def train_all(run, resume: dict | None) -> int:
         done = resume and STAGES.index(stage) < STAGES.index(resume["stage"])
         start = resume["iteration"] if resume and stage == resume["stage"] else 0
         if done or start >= total:
+            if resume and stage == resume["stage"] and stage in EVALUATED_AS and EVALUATED_AS[stage] not in run.metrics:
+                # The checkpoint was written before this finished stage's evaluation, which never
+                # ended: evaluate now. Its optimisers are not saved again; no later stage reads them.
+                evaluate_stage(run, EVALUATED_AS[stage])
+                save_checkpoint(run, stage, total, {})
             continue
         if stage.startswith("self_training") and teacher is None:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
@@ -566,9 +752,10 @@ def train_all(run, resume: dict | None) -> int:
         except NonFiniteLoss as err:
             print(f"error: {err}", file=sys.stderr)
             return 3
-        if stage != "self_training":
-            evaluate_stage(run, "self_training" if stage == "self_training_transfer" else stage)
-        save_checkpoint(run, stage, total, opts)
+        save_checkpoint(run, stage, total, opts)  # before evaluating: a bad test file loses no training
+        if stage in EVALUATED_AS:
+            evaluate_stage(run, EVALUATED_AS[stage])
+            save_checkpoint(run, stage, total, opts)  # again, now with the stage's metrics
     write_metrics(run)  # also when a resumed run had nothing left to do
     print_summary(run.metrics)
     print(f"\nrun folder: {run.out} (metrics.json, losses.jsonl, checkpoint_<stage>.pt)")

@@ -1,0 +1,245 @@
+"""Specification of the command lines' failure modes (marker ``cli``): every bad input is one
+line on stderr naming the flag or file, exit 2, before any work; interruptions and faults
+lose no finished stage; ``--resume`` writes where it is told. Runs the real ``main``s."""
+import errno
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate
+import train
+from test_data import VOC_RAW, make_voc, tile, write_jpeg, write_label
+
+pytestmark = pytest.mark.cli
+
+TINY = ["--num-train", "8", "--num-test", "2", "--crop-size", "32", "--test-sizes", "32", "--batch-size", "4",
+        "--feat-dim", "16", "--pe-dim", "8", "--heads", "2", "--hidden", "16", "--small-width", "8",
+        "--iters", "3", "--transfer-iters", "2", "--self-training", "none", "--device", "cpu", "--quiet",
+        "--log-every", "1"]
+
+
+def one_line_error(capsys, *named: str) -> str:
+    """stderr's error: a single line, no traceback, holding every string in ``named``."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for text in named:
+        assert text in err, (text, err)
+    return err
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Building the data means the flags were accepted: fail loudly if that happens."""
+    def refuse(args):
+        raise AssertionError("the data was built: the bad flag was not caught at startup")
+    monkeypatch.setattr(train, "build_data", refuse)
+
+
+BAD_FLAGS = [
+    (["--batch-size", "0"], "--batch-size"), (["--log-every", "0"], "--log-every"),
+    (["--iters", "-1"], "--iters"), (["--transfer-iters", "-2"], "--transfer-iters"),
+    (["--self-training-iters", "-1"], "--self-training-iters"),
+    (["--unseen-rate", "1.5"], "--unseen-rate"), (["--unseen-rate", "-0.1"], "--unseen-rate"),
+    (["--keep", "0"], "--keep"), (["--keep", "1.5"], "--keep"),
+    (["--temperature", "0"], "--temperature"), (["--temperature", "-1"], "--temperature"),
+    (["--save-every", "-1"], "--save-every"),
+    (["--lr", "nan"], "--lr"), (["--lr", "0"], "--lr"), (["--lr-transfer", "inf"], "--lr-transfer"),
+    (["--lr-g", "-1"], "--lr-g"), (["--lr-d", "0"], "--lr-d"), (["--lr-mult", "nan"], "--lr-mult"),
+    (["--alpha", "nan"], "--alpha"), (["--beta", "-1"], "--beta"), (["--mmd-sigmas", "1", "0"], "--mmd-sigmas"),
+    (["--workers", "-1"], "--workers"), (["--pe-dim", "6"], "--pe-dim"), (["--heads", "5"], "--heads"),
+    (["--mmd-pixels", "0"], "--mmd-pixels"), (["--small-width", "12"], "--small-width"),
+    (["--crop-size", "7"], "--crop-size"), (["--test-sizes", "64", "7"], "--test-sizes"),
+    (["--num-train", "3"], "--num-train"), (["--num-test", "0"], "--num-test"),
+    (["--num-test", "1", "2", "3"], "--num-test"), (["--sim", "none", "--latent", "sim"], "--latent"),
+    (["--device", "nonsense"], "--device"), (["--embeddings", "nowhere.vec"], "--embeddings"),
+    (["--dataset", "voc", "--embeddings", "nowhere.bin"], "nowhere.bin"),
+]
+
+
+@pytest.mark.parametrize("flags, named", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_a_bad_flag_is_one_line_naming_it_exit_2_before_any_work(flags, named, tmp_path, capsys, no_work):
+    out = tmp_path / "run"
+    assert train.main(flags + ["--out", str(out), "--quiet"]) == 2
+    one_line_error(capsys, named)
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda_is_refused_at_startup(tmp_path, capsys, no_work):
+    assert train.main(["--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    one_line_error(capsys, "--device cuda", "--device cpu")
+    assert evaluate.main(["--checkpoint", str(tmp_path / "x.pt"), "--device", "cuda"]) == 2
+    one_line_error(capsys, "--device cuda")
+
+
+def test_an_out_that_is_a_file_or_under_a_file_or_an_existing_run_is_refused(tmp_path, capsys, no_work):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        assert train.main(["--out", str(out)]) == 2
+        one_line_error(capsys, str(out))
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "checkpoint_train.pt").write_bytes(b"")
+    assert train.main(["--out", str(tmp_path / "done")]) == 2
+    one_line_error(capsys, "--resume", "checkpoint_train.pt")
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+def bad_checkpoints(root, good):
+    """Files that are not train.py checkpoints, by kind: each must be refused naming itself."""
+    root.mkdir(exist_ok=True)
+    files = {"text": b"hello, I am a text file\n", "random bytes": np.random.default_rng(0).bytes(4096),
+             "truncated": good.read_bytes()[:2000]}
+    paths = {}
+    for kind, content in files.items():
+        paths[kind] = root / f"{kind.replace(' ', '_')}.pt"
+        paths[kind].write_bytes(content)
+    paths["foreign dict"] = root / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, paths["foreign dict"])
+    paths["a folder"] = root / "folder.pt"
+    paths["a folder"].mkdir()
+    return paths
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    assert train.main(TINY + ["--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind", ["text", "random bytes", "truncated", "foreign dict", "a folder"])
+def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it_in_both_clis(kind, finished_run, tmp_path, capsys):
+    path = bad_checkpoints(tmp_path / "bad", finished_run / "checkpoint_transfer.pt")[kind]
+    assert evaluate.main(["--checkpoint", str(path)]) == 2
+    err = one_line_error(capsys, str(path))
+    assert "weights_only" not in err and ("not a train.py checkpoint" in err or "is a folder" in err)
+    assert train.main(TINY + ["--out", str(tmp_path / "r"), "--init-from", str(path)]) == 2
+    one_line_error(capsys, str(path))
+    assert not (tmp_path / "r").exists()
+
+
+def test_init_from_a_mid_stage_checkpoint_is_refused(finished_run, tmp_path, capsys):
+    ckpt = train.read_checkpoint(finished_run / "checkpoint_transfer.pt")
+    torch.save({**ckpt, "iteration": 1}, tmp_path / "mid.pt")
+    assert train.main(TINY + ["--out", str(tmp_path / "r"), "--init-from", str(tmp_path / "mid.pt")]) == 2
+    one_line_error(capsys, "iteration 1 of 2", "--resume")
+
+
+def test_resume_refuses_flags_that_would_change_the_run(finished_run, capsys):
+    assert train.main(["--resume", str(finished_run), "--iters", "999", "--lr", "5"]) == 2
+    one_line_error(capsys, "--iters", "--lr")
+    assert train.main(["--resume", str(finished_run), "--out", "elsewhere"]) == 2
+    one_line_error(capsys, "--out")
+
+
+def test_evaluate_refuses_a_negative_save_predictions(finished_run, capsys):
+    assert evaluate.main(["--checkpoint", str(finished_run / "checkpoint_transfer.pt"),
+                          "--save-predictions", "-1"]) == 2
+    one_line_error(capsys, "--save-predictions")
+
+
+# ----------------------------------------------------------------------------- nothing finished is lost
+def interrupted_run(out, monkeypatch, at: int = 3):
+    """A tiny run stopped by Ctrl-C in the transfer step's iteration ``at - 1`` (checkpoints every iteration)."""
+    calls, real = {"n": 0}, train.transfer_step
+
+    def step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "transfer_step", step)
+    code = train.main(TINY + ["--out", str(out), "--save-every", "1", "--transfer-iters", "4"])
+    monkeypatch.setattr(train, "transfer_step", real)
+    return code
+
+
+def test_ctrl_c_is_one_line_naming_the_stage_and_the_resume_command_exit_130(tmp_path, monkeypatch, capsys):
+    assert interrupted_run(tmp_path / "run", monkeypatch) == 130
+    one_line_error(capsys, "stage transfer, iteration 2", f"--resume {tmp_path / 'run'}")
+
+
+def test_resume_writes_into_the_folder_it_is_given_not_the_one_recorded(tmp_path, monkeypatch):
+    original = tmp_path / "run"
+    interrupted_run(original, monkeypatch)
+    before = {p.name: p.read_bytes() for p in original.iterdir()}
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    assert train.main(["--resume", str(copy), "--quiet"]) == 0
+    assert {p.name: p.read_bytes() for p in original.iterdir()} == before  # untouched
+    assert json.loads((copy / "config.json").read_text())["out"] == str(copy)
+    assert "transfer" in json.loads((copy / "metrics.json").read_text())
+
+
+def test_resume_drops_a_half_written_last_log_line_and_falls_back_past_a_corrupt_checkpoint(
+        tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    interrupted_run(run, monkeypatch)
+    with open(run / "losses.jsonl", "a") as f:
+        f.write('{"stage": "transfer", "itera')  # killed while appending
+    (run / "checkpoint_transfer.pt").write_bytes(b"\0" * 100)  # killed while... anything
+    assert train.main(["--resume", str(run), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint_transfer.pt" in err and "resuming from checkpoint_train.pt" in err and "dropped 1" in err
+    lines = [json.loads(line) for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in lines if e["stage"] == "transfer"] == [0, 1, 2, 3]
+
+
+def test_a_full_disk_removes_the_partial_file_and_names_the_intact_checkpoint(tmp_path, monkeypatch, capsys):
+    real, calls = torch.save, {"n": 0}
+
+    def save(obj, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # stage 1's four saves succeed, the transfer step's first fails half-way
+            open(path, "wb").write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    assert train.main(TINY + ["--out", str(out), "--save-every", "1"]) == 2
+    one_line_error(capsys, "no space left", "checkpoint_train.pt", "--resume")
+    assert not list(out.glob("*.tmp"))
+    assert train.read_checkpoint(out / "checkpoint_train.pt")["iteration"] == 3
+
+
+def test_a_bad_test_label_found_while_evaluating_keeps_the_stage_and_exits_2(tmp_path, capsys):
+    top = make_voc(tmp_path / "data")
+    write_jpeg(top / "JPEGImages" / "c.jpg", 6, 8)
+    bad = np.asarray(tile(VOC_RAW))
+    bad[0, 0] = 77  # no VOC class has id 77
+    write_label(top / "SegmentationClassAug" / "c.png", bad)
+    (top / "ImageSets/Segmentation/val.txt").write_text("a\nb\nc\n")
+    np.save(tmp_path / "t.npy", np.random.default_rng(0).normal(size=(20, 600)).astype(np.float32))
+    out = tmp_path / "run"
+    code = train.main(["--dataset", "voc", "--data-root", str(tmp_path / "data"), "--embeddings",
+                       str(tmp_path / "t.npy"), "--backbone", "resnet18", "--no-pretrained", "--feat-dim", "16",
+                       "--pe-dim", "8", "--heads", "2", "--hidden", "16", "--batch-size", "2", "--crop-size", "32",
+                       "--iters", "1", "--transfer-iters", "1", "--self-training", "none", "--workers", "1",
+                       "--device", "cpu", "--quiet", "--out", str(out)])
+    assert code == 2
+    one_line_error(capsys, "c.png", "[77]", "evaluating after stage train", "--resume")
+    assert train.read_checkpoint(out / "checkpoint_train.pt")["iteration"] == 1
+
+
+def test_data_all_lists_every_bad_file_of_both_splits(tmp_path, capsys):
+    top = make_voc(tmp_path)
+    (top / "JPEGImages" / "b.jpg").write_bytes((top / "JPEGImages" / "b.jpg").read_bytes()[:40])  # truncated
+    write_jpeg(top / "JPEGImages" / "c.jpg", 6, 8)
+    write_label(top / "SegmentationClassAug" / "c.png", np.full((6, 8), 77))
+    (top / "ImageSets/Segmentation/val.txt").write_text("a\nc\n")
+    assert data.main(["--dataset", "voc", "--data-root", str(tmp_path)]) == 0  # item 0 alone is fine
+    capsys.readouterr()
+    assert data.main(["--dataset", "voc", "--data-root", str(tmp_path), "--all"]) == 1
+    err = capsys.readouterr().err
+    assert "train item 1" in err and "b.jpg" in err and "test item 1" in err and "c.png" in err
+    assert "Traceback" not in err
+
+
+def test_amp_on_the_cpu_says_what_it_does_and_config_json_records_it(tmp_path, capsys):
+    assert train.main(TINY + ["--out", str(tmp_path), "--amp", "--iters", "1", "--transfer-iters", "1"]) == 0
+    assert "--amp" in capsys.readouterr().err
+    assert json.loads((tmp_path / "config.json").read_text())["amp"] is False
