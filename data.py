@@ -672,6 +672,13 @@ def check_all(name: str, root, **kwargs) -> list[str]:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    for flag, value, low in (("--size", args.size, 8), ("--num-samples", args.num_samples, 1), ("--seed", args.seed, 0)):
+        if value < low:
+            print(f"data.py: error: {flag} must be >= {low}, got {value}", file=sys.stderr)
+            return 2
+    if args.preview and args.preview.suffix.lower() != ".png":
+        print(f"data.py: error: --preview {args.preview}: expected a .png file name", file=sys.stderr)
+        return 2
     shapes = {"size": args.size, "seed": args.seed, "num_images": max(args.num_samples, 1), "layout": args.layout}
     try:
         dataset = build_dataset(args.dataset, args.split, root=args.data_root,
@@ -689,7 +696,10 @@ def main(argv=None) -> int:
             if bad:
                 return 1
         if args.preview:
-            save_preview(dataset, args.preview, num=args.num_samples, size=args.size)
+            try:
+                save_preview(dataset, args.preview, num=args.num_samples, size=args.size)
+            except OSError as e:
+                raise DatasetError(f"--preview {args.preview}: cannot write it ({e.strerror or e})") from None
             print(f"wrote {args.preview}")
     except (DatasetError, ValueError) as e:
         print(f"data.py: error: {e}", file=sys.stderr)

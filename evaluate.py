@@ -695,8 +695,13 @@ def main(argv=None) -> int:
         print(tables + f"\n\nwritten to {args.tables / 'tables.md'}")
         return 0
     try:
-        if args.save_predictions < 0:
-            raise ValueError(f"--save-predictions must be >= 0 (panels per test set), got {args.save_predictions}")
+        for flag, values, low in (("--save-predictions", [args.save_predictions], 0), ("--size", args.size, 8),
+                                  ("--num-test", args.num_test, 1), ("--test-seed", [args.test_seed], 0),
+                                  ("--latent-stats", [1 if args.latent_stats is None else args.latent_stats], 1)):
+            if any(v < low for v in values or ()):
+                raise ValueError(f"{flag} must be >= {low}, got {' '.join(map(str, values))}")
+        if args.out and args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a file; expected the folder for the panels")
         device = choose_device(args.device)
         model, ckpt = load_checkpoint(args.checkpoint, device)
         saved = ckpt.get("args") or {}

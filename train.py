@@ -10,6 +10,8 @@ Reading order (the paper's algorithm, section 3.2 and 3.4)
     random_label_map     the pseudo ground truth y^ with unseen classes fed to M and G (Eq. 9)
     transfer_step        Transfer Learning Step, Eq. (10): C on real + synthetic features
     run_stage            one stage's loop: seeding, progress bar, logging, checkpoints
+    check_settings, settings  every flag's range, --resume / --init-from's checkpoint, checked
+                         before any data is read (one line naming the flag, exit 2)
     main                 stage 1 = SIM + G jointly (the paper: "we jointly optimize them");
                          stage 2 = transfer; stage 3 = self-training (ST / AST, Eq. 17; AST by
                          default, the paper's SIGN + AST), then the transfer step again;
@@ -47,6 +49,9 @@ Choices the paper leaves open (README "Deviations" lists them too)
       keeps what it learnt from real unseen pixels while seeing synthetic ones.
     * Every iteration reseeds torch from (seed, stage, iteration), so a run resumed from a
       checkpoint replays exactly the batches, augmentations and noise it would have drawn.
+      A stage's checkpoint is written before its evaluation and again after it, so a bad
+      test file, Ctrl-C or a full disk never loses a finished stage; resumed, the evaluation
+      that did not finish runs first.
     * The reproduction runner lives here, beside the flags it combines, and starts each run
       as its own ``python train.py`` process: two of them keep two cores busy (one thread
       each, which beats one run on two threads), a failing run cannot take the others down,
@@ -645,7 +650,10 @@ def main(argv=None) -> int:
         if resume and (differ := architecture_differences(resume["config"], model.config)):
             raise SettingsError(f"{args.init_from or args.resume} holds another model than these settings build "
                                 f"({differ}); give the flags it was trained with")
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SettingsError(f"--out {out}: cannot create the run folder ({err.strerror})") from None
         (out / "config.json").write_text(json.dumps(vars(args), indent=2, allow_nan=False))
         run.__dict__.update(model=model, train_set=train_set, tests=tests, num_unseen=train_set.num_unseen)
         return train_all(run, resume)
@@ -871,7 +879,10 @@ def reproduce_main(argv: list[str]) -> int:
         n for e in args.experiments for n in (CLAIMED if e == "claimed" else [e])]
     start = time.perf_counter()
     try:
-        get_args_parser().parse_args(train_args)  # a bad flag fails here, before any run starts
+        if args.reproduce.exists() and not args.reproduce.is_dir():
+            raise ValueError(f"--reproduce {args.reproduce} is a file; expected the folder of the runs")
+        # a bad flag or value fails here, once, before any run starts
+        check_settings(resolve(get_args_parser().parse_args([*train_args, "--out", str(args.reproduce / "_")])))
         failed = reproduce(args.reproduce, args.seeds, train_args, names=names, jobs=args.jobs)
         tables = evaluate.reproduction_tables(args.reproduce)
     except ValueError as e:

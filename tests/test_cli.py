@@ -243,3 +243,41 @@ def test_amp_on_the_cpu_says_what_it_does_and_config_json_records_it(tmp_path, c
     assert train.main(TINY + ["--out", str(tmp_path), "--amp", "--iters", "1", "--transfer-iters", "1"]) == 0
     assert "--amp" in capsys.readouterr().err
     assert json.loads((tmp_path / "config.json").read_text())["amp"] is False
+
+
+EVALUATE_FLAGS = [(["--save-predictions", "-1"], "--save-predictions"), (["--size", "0"], "--size"),
+                  (["--num-test", "0"], "--num-test"), (["--test-seed", "-1"], "--test-seed"),
+                  (["--latent-stats", "0"], "--latent-stats"), (["--device", "nonsense"], "--device")]
+
+
+@pytest.mark.parametrize("flags, named", EVALUATE_FLAGS, ids=[" ".join(f) for f, _ in EVALUATE_FLAGS])
+def test_evaluate_refuses_a_bad_flag_in_one_line(flags, named, finished_run, capsys):
+    assert evaluate.main(["--checkpoint", str(finished_run / "checkpoint_transfer.pt"), *flags]) == 2
+    one_line_error(capsys, named)
+
+
+def test_evaluate_refuses_an_out_that_is_a_file(finished_run, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert evaluate.main(["--checkpoint", str(finished_run / "checkpoint_transfer.pt"), "--save-predictions", "1",
+                          "--out", str(tmp_path / "f")]) == 2
+    one_line_error(capsys, "--out")
+
+
+DATA_FLAGS = [(["--size", "4"], "--size"), (["--num-samples", "0"], "--num-samples"), (["--seed", "-1"], "--seed"),
+              (["--preview", "{tmp}"], "--preview"), (["--preview", "{tmp}/file/x.png"], "--preview")]
+
+
+@pytest.mark.parametrize("flags, named", DATA_FLAGS, ids=[" ".join(f) for f, _ in DATA_FLAGS])
+def test_data_refuses_a_bad_flag_in_one_line(flags, named, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert data.main([f.replace("{tmp}", str(tmp_path)) for f in flags]) == 2
+    one_line_error(capsys, named)
+
+
+def test_reproduce_checks_the_flags_and_its_folder_before_starting_any_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "reproduce", lambda *a, **k: pytest.fail("a run was started"))
+    assert train.main(["--reproduce", str(tmp_path / "rep"), "--batch-size", "0"]) == 2
+    one_line_error(capsys, "--batch-size")
+    (tmp_path / "file").write_text("x")
+    assert train.main(["--reproduce", str(tmp_path / "file")]) == 2
+    one_line_error(capsys, "--reproduce", "is a file")
