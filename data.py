@@ -672,7 +672,8 @@ def check_all(name: str, root, **kwargs) -> list[str]:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    for flag, value, low in (("--size", args.size, 8), ("--num-samples", args.num_samples, 1), ("--seed", args.seed, 0)):
+    for flag, value, low in (("--size", args.size, 8), ("--num-samples", args.num_samples, 1),
+                             ("--seed", args.seed, 0)):
         if value < low:
             print(f"data.py: error: {flag} must be >= {low}, got {value}", file=sys.stderr)
             return 2

@@ -439,6 +439,7 @@ def save_checkpoint(run, stage: str, iteration: int, optimizers: dict) -> None:
              "scaler": run.scaler.state_dict(), "rng": torch.get_rng_state()}
     path = run.out / f"checkpoint_{stage}.pt"
     tmp = path.with_name(path.name + ".tmp")
+    run.at = f"writing {path.name} at stage {stage}, iteration {iteration}"
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
