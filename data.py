@@ -15,7 +15,8 @@ here; it imports none of the project's modules. Reading order:
 5. `Shapes`, the built-in procedural zero-shot benchmark (PROTOCOL section 7): scene parameters
    (`_shapes_scenes`, where layout "context" places things by their shape word with
    `_place_things`), then `_render_shapes`.
-6. `build_dataset`, `save_preview`, `check_all` (every item of both splits), and the CLI `main`
+6. `build_dataset`, `voc_palette` and `label_colours` (the colours of every picture), `save_preview`,
+   `check_all` (every item of both splits), and the CLI `main`
    (`python data.py --preview docs/shapes_samples.png` draws the README's picture;
    `python data.py --dataset voc --data-root DIR --all` reads every file of a layout).
 
@@ -456,6 +457,25 @@ def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_
     return torch.as_tensor(table, dtype=torch.float32)
 
 
+def added_class_embeddings(dataset: str, names: list[str], paths=None, *, dim: int = 600) -> torch.Tensor:
+    """M's rows for class names added after training, by the rules of training: for ``shapes``
+    the benchmark's seeded vectors, whose vocabulary is the words of its class names; else the
+    word2vec / fastText files ``paths`` (multi-word mean, case fallback, one L2 normalisation).
+    A word missing from the vectors is an EmbeddingError naming it."""
+    if dataset == "shapes":
+        vocabulary = {w.lower() for n in SHAPES_RAW for w in _words(n)}
+        missing = [f"class {n!r}: word {w!r}" for n in names for w in _words(n) if w.lower() not in vocabulary]
+        if missing:
+            raise EmbeddingError(f"not in the shapes vocabulary ({', '.join(sorted(vocabulary))}): "
+                                 + "; ".join(missing))
+        return shapes_embeddings([n.lower() for n in names], dim=dim)
+    paths = [Path(p) for p in paths or ()]
+    if not paths or any(p.suffix == ".npy" for p in paths):
+        raise EmbeddingError(f"--embeddings: new {dataset} class names need the word-vector files (word2vec .bin, "
+                             f"fastText .vec) the run was trained with; a .npy table has no rows for them")
+    return load_class_embeddings(paths, list(names), dim=dim, cache=False)
+
+
 def shapes_embeddings(class_names: list[str], *, seed: int = 0, dim: int = 600) -> torch.Tensor:
     """Two seeded pseudo-random unit vectors per word stand in for word2vec and fastText."""
     if dim % 2:
@@ -620,11 +640,28 @@ def build_dataset(name: str, split: str, *, root=None, **kwargs):
     return Shapes(split, **kwargs) if name == "shapes" else DATASETS[name](root, split, **kwargs)
 
 
+def voc_palette(K: int) -> np.ndarray:
+    """(K, 3) uint8: VOC's colour map (bit b of k + 1 goes to channel b % 3, bit 7 - b // 3),
+    shifted by one so that no class is black; black is ignore (255)."""
+    bits = (np.arange(1, K + 1)[:, None, None] >> np.arange(24).reshape(8, 3)) & 1  # (K, 8, 3)
+    return (bits << (7 - np.arange(8))[:, None]).sum(1).astype(np.uint8)  # (K, 3)
+
+
+def label_colours(num_classes: int, palette: np.ndarray | None = None) -> np.ndarray:
+    """The colour of every label id, (256, 3) uint8, for every picture this program draws: a
+    dataset's own ``palette`` for its classes, ``voc_palette`` for the rest (all classes of a
+    dataset without one, classes added after training), 255 (ignore) black."""
+    colours = np.zeros((256, 3), np.uint8)
+    colours[:num_classes] = voc_palette(num_classes)
+    if palette is not None:
+        n = min(len(palette), num_classes)
+        colours[:n] = np.asarray(palette)[:n]
+    return colours
+
+
 def save_preview(dataset, path, *, num: int = 8, cols: int = 2, size: int | None = None) -> None:
-    """A PNG grid of `image | label` pairs; labels in class colours, ignore (255) black."""
-    colours = np.zeros((256, 3), np.uint8)  # 255 -> black
-    C = len(dataset.class_names)
-    colours[:C] = dataset.palette if hasattr(dataset, "palette") else np.random.default_rng(0).integers(40, 256, (C, 3))
+    """A PNG grid of `image | label` pairs; labels in `label_colours`, ignore (255) black."""
+    colours = label_colours(len(dataset.class_names), getattr(dataset, "palette", None))
     mean, std = torch.tensor(dataset.mean).view(3, 1, 1), torch.tensor(dataset.std).view(3, 1, 1)
     tiles = []
     for i in range(min(num, len(dataset))):

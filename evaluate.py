@@ -51,6 +51,7 @@ Symbols
 """
 import argparse
 import json
+import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -62,6 +63,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import draw_segmentation_masks
 from tqdm import tqdm
 
 import data
@@ -69,7 +72,7 @@ from sign import IGNORE as IGNORE_INDEX, SIGN, resize_labels
 
 __all__ = ["IGNORE_INDEX", "confusion_matrix", "harmonic", "gzsl_miou", "evaluate_model", "format_table",
            "as_metrics", "test_sets", "evaluate_sets", "CheckpointError", "read_checkpoint", "load_checkpoint",
-           "choose_device", "voc_palette", "save_panels", "latent_statistics", "read_metrics", "collect_runs",
+           "choose_device", "scored_classes", "save_panels", "predict_images", "latent_statistics", "read_metrics", "collect_runs",
            "mean_std", "reproduction_tables", "CLAIMS", "paired_difference", "claims", "get_args_parser", "main"]
 
 EVAL_RES = ("full", "feature")
@@ -174,13 +177,15 @@ def _feature_logits(model: nn.Module, x: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, device: torch.device | str,
-                   eval_res: str = "full", ignore_index: int = IGNORE_INDEX, quiet: bool = False) -> Tensor:
+                   eval_res: str = "full", ignore_index: int = IGNORE_INDEX, quiet: bool = False,
+                   label_map: Tensor | None = None) -> Tensor:
     """Sum of ``confusion_matrix`` over a loader of ``(image (B, 3, H, W), label (B, H, W))``.
 
     ``model(x)`` returns logits (B, K, H', W'). ``eval_res="full"`` upsamples them bilinearly
     to the label's (H, W) when they differ; ``"feature"`` scores SIGN's feature-map logits
     against nearest-downsampled labels (see the module docstring). The model runs in eval
-    mode and is put back in the mode it came in. Returns the (K, K) int64 matrix on the CPU.
+    mode and is put back in the mode it came in. ``label_map`` (256,) renumbers the labels
+    (``scored_classes``). Returns the (K, K) int64 matrix on the CPU.
     """
     if eval_res not in EVAL_RES:
         raise ValueError(f"evaluate_model: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
@@ -191,9 +196,11 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
     try:
         for x, y in tqdm(loader, desc=f"evaluate ({eval_res})", leave=False, disable=quiet):
             x, y = x.to(device), y.to(device)  # (B, 3, H, W), (B, H, W)
+            y = y if label_map is None else label_map.to(device)[y]  # the dataset's ids -> the scored order
             logits = model(x) if eval_res == "full" else _feature_logits(model, x)  # (B, K', H', W')
-            if logits.dim() != 4 or logits.shape[1] != K:
-                raise ValueError(f"evaluate_model: expected logits (B, {K}, H, W), got {tuple(logits.shape)}")
+            if logits.dim() != 4 or not 0 < logits.shape[1] <= K:  # fewer: a model that knows only the
+                # first classes (train.py --seen-only) predicts none of the others
+                raise ValueError(f"evaluate_model: expected logits (B, K' <= {K}, H, W), got {tuple(logits.shape)}")
             if eval_res == "full" and logits.shape[-2:] != y.shape[-2:]:
                 logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
             elif eval_res == "feature":
@@ -268,7 +275,7 @@ def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, ev
 
 def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], num_seen: int,
                   device: torch.device | str, eval_res: str = "full", batch_size: int = 16, workers: int = 0,
-                  quiet: bool = False, title: str = "") -> dict[str, dict]:
+                  quiet: bool = False, title: str = "", label_map: Tensor | None = None) -> dict[str, dict]:
     """evaluate_model -> gzsl_miou -> printed format_table for each set; ``{set name: as_metrics}``.
     Classes [0, num_seen) are seen, the rest of ``class_names`` unseen."""
     K, metrics = len(class_names), {}
@@ -276,11 +283,30 @@ def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], n
     for name, dataset in sets.items():  # real images differ in size, so they go one at a time
         loader = DataLoader(dataset, batch_size=batch_size if isinstance(dataset, data.Shapes) else 1,
                             num_workers=workers)
-        confusion = evaluate_model(model, loader, num_classes=K, device=device, eval_res=eval_res, quiet=quiet)
+        confusion = evaluate_model(model, loader, num_classes=K, device=device, eval_res=eval_res, quiet=quiet,
+                                   label_map=label_map)
         result = gzsl_miou(confusion, seen, unseen)
         print(f"\n{f'[{title}] ' if title else ''}test set {name}\n" + format_table(result, class_names, seen, unseen))
         metrics[name] = as_metrics(result, class_names)
     return metrics
+
+
+def scored_classes(model_names: Sequence[str], dataset_names: Sequence[str], num_seen: int
+                   ) -> tuple[list[str], Tensor | None]:
+    """The classes a model is scored over: its own (``model_names``, a checkpoint's ``class_names``:
+    fewer than the dataset's after ``train.py --seen-only``, more after ``--add-classes``), then
+    the dataset's that it does not know (never predicted); and the (256,) map of the dataset's
+    label ids into that order, None when it is the identity. Both must share the seen classes."""
+    if [n.lower() for n in model_names[:num_seen]] != [n.lower() for n in dataset_names[:num_seen]]:
+        raise CheckpointError(f"the checkpoint's seen classes ({', '.join(model_names[:num_seen])}) are not the "
+                              f"dataset's ({', '.join(dataset_names[:num_seen])})")
+    known = [n.lower() for n in model_names]
+    names = list(model_names) + [n for n in dataset_names if n.lower() not in known]
+    order = {n.lower(): i for i, n in enumerate(names)}
+    label_map = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
+    label_map[:len(dataset_names)] = torch.tensor([order[n.lower()] for n in dataset_names])
+    return names, None if bool((label_map[:len(dataset_names)] == torch.arange(len(dataset_names))).all()) \
+        else label_map
 
 
 class CheckpointError(Exception):
@@ -346,25 +372,27 @@ def choose_device(name: str | None) -> torch.device:
 GAP, LEGEND_W, ROW, MIN_TILE = 4, 200, 14, 128  # pixels: spacing, legend width, text row, smallest tile
 
 
-def voc_palette(K: int) -> np.ndarray:
-    """(K, 3) uint8: VOC's colour map (bit b of k + 1 goes to channel b % 3, bit 7 - b // 3),
-    shifted by one so that no class is black; black is ignore (255)."""
-    bits = (np.arange(1, K + 1)[:, None, None] >> np.arange(24).reshape(8, 3)) & 1  # (K, 8, 3)
-    return (bits << (7 - np.arange(8))[:, None]).sum(1).astype(np.uint8)  # (K, 3)
+def _legend(draw: ImageDraw.ImageDraw, x: int, title: str, present: Sequence[int], class_names: Sequence[str],
+            num_seen: int, colours: np.ndarray, notes: dict | None = None) -> None:
+    """A title and one row per class in ``present``: its colour, its name (+ ``notes[c]``), unseen in red."""
+    draw.text((x, 1), title, fill="black")
+    for y, c in zip(range(ROW, ROW * (len(present) + 1), ROW), present):
+        draw.rectangle([x, y + 1, x + 10, y + 11], fill=tuple(map(int, colours[c])), outline="black")
+        draw.text((x + 14, y), class_names[c] + " (unseen)" * (c >= num_seen) + (notes or {}).get(c, ""),
+                  fill="firebrick" if c >= num_seen else "black")
 
 
 @torch.inference_mode()
 def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Sequence[str], num_seen: int,
-                device: torch.device | str, palette: np.ndarray | None = None) -> list[Path]:
+                device: torch.device | str, palette: np.ndarray | None = None,
+                label_map: Tensor | None = None) -> list[Path]:
     """Write the first ``num`` items as ``out_dir/<index>.png``: image (de-normalised by dataset.mean /
-    std) | ground truth | prediction (argmax at the input size), labels in ``palette`` (default:
-    dataset.palette, else ``voc_palette``), ignore black in the ground truth (the prediction covers
-    every pixel); a legend lists the classes in either map, unseen ones marked "(unseen)" in red.
+    std) | ground truth (renumbered by ``label_map``) | prediction (argmax at the input size), in
+    ``data.label_colours`` of ``palette`` (default: dataset.palette), ignore black in the ground truth (the prediction covers every pixel);
+    a legend lists the classes in either map, unseen ones marked "(unseen)" in red.
     Tiles under MIN_TILE rows are upscaled by an integer factor (nearest), so small images stay legible."""
     K, out_dir = len(class_names), Path(out_dir)
-    palette = getattr(dataset, "palette", None) if palette is None else palette
-    colours = np.zeros((256, 3), np.uint8)  # row 255 (ignore) stays black
-    colours[:K] = voc_palette(K) if palette is None else palette
+    colours = data.label_colours(K, getattr(dataset, "palette", None) if palette is None else palette)  # (256, 3)
     mean = torch.tensor(getattr(dataset, "mean", (0.0, 0.0, 0.0))).view(3, 1, 1)
     std = torch.tensor(getattr(dataset, "std", (1.0, 1.0, 1.0))).view(3, 1, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -372,6 +400,7 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
     model.eval()
     for i in range(min(num, len(dataset))):
         image, label = dataset[i]  # (3, H, W), (H, W)
+        label = label if label_map is None else label_map[label.long()]
         pred = model(image[None].to(device)).argmax(1)[0].cpu().numpy()  # (H, W)
         rgb = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
         f = -(-MIN_TILE // label.shape[0])  # ceil: the smallest integer upscaling to >= MIN_TILE rows
@@ -384,15 +413,77 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
         for j, (tile, title) in enumerate(zip(tiles, ("image", "ground truth", "prediction"))):
             panel.paste(Image.fromarray(tile), (GAP + j * (w + GAP), ROW))
             draw.text((GAP + j * (w + GAP), 1), title, fill="black")
-        draw.text((x, 1), "classes (GT or prediction)", fill="black")
-        for y, c in zip(range(ROW, ROW * (len(present) + 1), ROW), present):
-            draw.rectangle([x, y + 1, x + 10, y + 11], fill=tuple(map(int, colours[c])), outline="black")
-            draw.text((x + 14, y), class_names[c] + " (unseen)" * (c >= num_seen),
-                      fill="firebrick" if c >= num_seen else "black")
+        _legend(draw, x, "classes (GT or prediction)", present, class_names, num_seen, colours)
         paths.append(out_dir / f"{i:04d}.png")
         panel.save(paths[-1])
     model.train(was_training)
     return paths
+
+
+def read_image(path) -> Tensor:
+    """An image file as (3, H, W) uint8 RGB; a missing file, a folder or a file that is not an
+    image is a ValueError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--image {path} is a folder; expected an image file")
+    if not path.is_file():
+        raise ValueError(f"--image {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))  # decodes now, so a broken file fails here
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"--image {path}: not a readable image ({type(e).__name__}: {e})") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+@torch.inference_mode()
+def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: Sequence[str], num_seen: int,
+                   mean: Sequence[float], std: Sequence[float], device: torch.device | str, size: int | None = None,
+                   palette: np.ndarray | None = None) -> list[tuple[Path, dict[str, float]]]:
+    """For each image file ``out_dir/<stem>.png``: the image beside the prediction overlaid on it
+    (``draw_segmentation_masks``, colours of ``data.label_colours``) and a legend of the classes
+    present with their share of pixels, unseen ones marked. The image is normalised by ``mean`` /
+    ``std`` and predicted at its own size, or warped to ``size`` x ``size`` (``eval_res`` feature)
+    with the prediction resized back. Returns (file written, {class name: % of pixels})."""
+    colours, out_dir = data.label_colours(len(class_names), palette), Path(out_dir)
+    images = [read_image(p) for p in paths]  # every file is checked before any work
+    out_dir.mkdir(parents=True, exist_ok=True)
+    was_training, results = model.training, []
+    model.eval()
+    for path, image in zip(paths, images):
+        x = TF.normalize(image.float() / 255, mean, std)[None]  # (1, 3, H, W)
+        x = TF.resize(x, [size, size], antialias=True) if size else x
+        pred = model(x.to(device)).argmax(1).cpu()  # (1, h, w)
+        pred = TF.resize(pred, list(image.shape[-2:]), interpolation=TF.InterpolationMode.NEAREST)[0]  # (H, W)
+        present, counts = pred.unique(return_counts=True)
+        shares = {int(c): 100 * int(n) / pred.numel() for c, n in zip(present, counts)}
+        overlay = draw_segmentation_masks(image, pred[None] == present[:, None, None], alpha=0.6,
+                                          colors=[tuple(map(int, colours[c])) for c in present])
+        h, w = image.shape[-2:]
+        x0 = 2 * (w + GAP) + GAP  # the legend's left edge
+        panel = Image.new("RGB", (x0 + LEGEND_W, ROW + max(h, len(present) * ROW) + GAP), "white")
+        draw = ImageDraw.Draw(panel)
+        for j, (tile, title) in enumerate(((image, "image"), (overlay, "prediction"))):
+            panel.paste(Image.fromarray(tile.permute(1, 2, 0).numpy()), (GAP + j * (w + GAP), ROW))
+            draw.text((GAP + j * (w + GAP), 1), title, fill="black")
+        _legend(draw, x0, "classes predicted", present.tolist(), class_names, num_seen, colours,
+                {c: f" {v:.1f} %" for c, v in shares.items()})
+        results.append((out_dir / f"{Path(path).stem}.png", {class_names[c]: v for c, v in shares.items()}))
+        panel.save(results[-1][0])
+    model.train(was_training)
+    return results
+
+
+def add_classes(args) -> int:
+    """``--add-classes``: ``python train.py --add-classes ...`` as a process, so that this module,
+    a reader of checkpoints, never imports the trainer whose Transfer Learning Step it runs."""
+    if args.save_as is None:
+        raise ValueError("--add-classes needs --save-as NEW.pt, the extended checkpoint to write")
+    command = [sys.executable, str(Path(__file__).with_name("train.py")), "--add-classes", *args.add_classes,
+               "--init-from", str(args.checkpoint), "--save-as", str(args.save_as)]
+    command += ["--embeddings", *args.embeddings] if args.embeddings else []
+    command += ["--device", args.device] if args.device else []
+    return subprocess.run(command).returncode
 
 
 # ----------------------------------------------------------------------------- what z carries
@@ -654,6 +745,22 @@ def print_latent_statistics(model: SIGN, saved: dict, args, device) -> int:
     return 0
 
 
+def print_predictions(model: SIGN, ckpt: dict, args, device: torch.device) -> int:
+    """``--image``: ``predict_images`` with the checkpoint's classes, normalisation and resolution rule."""
+    saved = ckpt.get("args") or {}
+    kind = data.DATASETS[saved.get("dataset", "shapes")]
+    names = ckpt.get("class_names") or data.Shapes("test", num_images=1).class_names  # older shapes checkpoints
+    size = (saved.get("test_sizes") or [513])[0] if saved.get("eval_res") == "feature" else None
+    palette = data.Shapes("test", num_images=1).palette if kind is data.Shapes else None
+    out = args.out or args.checkpoint.parent / "predictions"
+    for path, shares in predict_images(model, args.image, out, class_names=names, num_seen=model.num_seen,
+                                       mean=kind.mean, std=kind.std, device=device, size=size, palette=palette):
+        top = sorted(shares.items(), key=lambda kv: -kv[1])
+        print(f"{path}: " + ", ".join(f"{n}{' (unseen)' * (names.index(n) >= model.num_seen)} {v:.1f} %"
+                                      for n, v in top))
+    return 0
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score a train.py checkpoint on its test sets and draw predictions; "
                                 "or tabulate the runs of 'python train.py --reproduce DIR'.")
@@ -675,7 +782,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--device", help="default: cuda if available, else cpu")
     a("--save-predictions", type=int, default=0, metavar="N",
       help="write N PNG panels (image | ground truth | prediction) per test set (default: 0)")
-    a("--out", type=Path, help="panel folder, one subfolder per test set (default: <checkpoint folder>/predictions)")
+    a("--out", type=Path, help="panel folder, one subfolder per test set, or the --image pictures (default: "
+      "<checkpoint folder>/predictions)")
+    a("--image", type=Path, nargs="+", metavar="PATH", help="instead of scoring: predict on these image files, "
+      "any size, and write <out>/<stem>.png (image | prediction overlaid, legend) and the share of each class")
+    a("--add-classes", nargs="*", metavar="NAME", help="instead of scoring: append these class names (unseen) to M "
+      "and C and rerun the Transfer Learning Step, Eq. (10), E / SIM / G fixed; needs --save-as")
+    a("--embeddings", nargs="+", metavar="FILE", help="--add-classes on real data: the word2vec .bin and fastText "
+      ".vec files (default: the run's); shapes uses its own seeded vectors")
+    a("--save-as", type=Path, metavar="NEW.pt", help="--add-classes: the extended checkpoint to write")
     a("--latent-stats", type=int, nargs="?", const=400, metavar="IMAGES",
       help="instead of scoring: what SIM's z carries on the first IMAGES training images (default 400): "
            "mean mu^2 and sigma^2, per-channel SNR var(mu) / E[sigma^2], linear probes (latent_statistics)")
@@ -702,9 +817,13 @@ def main(argv=None) -> int:
                 raise ValueError(f"{flag} must be >= {low}, got {' '.join(map(str, values))}")
         if args.out and args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file; expected the folder for the panels")
+        if args.add_classes is not None:
+            return add_classes(args)
         device = choose_device(args.device)
         model, ckpt = load_checkpoint(args.checkpoint, device)
         saved = ckpt.get("args") or {}
+        if args.image:
+            return print_predictions(model, ckpt, args, device)
         dataset = args.dataset or saved.get("dataset", "shapes")
         same = dataset == saved.get("dataset")  # the stored sizes belong to the stored dataset only
         eval_res = args.eval_res or saved.get("eval_res", "full")
@@ -714,20 +833,22 @@ def main(argv=None) -> int:
                          layout=saved.get("layout", "uniform"),  # runs saved before layouts existed: uniform
                          seed=args.test_seed)
         names, S = next(iter(sets.values())).class_names, next(iter(sets.values())).num_seen
-        if (len(names), S) != (model.config["num_classes"], model.num_seen):
+        mine = ckpt.get("class_names") or names[:model.config["num_classes"]]  # older checkpoints: the dataset's
+        if S != model.num_seen or len(mine) != model.config["num_classes"]:
             raise CheckpointError(f"checkpoint {args.checkpoint} has {model.config['num_classes']} classes "
                                   f"({model.num_seen} seen) but {dataset} has {len(names)} ({S} seen)")
+        names, label_map = scored_classes(mine, names, S)
         if args.latent_stats:
             return print_latent_statistics(model, saved, args, device)
         print(f"evaluate: {args.checkpoint} (stage {ckpt.get('stage')}, iteration {ckpt.get('iteration')}); "
               f"dataset {dataset}, test sets {list(sets)}, eval_res {eval_res}, device {device}")
         evaluate_sets(model, sets, class_names=names, num_seen=S, device=device, eval_res=eval_res,
                       batch_size=saved.get("batch_size", 16), workers=saved.get("workers", 0),
-                      title=str(ckpt.get("stage", "")))
+                      title=str(ckpt.get("stage", "")), label_map=label_map)
         out = args.out or args.checkpoint.parent / "predictions"
         for name, ds in sets.items() if args.save_predictions > 0 else ():
             paths = save_panels(model, ds, out / name, args.save_predictions, class_names=names, num_seen=S,
-                                device=device)
+                                device=device, label_map=label_map)
             print(f"wrote {len(paths)} panels to {out / name}")
     except (CheckpointError, data.DatasetError, ValueError) as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)

@@ -11,7 +11,8 @@ Reading order (Fig. 2, left to right)
     resize_labels, SemanticMapping  M: e = M(y), labels resized to the feature map
     Generator, Discriminator        G: F^_x = G(e (+) z) (``from_table``: the same map, with
                                     e = M(y) looked up rather than built);  D: one logit per pixel
-    SIGN                            all six; forward(x) = upsample(C(SIM(E(x))))
+    SIGN                            all six; forward(x) = upsample(C(SIM(E(x)))); ``with_classes``
+                                    appends classes to M and C after training
     kl_loss, prediction_loss        Eq. (2); Eqs. (3) and (9), optionally weighted per pixel
     sim_step_loss                   Eq. (4), Training Step (SIM): E, SIM, C
     discriminator_loss              Eq. (7), D's side
@@ -388,6 +389,20 @@ class SIGN(nn.Module):
         cfg.setdefault("latent_path", "side")  # configs written without the key come from side-branch models
         cfg["train_size"] = tuple(cfg["train_size"]) if cfg["train_size"] else None
         return cls(embeddings, **cfg)
+
+    def with_classes(self, embeddings: Tensor) -> "SIGN":
+        """A new SIGN with one class appended per row of ``embeddings`` (n, e_dim): M's table gains
+        the rows, C one output per class, initialised as a fresh C's rows; every other weight is
+        this model's. Appended after the existing classes, the new ones are unseen."""
+        K, n = self.config["num_classes"], len(embeddings)
+        grown = SIGN.from_config({**self.config, "num_classes": K + n})
+        state = self.state_dict()
+        table = state["M.table"]  # (K + 1, e_dim): the classes, then the zero row of label 255
+        state["M.table"] = torch.cat([table[:K], embeddings.to(table), table[K:]])  # (K + n + 1, e_dim)
+        state["C.weight"] = torch.cat([state["C.weight"], grown.C.weight.detach()[K:]])  # (K + n, F, 1, 1)
+        state["C.bias"] = torch.cat([state["C.bias"], grown.C.bias.detach()[K:]])
+        grown.load_state_dict(state)
+        return grown.to(table.device)
 
     @property
     def seen_classes(self) -> list[int]:

@@ -68,6 +68,7 @@ Choices the paper leaves open (README "Deviations" lists them too)
       paper's values.
 """
 import argparse
+import contextlib
 import copy
 import errno
 import itertools
@@ -288,8 +289,9 @@ def run_stage(stage: str, total: int, step, poly, run, start: int = 0, save=None
         if i % run.args.log_every == 0 or i == total - 1:
             logs = {k: round(v.item(), 5) for k, v in logs.items()}
             bar.set_postfix(logs, refresh=False)
-            with open(run.out / "losses.jsonl", "a") as f:
-                f.write(json.dumps({"stage": stage, "iteration": i, **logs}) + "\n")
+            with open(run.out / "losses.jsonl", "a") if run.out else contextlib.nullcontext() as f:
+                if f:
+                    f.write(json.dumps({"stage": stage, "iteration": i, **logs}) + "\n")
         if save and run.args.save_every and (i + 1) % run.args.save_every == 0 and i + 1 < total:
             save(i + 1)
 
@@ -314,6 +316,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with its settings")
     a("--init-from", metavar="CHECKPOINT", help="start after the stage this end-of-stage checkpoint of another run "
       "finished (e.g. runs/x/checkpoint_transfer.pt to try self-training settings); settings from these flags")
+    a("--seen-only", action="store_true", help="stage 1 alone, with the unseen classes absent from M and C: a "
+      "model that knows no unseen name, for 'evaluate.py --add-classes' (README 'Your own classes')")
+    a("--add-classes", nargs="*", metavar="NAME", help="with --init-from CK and --save-as NEW.pt: append these "
+      "classes (unseen) to M and C and rerun the Transfer Learning Step, Eq. (10); what 'evaluate.py "
+      "--add-classes' runs")
+    a("--save-as", metavar="NEW.pt", help="--add-classes: the checkpoint to write")
     a("--seed", type=int, default=0, help="default: 0")
     a("--device", help="default: cuda if available, else cpu")
     a("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision on CUDA; default: off")
@@ -393,10 +401,10 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- the run
-def build_data(args):
-    """Training set, test sets by name, and the class-embedding table behind M."""
+def build_data(args, tests: bool = True):
+    """Training set, test sets by name (None with ``tests=False``), and the class-embedding table behind M."""
     tests = evaluate.test_sets(args.dataset, root=args.data_root, sizes=args.test_sizes, eval_res=args.eval_res,
-                               num_images=args.num_test, layout=args.layout)
+                               num_images=args.num_test, layout=args.layout) if tests else None
     if args.dataset == "shapes":  # the benchmark itself is fixed (scene seed 0); --seed varies training
         train_set = data.Shapes("train", size=args.crop_size, num_images=args.num_train, layout=args.layout)
         return train_set, tests, data.shapes_embeddings(train_set.class_names)
@@ -430,14 +438,16 @@ class CheckpointWriteError(OSError):
     """torch.save failed (a full disk, most often); the temporary file is gone, older checkpoints intact."""
 
 
-def save_checkpoint(run, stage: str, iteration: int, optimizers: dict) -> None:
-    """Everything needed to continue or evaluate, written atomically (temporary file, rename):
-    a failed or interrupted write removes its temporary file and leaves the previous checkpoint."""
+def save_checkpoint(run, stage: str, iteration: int, optimizers: dict, path: Path | None = None) -> None:
+    """Everything needed to continue or evaluate, written atomically (temporary file, rename) to
+    ``path`` (default ``checkpoint_<stage>.pt`` in the run folder): a failed or interrupted
+    write removes its temporary file and leaves the previous checkpoint."""
     state = {"model": run.model.state_dict(), "config": run.model.config, "args": vars(run.args),
              "stage": stage, "iteration": iteration, "metrics": run.metrics,
+             "class_names": run.class_names[:run.model.config["num_classes"]],
              "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
              "scaler": run.scaler.state_dict(), "rng": torch.get_rng_state()}
-    path = run.out / f"checkpoint_{stage}.pt"
+    path = path or run.out / f"checkpoint_{stage}.pt"
     tmp = path.with_name(path.name + ".tmp")
     run.at = f"writing {path.name} at stage {stage}, iteration {iteration}"
     try:
@@ -447,7 +457,7 @@ def save_checkpoint(run, stage: str, iteration: int, optimizers: dict) -> None:
         tmp.unlink(missing_ok=True)
         if isinstance(err, KeyboardInterrupt):
             raise
-        free = shutil.disk_usage(run.out).free
+        free = shutil.disk_usage(path.parent).free
         why = ("no space left on the device" if getattr(err, "errno", None) == errno.ENOSPC or free < 2**20
                else f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
         raise CheckpointWriteError(f"cannot write {path}: {why} ({free / 2**20:.0f} MiB free)") from err
@@ -625,6 +635,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if any(a.split("=")[0] == "--reproduce" for a in argv):
         return reproduce_main(argv)
+    if any(a.split("=")[0] == "--add-classes" for a in argv):
+        return add_classes_main(argv)
     try:
         args, resume = settings(get_args_parser(), argv)
         device = evaluate.choose_device(args.device)
@@ -643,6 +655,8 @@ def main(argv=None) -> int:
                              autocast=lambda: torch.autocast(device.type, enabled=args.amp))
     try:
         train_set, tests, embeddings = build_data(args)
+        if args.seen_only:  # M and C hold the seen classes alone: nothing of the unseen names
+            embeddings = embeddings[:train_set.num_seen]
         torch.manual_seed(args.seed)
         model = SIGN(embeddings, num_seen=train_set.num_seen, encoder=args.backbone, pretrained=args.pretrained,
                      feat_dim=args.feat_dim, sim=args.sim, pe=args.pe, pe_dim=args.pe_dim, heads=args.heads,
@@ -656,7 +670,8 @@ def main(argv=None) -> int:
         except OSError as err:
             raise SettingsError(f"--out {out}: cannot create the run folder ({err.strerror})") from None
         (out / "config.json").write_text(json.dumps(vars(args), indent=2, allow_nan=False))
-        run.__dict__.update(model=model, train_set=train_set, tests=tests, num_unseen=train_set.num_unseen)
+        run.__dict__.update(model=model, train_set=train_set, tests=tests, num_unseen=train_set.num_unseen,
+                            class_names=train_set.class_names)
         return train_all(run, resume)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {run.at}; {resumable(out)}", file=sys.stderr)
@@ -669,6 +684,59 @@ def main(argv=None) -> int:
         return 2
 
 
+ADD_CLASSES_FLAGS = ("add_classes", "init_from", "save_as", "embeddings", "device", "quiet")
+
+
+def add_classes_main(argv: Sequence[str]) -> int:
+    """``--add-classes NAME ... --init-from CK --save-as NEW.pt [--embeddings F ...]``: M gains a row
+    and C an output per name (``SIGN.with_classes``), then the Transfer Learning Step (Eq. 10)
+    runs with the checkpoint's own settings and batches, G synthesising the new classes with the
+    checkpoint's unseen ones; E, SIM and G stay fixed. The new classes count as unseen."""
+    start = time.perf_counter()
+    parser = get_args_parser()
+    try:
+        given, args = given_flags(argv), parser.parse_args(argv)
+        if extra := sorted(given - set(ADD_CLASSES_FLAGS)):
+            raise SettingsError(f"--add-classes runs with the checkpoint's settings; drop "
+                                f"{', '.join('--' + k.replace('_', '-') for k in extra)}")
+        if not args.add_classes or not args.init_from or not args.save_as:
+            raise SettingsError("--add-classes needs one class name or more, --init-from CHECKPOINT and "
+                                "--save-as NEW.pt")
+        ckpt = read_checkpoint(Path(args.init_from))
+        saved = resolve(argparse.Namespace(**{**vars(parser.parse_args([])), **UNSAVED, **ckpt["args"],
+                                              "quiet": args.quiet, "embeddings": ckpt["args"].get("embeddings")}))
+        device = evaluate.choose_device(args.device)
+        saved.device = str(device)
+        train_set, _, _ = build_data(saved, tests=False)
+        names = ckpt.get("class_names") or train_set.class_names[:ckpt["config"]["num_classes"]]
+        known = {n.lower() for n in names}
+        twice = {n for n in args.add_classes if [m.lower() for m in args.add_classes].count(n.lower()) > 1}
+        if clash := [n for n in args.add_classes if n.lower() in known] + sorted(twice):
+            raise SettingsError(f"--add-classes: {', '.join(map(repr, clash))} already in the checkpoint's classes "
+                                f"or given twice; it has {', '.join(names)}")
+        rows = data.added_class_embeddings(saved.dataset, args.add_classes, args.embeddings or saved.embeddings,
+                                           dim=ckpt["config"]["embed_dim"])
+    except (SettingsError, evaluate.CheckpointError, data.DatasetError, ValueError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    model = SIGN.from_config(ckpt["config"])
+    model.load_state_dict(ckpt["model"])
+    model = model.with_classes(rows).to(device)  # (K + n classes): the new ones after the unseen
+    run = argparse.Namespace(args=saved, device=device, out=None, model=model, train_set=train_set, metrics={},
+                             num_unseen=len(names) + len(rows) - model.num_seen, class_names=names + args.add_classes,
+                             scaler=torch.amp.GradScaler(device.type, enabled=False), at="the transfer step",
+                             autocast=lambda: torch.autocast(device.type, enabled=False))
+    opts, poly = transfer_optimizer(model, saved)
+    run_stage("transfer", saved.transfer_iters, lambda x, y, padding: transfer_step(model, x, y, opts["c"], run),
+              poly, run)
+    save_checkpoint(run, "transfer", saved.transfer_iters, opts, path=Path(args.save_as))
+    span = f"class {len(names)}" if len(rows) == 1 else f"classes {len(names)}-{len(run.class_names) - 1}"
+    print(f"added {', '.join(args.add_classes)} (unseen, {span}) and "
+          f"re-fitted C in {saved.transfer_iters} transfer iterations: {args.save_as}, "
+          f"{time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def resumable(out: Path) -> str:
     """Where an interrupted run can go on from, for its last message."""
     last = newest_checkpoint(out) if out.is_dir() else None
@@ -676,12 +744,20 @@ def resumable(out: Path) -> str:
             else "no checkpoint was written yet")
 
 
+def transfer_optimizer(model: SIGN, args) -> tuple[dict, list]:
+    """The Transfer Learning Step's optimiser, C's alone, and its poly schedule; E, SIM and G are
+    fixed and in eval mode (z = mu for real features)."""
+    model.eval()
+    opts = {"c": make_optimizer(args.optimizer, param_groups([], [model.C], args.lr_mult), args.lr_transfer)}
+    return opts, [(opts["c"], args.lr_transfer)]
+
+
 def train_all(run, resume: dict | None) -> int:
     """Stage 1 (SIM + G jointly), stage 2 (transfer), stage 3 (self-training, then transfer again)."""
     args, model = run.args, run.model
     S, U = model.num_seen, run.num_unseen
-    plan = [("train", args.iters), ("transfer", args.transfer_iters)]
-    if args.self_training != "none":
+    plan = [("train", args.iters)] + [("transfer", args.transfer_iters)] * (not args.seen_only)
+    if args.self_training != "none" and not args.seen_only:
         plan += [("self_training", args.self_training_iters), ("self_training_transfer", args.transfer_iters)]
     log = run.out / "losses.jsonl"
     if resume:
@@ -735,10 +811,7 @@ def train_all(run, resume: dict | None) -> int:
             source = run.out / "checkpoint_transfer.pt"
             teacher.load_state_dict(read_checkpoint(source if source.exists() else Path(args.init_from))["model"])
         if "transfer" in stage:  # E, SIM, G fixed: eval mode (z = mu), only C learns
-            model.eval()
-            opts = {"c": make_optimizer(args.optimizer, param_groups([], [model.C], args.lr_mult),
-                                        args.lr_transfer)}
-            poly = [(opts["c"], args.lr_transfer)]
+            opts, poly = transfer_optimizer(model, args)
             def step(x, y, padding):
                 target, weight = (y, None) if stage == "transfer" else teach(x, y, padding)
                 return transfer_step(model, x, target, opts["c"], run, weight=weight)

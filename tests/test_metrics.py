@@ -298,10 +298,14 @@ def test_evaluate_model_at_feature_resolution_scores_the_feature_map():
     assert torch.equal(confusion, torch.tensor([[8, 0], [0, 8]]))
 
 
-def test_evaluate_model_rejects_logits_with_the_wrong_number_of_classes():
+def test_evaluate_model_rejects_more_logits_than_classes_and_scores_fewer_as_never_predicted():
     labels = torch.zeros(4, 8, 8, dtype=torch.long)
-    with pytest.raises(ValueError, match=r"expected logits \(B, 3, H, W\)"):
-        evaluate_model(OneHot(2), batches(labels, labels), num_classes=3, device="cpu", quiet=True)
+    with pytest.raises(ValueError, match=r"expected logits \(B, K' <= 2, H, W\)"):
+        evaluate_model(OneHot(3), batches(labels, labels), num_classes=2, device="cpu", quiet=True)
+    labels[:, :, 4:] = 2  # class 2, which a 2-class model (train.py --seen-only) cannot predict
+    confusion = evaluate_model(OneHot(2), batches(labels, labels.clamp(max=1)), num_classes=3, device="cpu",
+                               quiet=True)
+    assert confusion.shape == (3, 3) and int(confusion[2].sum()) == 4 * 8 * 4 and int(confusion[:, 2].sum()) == 0
     with pytest.raises(ValueError, match="eval_res must be one of"):
         evaluate_model(OneHot(2), [], num_classes=2, device="cpu", eval_res="half")
 
