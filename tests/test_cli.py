@@ -281,3 +281,16 @@ def test_reproduce_checks_the_flags_and_its_folder_before_starting_any_run(tmp_p
     (tmp_path / "file").write_text("x")
     assert train.main(["--reproduce", str(tmp_path / "file")]) == 2
     one_line_error(capsys, "--reproduce", "is a file")
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "not an image", "truncated"])
+def test_an_image_that_cannot_be_read_is_one_line_naming_it(kind, finished_run, tmp_path, capsys):
+    path = {"missing": tmp_path / "nowhere.png", "folder": tmp_path, "not an image": tmp_path / "notes.png",
+            "truncated": tmp_path / "cut.jpg"}[kind]
+    (tmp_path / "notes.png").write_text("not pixels")
+    write_jpeg(tmp_path / "full.jpg", 32, 32)
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
+    assert evaluate.main(["--checkpoint", str(finished_run / "checkpoint_transfer.pt"), "--image",
+                          str(tmp_path / "full.jpg"), str(path), "--out", str(tmp_path / "out")]) == 2
+    one_line_error(capsys, "--image", str(path))
+    assert not (tmp_path / "out").exists()  # every file is checked before any is predicted
