@@ -11,7 +11,8 @@ here; it imports none of the project's modules. Reading order:
    Consumers treat `PADDING` as ignore; it exists so that padding is never pseudo-labelled.
 3. `VOC` (2012 + SBD), `Context33` (from the common 59-class PNGs), `COCOStuff` (164k).
 4. Class embeddings (paper section 4.2): `read_word2vec_binary`, `read_fasttext_vec`,
-   `class_embedding_table`, `load_class_embeddings`, `shapes_embeddings`.
+   `class_embedding_table`, `load_class_embeddings`, `added_class_embeddings` (names added after
+   training), `shapes_embeddings`.
 5. `Shapes`, the built-in procedural zero-shot benchmark (PROTOCOL section 7): scene parameters
    (`_shapes_scenes`, where layout "context" places things by their shape word with
    `_place_things`), then `_render_shapes`.

@@ -4,7 +4,9 @@ The paper reports, for every method and dataset, the mIoU of the seen classes, t
 the unseen classes, and their harmonic mean (Table 1). This module is the one tested home of
 that metric; ``train.py`` and the evaluation CLI both call it.
 ``python evaluate.py --checkpoint runs/shapes-.../checkpoint_transfer.pt --save-predictions 4``
-rescores a checkpoint on its test sets and draws image | ground truth | prediction panels.
+rescores a checkpoint on its test sets and draws image | ground truth | prediction panels;
+``--image PATH ...`` predicts on any image file; ``--add-classes NAME ... --save-as NEW.pt``
+names classes the model never saw and re-fits C for them (README "Your own classes").
 
 Reading order
     confusion_matrix   (K, K) pixel counts of one batch, by ``bincount``; sum over a test set
@@ -15,10 +17,13 @@ Reading order
     as_metrics         the result keyed by class name, for ``metrics.json``
     test_sets          a benchmark's test sets by name ("64", "128" | "val" | "test")
     evaluate_sets      evaluate_model -> gzsl_miou -> printed table, for every test set
+    scored_classes     a checkpoint's classes (fewer or more than the dataset's) and the label renumbering
     read_checkpoint    a train.py checkpoint dict, or a one-line CheckpointError naming the file
     load_checkpoint    SIGN rebuilt from a train.py checkpoint (config + state_dict, M included)
     choose_device      --device, checked: cpu, cuda or cuda:N where CUDA exists
     save_panels        PNG panels image | ground truth | prediction with a class legend
+    read_image, predict_images  --image: any image file -> image | prediction overlaid, class shares
+    add_classes        --add-classes: runs ``train.py --add-classes`` (the Transfer Learning Step) as a process
     latent_statistics  what SIM's z carries: mu^2, sigma^2, per-channel SNR, linear probes (--latent-stats)
     collect_runs       run folders of ``train.py --reproduce`` -> {name: {seed: metrics.json}}
     reproduction_tables  run folders -> mean ± std Markdown tables (Tables 1-4, Fig. 5)

@@ -11,8 +11,8 @@ Reading order (Fig. 2, left to right)
     resize_labels, SemanticMapping  M: e = M(y), labels resized to the feature map
     Generator, Discriminator        G: F^_x = G(e (+) z) (``from_table``: the same map, with
                                     e = M(y) looked up rather than built);  D: one logit per pixel
-    SIGN                            all six; forward(x) = upsample(C(SIM(E(x)))); ``with_classes``
-                                    appends classes to M and C after training
+    SIGN                            all six; forward(x) = upsample(C(SIM(E(x)))); ``first_classes``
+                                    and ``with_classes`` cut and append classes of M and C
     kl_loss, prediction_loss        Eq. (2); Eqs. (3) and (9), optionally weighted per pixel
     sim_step_loss                   Eq. (4), Training Step (SIM): E, SIM, C
     discriminator_loss              Eq. (7), D's side
@@ -390,10 +390,23 @@ class SIGN(nn.Module):
         cfg["train_size"] = tuple(cfg["train_size"]) if cfg["train_size"] else None
         return cls(embeddings, **cfg)
 
+    def first_classes(self, n: int) -> "SIGN":
+        """A new SIGN that knows the first ``n`` classes only: M's and C's other rows dropped, every
+        other weight this model's. Draws no random numbers."""
+        K = self.config["num_classes"]
+        with torch.random.fork_rng(devices=[]):
+            cut = SIGN.from_config({**self.config, "num_classes": n})
+        state = self.state_dict()
+        state["M.table"] = torch.cat([state["M.table"][:n], state["M.table"][K:]])  # (n + 1, e_dim)
+        state["C.weight"], state["C.bias"] = state["C.weight"][:n], state["C.bias"][:n]
+        cut.load_state_dict(state)
+        return cut.to(self.M.table.device)
+
     def with_classes(self, embeddings: Tensor) -> "SIGN":
         """A new SIGN with one class appended per row of ``embeddings`` (n, e_dim): M's table gains
-        the rows, C one output per class, initialised as a fresh C's rows; every other weight is
-        this model's. Appended after the existing classes, the new ones are unseen."""
+        the rows, C one output per class, the rows a fresh model of the new size draws from the
+        global random stream; every other weight is this model's. Appended after the existing
+        classes, the new ones are unseen."""
         K, n = self.config["num_classes"], len(embeddings)
         grown = SIGN.from_config({**self.config, "num_classes": K + n})
         state = self.state_dict()

@@ -16,6 +16,9 @@ Reading order (the paper's algorithm, section 3.2 and 3.4)
                          stage 2 = transfer; stage 3 = self-training (ST / AST, Eq. 17; AST by
                          default, the paper's SIGN + AST), then the transfer step again;
                          evaluation after every stage
+    add_classes_main     --add-classes: classes named after training (SIGN.with_classes), then
+                         the Transfer Learning Step again; --seen-only trains a stage 1 that
+                         knows no unseen name, to add them this way
     EXPERIMENTS, reproduce  the paper's tables on shapes as train.py flags, run as
                          ``python train.py`` processes (``--reproduce DIR``), two at a time on
                          two cores; ``evaluate.reproduction_tables`` aggregates the folders
@@ -655,13 +658,15 @@ def main(argv=None) -> int:
                              autocast=lambda: torch.autocast(device.type, enabled=args.amp))
     try:
         train_set, tests, embeddings = build_data(args)
-        if args.seen_only:  # M and C hold the seen classes alone: nothing of the unseen names
-            embeddings = embeddings[:train_set.num_seen]
+        if args.seen_only:  # M never holds an unseen class's vector
+            embeddings = torch.cat([embeddings[:train_set.num_seen], embeddings[train_set.num_seen:] * 0])
         torch.manual_seed(args.seed)
         model = SIGN(embeddings, num_seen=train_set.num_seen, encoder=args.backbone, pretrained=args.pretrained,
                      feat_dim=args.feat_dim, sim=args.sim, pe=args.pe, pe_dim=args.pe_dim, heads=args.heads,
                      hidden=args.hidden, small_width=args.small_width, latent_path=args.latent_path,
                      train_size=(args.crop_size, args.crop_size)).to(device)
+        if args.seen_only:  # built whole, then cut: the initial weights are the full run's, so is stage 1
+            model = model.first_classes(train_set.num_seen)
         if resume and (differ := architecture_differences(resume["config"], model.config)):
             raise SettingsError(f"{args.init_from or args.resume} holds another model than these settings build "
                                 f"({differ}); give the flags it was trained with")
@@ -721,6 +726,9 @@ def add_classes_main(argv: Sequence[str]) -> int:
         return 2
     model = SIGN.from_config(ckpt["config"])
     model.load_state_dict(ckpt["model"])
+    # C's new rows as a fresh model of the new size, seeded as the run was, draws them: for a
+    # --seen-only checkpoint given its dataset's unseen names, the rows the full run starts from
+    torch.manual_seed(saved.seed)
     model = model.with_classes(rows).to(device)  # (K + n classes): the new ones after the unseen
     run = argparse.Namespace(args=saved, device=device, out=None, model=model, train_set=train_set, metrics={},
                              num_unseen=len(names) + len(rows) - model.num_seen, class_names=names + args.add_classes,
@@ -799,7 +807,7 @@ def train_all(run, resume: dict | None) -> int:
     for stage, total in plan:
         done = resume and STAGES.index(stage) < STAGES.index(resume["stage"])
         start = resume["iteration"] if resume and stage == resume["stage"] else 0
-        if done or start >= total:
+        if done or (start >= total and (total > 0 or start > 0)):  # a stage of 0 iterations still evaluates
             if resume and stage == resume["stage"] and stage in EVALUATED_AS and EVALUATED_AS[stage] not in run.metrics:
                 # The checkpoint was written before this finished stage's evaluation, which never
                 # ended: evaluate now. Its optimisers are not saved again; no later stage reads them.

@@ -125,3 +125,20 @@ def test_predicting_on_png_and_jpeg_files_writes_the_overlay_and_the_class_share
     x = torch.stack([ds[0][0]])  # the benchmark's own normalisation of the same pixels
     pred = model(x).argmax(1)[0]
     assert got == {ckpt["class_names"][c]: 100 * int((pred == c).sum()) / pred.numel() for c in pred.unique()}
+
+
+def test_seen_only_then_adding_the_unseen_names_is_the_built_in_transfer_step_bit_for_bit(tmp_path):
+    """With no stage-1 iteration to tell them apart: the seen-only run starts from the full run's
+    weights, and --add-classes draws the rows of C and the batches the built-in transfer step uses."""
+    flags = TINY + ["--iters", "0"]  # the later flag wins
+    assert train.main(flags + ["--out", str(tmp_path / "full")]) == 0
+    assert train.main(flags + ["--out", str(tmp_path / "so"), "--seen-only"]) == 0
+    full, so = (train.read_checkpoint(tmp_path / d / "checkpoint_train.pt")["model"] for d in ("full", "so"))
+    for key, value in so.items():
+        want = full[key][:16] if key.startswith("C.") else full[key]
+        assert torch.equal(value, torch.cat([want[:16], want[20:]]) if key == "M.table" else want), key
+    assert train.main(["--add-classes", *data.SHAPES_UNSEEN, "--init-from", str(tmp_path / "so" / "checkpoint_train.pt"),
+                       "--save-as", str(tmp_path / "added.pt")]) == 0
+    built, added = (train.read_checkpoint(p)["model"] for p in (tmp_path / "full" / "checkpoint_transfer.pt",
+                                                                 tmp_path / "added.pt"))
+    assert built.keys() == added.keys() and all(torch.equal(built[k], added[k]) for k in built)
