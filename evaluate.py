@@ -76,9 +76,10 @@ import data
 from sign import IGNORE as IGNORE_INDEX, SIGN, resize_labels
 
 __all__ = ["IGNORE_INDEX", "confusion_matrix", "harmonic", "gzsl_miou", "evaluate_model", "format_table",
-           "as_metrics", "test_sets", "evaluate_sets", "CheckpointError", "read_checkpoint", "load_checkpoint",
-           "choose_device", "scored_classes", "save_panels", "predict_images", "latent_statistics", "read_metrics", "collect_runs",
-           "mean_std", "reproduction_tables", "CLAIMS", "paired_difference", "claims", "get_args_parser", "main"]
+           "as_metrics", "test_sets", "evaluate_sets", "scored_classes", "CheckpointError", "read_checkpoint",
+           "load_checkpoint", "choose_device", "save_panels", "read_image", "predict_images", "add_classes",
+           "latent_statistics", "read_metrics", "collect_runs", "mean_std", "reproduction_tables", "CLAIMS",
+           "paired_difference", "claims", "get_args_parser", "main"]
 
 EVAL_RES = ("full", "feature")
 
@@ -318,17 +319,23 @@ class CheckpointError(Exception):
     """A checkpoint file is missing, unreadable, or not a model written by train.py."""
 
 
+def _a_file(path, what: str, error: type[Exception] = ValueError) -> Path:
+    """``path`` if it is a file; else ``error`` naming it as ``what`` (a folder, or nothing there)."""
+    path = Path(path)
+    if path.is_dir():
+        raise error(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist")
+    return path
+
+
 def read_checkpoint(path, keys: Sequence[str] = ("model", "config")) -> dict:
     """The dict ``train.py`` saved at ``path``, holding at least ``keys``, read with
     ``weights_only=True`` (never unpickles code). A missing path, a directory, a truncated,
     corrupt or foreign file: one-line ``CheckpointError`` naming the path. torch's own message
     is left out on purpose: for a foreign file it suggests ``weights_only=False``, which would
     run the file's code."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file (expected a checkpoint_<stage>.pt)")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = _a_file(path, "checkpoint", CheckpointError)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a truncated or foreign file
@@ -393,7 +400,8 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
                 label_map: Tensor | None = None) -> list[Path]:
     """Write the first ``num`` items as ``out_dir/<index>.png``: image (de-normalised by dataset.mean /
     std) | ground truth (renumbered by ``label_map``) | prediction (argmax at the input size), in
-    ``data.label_colours`` of ``palette`` (default: dataset.palette), ignore black in the ground truth (the prediction covers every pixel);
+    ``data.label_colours`` of ``palette`` (default: dataset.palette), ignore black in the ground
+    truth (the prediction covers every pixel);
     a legend lists the classes in either map, unseen ones marked "(unseen)" in red.
     Tiles under MIN_TILE rows are upscaled by an integer factor (nearest), so small images stay legible."""
     K, out_dir = len(class_names), Path(out_dir)
@@ -428,11 +436,7 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
 def read_image(path) -> Tensor:
     """An image file as (3, H, W) uint8 RGB; a missing file, a folder or a file that is not an
     image is a ValueError naming it."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"--image {path} is a folder; expected an image file")
-    if not path.is_file():
-        raise ValueError(f"--image {path}: no such file")
+    path = _a_file(path, "--image")
     try:
         with Image.open(path) as image:
             rgb = np.asarray(image.convert("RGB"))  # decodes now, so a broken file fails here

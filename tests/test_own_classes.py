@@ -137,8 +137,8 @@ def test_seen_only_then_adding_the_unseen_names_is_the_built_in_transfer_step_bi
     for key, value in so.items():
         want = full[key][:16] if key.startswith("C.") else full[key]
         assert torch.equal(value, torch.cat([want[:16], want[20:]]) if key == "M.table" else want), key
-    assert train.main(["--add-classes", *data.SHAPES_UNSEEN, "--init-from", str(tmp_path / "so" / "checkpoint_train.pt"),
-                       "--save-as", str(tmp_path / "added.pt")]) == 0
+    assert train.main(["--add-classes", *data.SHAPES_UNSEEN, "--init-from",
+                       str(tmp_path / "so" / "checkpoint_train.pt"), "--save-as", str(tmp_path / "added.pt")]) == 0
     built, added = (train.read_checkpoint(p)["model"] for p in (tmp_path / "full" / "checkpoint_transfer.pt",
                                                                  tmp_path / "added.pt"))
     assert built.keys() == added.keys() and all(torch.equal(built[k], added[k]) for k in built)
