@@ -464,6 +464,9 @@ def added_class_embeddings(dataset: str, names: list[str], paths=None, *, dim: i
     word2vec / fastText files ``paths`` (multi-word mean, case fallback, one L2 normalisation).
     A word missing from the vectors is an EmbeddingError naming it."""
     if dataset == "shapes":
+        if paths:
+            raise EmbeddingError("--embeddings: shapes makes its own seeded word vectors; the flag is for voc, "
+                                 "context and cocostuff")
         vocabulary = {w.lower() for n in SHAPES_RAW for w in _words(n)}
         missing = [f"class {n!r}: word {w!r}" for n in names for w in _words(n) if w.lower() not in vocabulary]
         if missing:

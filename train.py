@@ -71,7 +71,6 @@ Choices the paper leaves open (README "Deviations" lists them too)
       paper's values.
 """
 import argparse
-import contextlib
 import copy
 import errno
 import itertools
@@ -292,8 +291,8 @@ def run_stage(stage: str, total: int, step, poly, run, start: int = 0, save=None
         if i % run.args.log_every == 0 or i == total - 1:
             logs = {k: round(v.item(), 5) for k, v in logs.items()}
             bar.set_postfix(logs, refresh=False)
-            with open(run.out / "losses.jsonl", "a") if run.out else contextlib.nullcontext() as f:
-                if f:
+            if run.out:  # --add-classes writes its checkpoint and no run folder
+                with open(run.out / "losses.jsonl", "a") as f:
                     f.write(json.dumps({"stage": stage, "iteration": i, **logs}) + "\n")
         if save and run.args.save_every and (i + 1) % run.args.save_every == 0 and i + 1 < total:
             save(i + 1)
@@ -466,10 +465,13 @@ def save_checkpoint(run, stage: str, iteration: int, optimizers: dict, path: Pat
         raise CheckpointWriteError(f"cannot write {path}: {why} ({free / 2**20:.0f} MiB free)") from err
 
 
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint files, newest first by stage order (a stage's file is rewritten in place)."""
+    return [p for p in (run_dir / f"checkpoint_{s}.pt" for s in reversed(STAGES)) if p.is_file()]
+
+
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The run's newest checkpoint file, by stage order (a stage's file is rewritten in place)."""
-    saved = [run_dir / f"checkpoint_{s}.pt" for s in reversed(STAGES)]
-    return next((p for p in saved if p.is_file()), None)
+    return next(iter(checkpoints(run_dir)), None)
 
 
 # The flag behind each SIGN.config key; the others follow from the dataset and --embeddings.
@@ -588,7 +590,7 @@ def intact_checkpoint(run_dir: Path) -> dict:
     """--resume: the newest checkpoint of the run that reads; an unreadable newer one is named."""
     if not run_dir.is_dir():
         raise SettingsError(f"--resume {run_dir}: no such run folder")
-    saved = [p for p in (run_dir / f"checkpoint_{s}.pt" for s in reversed(STAGES)) if p.exists()]
+    saved = checkpoints(run_dir)
     if not saved:
         raise SettingsError(f"--resume {run_dir}: no checkpoint_<stage>.pt in that folder")
     for path in saved:

@@ -142,3 +142,10 @@ def test_seen_only_then_adding_the_unseen_names_is_the_built_in_transfer_step_bi
     built, added = (train.read_checkpoint(p)["model"] for p in (tmp_path / "full" / "checkpoint_transfer.pt",
                                                                  tmp_path / "added.pt"))
     assert built.keys() == added.keys() and all(torch.equal(built[k], added[k]) for k in built)
+
+
+def test_shapes_refuses_word_vector_files_for_added_classes(seen_only, tmp_path, capsys):
+    (tmp_path / "w.vec").write_text("1 2\nsky 0.1 0.2\n")
+    assert train.main(["--add-classes", "red triangle", "--init-from", str(seen_only / "checkpoint_train.pt"),
+                       "--embeddings", str(tmp_path / "w.vec"), "--save-as", str(tmp_path / "x.pt")]) == 2
+    assert "own seeded word vectors" in capsys.readouterr().err
