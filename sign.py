@@ -55,6 +55,10 @@ Deliberate choices and changes versus the paper
       (label 255) that M gives no embedding, so it has no place in a seen-class real-vs-fake test.
     * G's side of Eq. (7) is the non-saturating -log D(F^_x) (Goodfellow et al., sec. 3):
       same fixed point as log(1 - D(F^_x)), but strong gradients while D wins.
+    * Mixed precision (``train.py --amp``): the networks run in float16 (CUDA) or bfloat16
+      (CPU), every loss in float32 (the CE's log-softmax, the KL's exp(log sigma^2), D's BCE,
+      the MMD's ||x||^2 + ||y||^2 - 2 x.y): each loses digits or overflows in 8-10 bits of
+      mantissa, and each is cheap next to the convolutions.
     * Each loss detaches what its step holds fixed, so "Eq. (4) trains E, SIM, C; Eq. (7) D;
       Eq. (8) G; Eq. (10) C" is enforced here and pinned by tests.
     * The ResNet's BatchNorm is FrozenBatchNorm2d (buffers, frozen whatever ``.train()`` says).
@@ -447,9 +451,15 @@ class SIGN(nn.Module):
 
 
 # ----------------------------------------------------------------------------- losses
+def _full(t: Tensor) -> Tensor:
+    """float32 for a half-precision tensor (``--amp``), any other unchanged: the losses' precision."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def kl_loss(mu: Tensor, logvar: Tensor, mask: Tensor | None = None) -> Tensor:
     """Eq. (2): KL(N(mu, sigma^2) || N(0, 1)) = -1/2 (1 + log sigma^2 - mu^2 - sigma^2),
     averaged over channels and over the pixels where ``mask`` (B, h, w) is true (all if None)."""
+    mu, logvar = _full(mu), _full(logvar)  # exp(log sigma^2) overflows half precision
     kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())  # Eq. (2), (B, L, h, w)
     if mask is None:
         return kl.mean()
@@ -468,7 +478,8 @@ def prediction_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None
     if weight is not None and weight.shape != target.shape:
         raise ValueError(f"prediction_loss: weight {tuple(weight.shape)} must match "
                          f"target {tuple(target.shape)}")
-    ce = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")  # Eqs. (3), (9)
+    # a log-softmax over K logits and a mean over many pixels lose digits in half precision
+    ce = F.cross_entropy(_full(logits), target, ignore_index=ignore_index, reduction="none")  # Eqs. (3), (9)
     valid = (target != ignore_index).to(ce.dtype)  # (B, h, w)
     w = valid if weight is None else weight.to(ce.dtype) * valid
     # tiny, not 1: a total weight of 1e-3 is legitimate; when it is 0 the numerator is 0 too
@@ -494,7 +505,7 @@ def sim_step_loss(logits: Tensor, target: Tensor, mu: Tensor | None, logvar: Ten
 def _masked_bce(logits: Tensor, real: bool, mask: Tensor) -> Tensor:
     """Mean BCE-with-logits of D's map (B, 1, h, w) against all-real/all-fake on ``mask``."""
     target = torch.full_like(logits[:, 0], float(real))
-    bce = F.binary_cross_entropy_with_logits(logits[:, 0], target, reduction="none")  # (B, h, w)
+    bce = F.binary_cross_entropy_with_logits(_full(logits[:, 0]), _full(target), reduction="none")  # (B, h, w)
     m = mask.to(bce.dtype)
     return (bce * m).sum() / m.sum().clamp_min(1)  # no labelled pixel: 0 with a graph
 

@@ -326,7 +326,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--save-as", metavar="NEW.pt", help="--add-classes: the checkpoint to write")
     a("--seed", type=int, default=0, help="default: 0")
     a("--device", help="default: cuda if available, else cpu")
-    a("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision on CUDA; default: off")
+    a("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision: float16 autocast with a "
+      "GradScaler on CUDA, bfloat16 autocast on the CPU; the losses stay float32; default: off")
     a("--quiet", action="store_true", help="no progress bars")
     m = p.add_argument_group("model (paper section 3; defaults: the paper's best)")
     m.add_argument("--sim", default="multihead", choices=["none", "conv", "attention", "self-attention", "multihead"],
@@ -649,15 +650,14 @@ def main(argv=None) -> int:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     args.device = str(device)
-    if args.amp and device.type != "cuda":  # the one place CUDA-only features are switched
-        print(f"note: --amp is CUDA-only here; on {device} the run trains in float32 (config.json: amp false)",
-              file=sys.stderr)
-        args.amp = False
+    # --amp: float16 with a GradScaler on CUDA; bfloat16 on the CPU, whose exponent range needs no scaler
+    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else torch.float32
+    args.amp_dtype = str(dtype).removeprefix("torch.")  # what the run used, in config.json
     print("settings:", json.dumps(vars(args), indent=1))
     out = Path(args.out)
     run = argparse.Namespace(args=args, device=device, out=out, metrics={}, at="building the data",
-                             scaler=torch.amp.GradScaler(device.type, enabled=args.amp),
-                             autocast=lambda: torch.autocast(device.type, enabled=args.amp))
+                             scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                             autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.amp))
     try:
         train_set, tests, embeddings = build_data(args)
         if args.seen_only:  # M never holds an unseen class's vector
