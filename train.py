@@ -324,6 +324,9 @@ def get_args_parser() -> argparse.ArgumentParser:
       "classes (unseen) to M and C and rerun the Transfer Learning Step, Eq. (10); what 'evaluate.py "
       "--add-classes' runs")
     a("--save-as", metavar="NEW.pt", help="--add-classes: the checkpoint to write")
+    a("--benchmark", type=int, nargs="?", const=20, metavar="ITERS", help="instead of training: time ITERS "
+      "(default 20) iterations of the SIGN step (Eq. 4 + Eqs. 7-8) and of a plain DeepLab-v2 step (E -> C -> "
+      "cross-entropy) on random tensors of the preset's size, interleaved; print img/s, the ratio, peak memory")
     a("--seed", type=int, default=0, help="default: 0")
     a("--device", help="default: cuda if available, else cpu")
     a("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision: float16 autocast with a "
@@ -653,6 +656,8 @@ def main(argv=None) -> int:
     # --amp: float16 with a GradScaler on CUDA; bfloat16 on the CPU, whose exponent range needs no scaler
     dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else torch.float32
     args.amp_dtype = str(dtype).removeprefix("torch.")  # what the run used, in config.json
+    if args.benchmark is not None:
+        return benchmark(args, device, dtype)
     print("settings:", json.dumps(vars(args), indent=1))
     out = Path(args.out)
     run = argparse.Namespace(args=args, device=device, out=out, metrics={}, at="building the data",
@@ -689,6 +694,61 @@ def main(argv=None) -> int:
         where = "" if run.at == "building the data" else f" ({run.at}; {resumable(out)})"
         print(f"train.py: error: {one_line(err)}{where}", file=sys.stderr)
         return 2
+
+
+def benchmark(args, device: torch.device, dtype: torch.dtype, warmup: int = 3) -> int:
+    """--benchmark: the SIGN step (Eq. 4, then Eqs. 7-8) against a plain DeepLab-v2 step (the same
+    E without SIM, C, cross-entropy: Eq. 4 with no SIM is exactly that) on random images and seen
+    labels of the preset's batch and crop, interleaved so that both see the same machine state.
+    No dataset, no download (random weights). Peak memory: CUDA's max_memory_allocated per step,
+    or the process's peak RSS on the CPU."""
+    import resource
+    K, U = data.CLASS_COUNTS[args.dataset]
+    S, B, H = K - U, args.batch_size, args.crop_size
+    torch.manual_seed(args.seed)
+    table = F.normalize(torch.randn(K, 600), dim=1)  # stands in for the word vectors
+    run = argparse.Namespace(args=args, device=device, scaler=torch.amp.GradScaler(device.type, enabled=dtype ==
+                             torch.float16), autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.amp))
+    steps = {}
+    for name, sim in (("SIGN step (Eq. 4 + Eqs. 7-8)", args.sim), ("DeepLab-v2 step (E -> C -> CE)", "none")):
+        model = SIGN(table, num_seen=S, encoder=args.backbone, feat_dim=args.feat_dim, sim=sim, pe=args.pe,
+                     pe_dim=args.pe_dim, heads=args.heads, hidden=args.hidden, small_width=args.small_width,
+                     latent_path=args.latent_path, train_size=(H, H)).to(device).train()
+        opts = {"sim": make_optimizer(args.optimizer, sim_step_groups(model, args.lr_mult), args.lr),
+                "g": torch.optim.Adam(model.G.parameters(), lr=args.lr_g),
+                "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
+
+        def step(x, y, model=model, opts=opts, sim=sim):
+            F_x, z, _ = training_step_sim(model, x, y, opts["sim"], run)
+            if sim != "none":
+                training_step_g(model, F_x, z if args.latent == "sim" else None, y, opts["g"], opts["d"], run)
+        steps[name] = (step, [], [])
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    x = torch.randn(B, 3, H, H, device=device)
+    y = torch.randint(0, S, (B, H, H), device=device)
+    for i in tqdm(range(warmup + args.benchmark), desc="benchmark", disable=args.quiet):
+        for step, times, peaks in steps.values():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sync()
+            start = time.perf_counter()
+            step(x, y)
+            sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+                peaks.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
+    print(f"benchmark: {args.dataset} preset, {args.backbone}, batch {B}, crop {H}, {device} "
+          f"({torch.get_num_threads()} threads), {args.amp_dtype}, {args.benchmark} iterations after {warmup} warm-up")
+    seconds = {}
+    for name, (_, times, peaks) in steps.items():
+        seconds[name] = sum(times) / len(times)
+        memory = f", peak {max(peaks) / 2**30:.2f} GiB allocated" if device.type == "cuda" else ""
+        print(f"  {name:32s} {B / seconds[name]:8.2f} img/s  {seconds[name]:.3f} s/iteration{memory}")
+    sign_s, plain_s = seconds.values()
+    print(f"  ratio SIGN / DeepLab-v2 step time: {sign_s / plain_s:.2f}")
+    if device.type == "cpu":  # ru_maxrss is in KiB on Linux
+        print(f"  peak RSS of the process (both models): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    return 0
 
 
 ADD_CLASSES_FLAGS = ("add_classes", "init_from", "save_as", "embeddings", "device", "quiet")

@@ -260,3 +260,14 @@ def test_the_layout_flag_reaches_the_training_and_test_sets_and_context_is_the_d
         assert train_set.layout == layout and [t.layout for t in tests.values()] == [layout, layout]
         assert [len(t) for t in tests.values()] == [3, 2]  # one count per test size
     assert train.resolve(train.get_args_parser().parse_args([])).self_training == "ast"  # SIGN + AST by default
+
+
+def test_the_benchmark_times_both_steps_and_prints_img_per_s_their_ratio_and_memory(capsys):
+    assert train.main(TINY + ["--benchmark", "2", "--amp"]) == 0
+    out = capsys.readouterr().out
+    rates = [float(line.split("img/s")[0].split()[-1]) for line in out.splitlines() if "img/s" in line]
+    assert len(rates) == 2 and all(r > 0 for r in rates)
+    assert "SIGN step" in out and "DeepLab-v2 step" in out and "bfloat16" in out and "batch 4, crop 32" in out
+    ratio = float(out.split("step time: ")[1].split()[0])
+    assert ratio == pytest.approx(rates[1] / rates[0], rel=0.02)  # SIGN's time over DeepLab's
+    assert "peak RSS" in out
