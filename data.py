@@ -634,7 +634,8 @@ class Shapes(_Segmentation):
 # ------------------------------------------------------------------ 6. factory, preview, CLI
 DATASETS = {"voc": VOC, "context": Context33, "cocostuff": COCOStuff, "shapes": Shapes}
 # (classes, unseen classes) of each benchmark, for what needs no files (train.py --benchmark)
-CLASS_COUNTS = {"voc": (len(VOC_CLASSES), len(VOC_UNSEEN)), "context": (len(CONTEXT33_CLASSES), len(CONTEXT33_UNSEEN)),
+CLASS_COUNTS = {"voc": (len(VOC_CLASSES), len(VOC_UNSEEN)),
+                "context": (len(CONTEXT33_CLASSES), len(CONTEXT33_UNSEEN)),
                 "cocostuff": (len(COCO_STUFF_CLASSES) - len(COCO_STUFF_ABSENT), len(COCO_STUFF_UNSEEN)),
                 "shapes": (len(SHAPES_RAW), len(SHAPES_UNSEEN))}
 

@@ -707,8 +707,9 @@ def benchmark(args, device: torch.device, dtype: torch.dtype, warmup: int = 3) -
     S, B, H = K - U, args.batch_size, args.crop_size
     torch.manual_seed(args.seed)
     table = F.normalize(torch.randn(K, 600), dim=1)  # stands in for the word vectors
-    run = argparse.Namespace(args=args, device=device, scaler=torch.amp.GradScaler(device.type, enabled=dtype ==
-                             torch.float16), autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.amp))
+    run = argparse.Namespace(args=args, device=device,
+                             scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                             autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.amp))
     steps = {}
     for name, sim in (("SIGN step (Eq. 4 + Eqs. 7-8)", args.sim), ("DeepLab-v2 step (E -> C -> CE)", "none")):
         model = SIGN(table, num_seen=S, encoder=args.backbone, feat_dim=args.feat_dim, sim=sim, pe=args.pe,
@@ -747,7 +748,8 @@ def benchmark(args, device: torch.device, dtype: torch.dtype, warmup: int = 3) -
     sign_s, plain_s = seconds.values()
     print(f"  ratio SIGN / DeepLab-v2 step time: {sign_s / plain_s:.2f}")
     if device.type == "cpu":  # ru_maxrss is in KiB on Linux
-        print(f"  peak RSS of the process (both models): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"  peak RSS of the process (both models): {peak:.2f} GiB")
     return 0
 
 
