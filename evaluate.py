@@ -63,11 +63,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_segmentation_masks
 from tqdm import tqdm
@@ -214,7 +215,13 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
             confusion += confusion_matrix(logits.argmax(1), y, K, ignore_index)  # (K, K)
     finally:
         model.train(was_training)
+    if _distributed():  # each rank scored its shard (evaluate_sets): the sum is the whole test set's
+        dist.all_reduce(confusion)
     return confusion.cpu()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -286,13 +293,16 @@ def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], n
     Classes [0, num_seen) are seen, the rest of ``class_names`` unseen."""
     K, metrics = len(class_names), {}
     seen, unseen = list(range(num_seen)), list(range(num_seen, K))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
     for name, dataset in sets.items():  # real images differ in size, so they go one at a time
-        loader = DataLoader(dataset, batch_size=batch_size if isinstance(dataset, data.Shapes) else 1,
+        shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset  # no image twice
+        loader = DataLoader(shard, batch_size=batch_size if isinstance(dataset, data.Shapes) else 1,
                             num_workers=workers)
         confusion = evaluate_model(model, loader, num_classes=K, device=device, eval_res=eval_res, quiet=quiet,
                                    label_map=label_map)
         result = gzsl_miou(confusion, seen, unseen)
-        print(f"\n{f'[{title}] ' if title else ''}test set {name}\n" + format_table(result, class_names, seen, unseen))
+        if rank == 0:
+            print(f"\n{f'[{title}] ' if title else ''}test set {name}\n" + format_table(result, class_names, seen, unseen))
         metrics[name] = as_metrics(result, class_names)
     return metrics
 

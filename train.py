@@ -86,8 +86,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -171,6 +173,45 @@ def set_poly_lr(optimizer: torch.optim.Optimizer, base: float, iteration: int, t
         group["lr"] = poly_lr(base * group.get("lr_mult", 1.0), iteration, total)
 
 
+# ----------------------------------------------------------------------------- what each step trains
+class Segmenter(nn.Module):
+    """E, SIM and C behind one forward, x -> (C(F_x), F_x, z, mu, logvar): what Eq. (4) trains."""
+    features = SIGN.features  # SIGN's own Eq. (1), read from self.E and self.SIM
+
+    def __init__(self, model: SIGN):
+        super().__init__()
+        self.E, self.SIM, self.C = model.E, model.SIM, model.C
+
+    def forward(self, x: torch.Tensor):
+        F_x, z, mu, logvar = self.features(x)  # Eq. (1)
+        return self.C(F_x), F_x, z, mu, logvar  # (B, K, h, w), then SIM's outputs
+
+
+class Synthesis(nn.Module):
+    """M and G behind one forward, (y, z) -> F^_x = G(M(y) (+) z): what Eq. (8) trains."""
+    generate = SIGN.generate  # SIGN's own, read from self.M, self.G and self.latent_dim
+
+    def __init__(self, model: SIGN):
+        super().__init__()
+        self.M, self.G, self.latent_dim = model.M, model.G, model.latent_dim
+
+    def forward(self, labels: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        return self.generate(labels, z)
+
+
+def step_networks(model: SIGN, world: int = 1, *, transfer: bool = False) -> argparse.Namespace:
+    """The modules a stage's steps call, each the set of networks one step trains: E + SIM + C for
+    Eq. (4), M + G for Eq. (8) and D for Eq. (7) in stage 1 and self-training; C alone in the
+    transfer steps. With ``world`` > 1 each is wrapped in DistributedDataParallel, which averages
+    exactly its gradients over the ranks. The detaches in sign.py's losses still decide which
+    network a loss reaches (D's side of Eq. 8 is called unwrapped, with its weights detached), so
+    a wrapper only ever averages gradients its own step computed."""
+    wrap = DistributedDataParallel if world > 1 else (lambda m: m)
+    if transfer:
+        return argparse.Namespace(C=wrap(model.C))
+    return argparse.Namespace(sim=wrap(Segmenter(model)), G=wrap(Synthesis(model)), D=wrap(model.D))
+
+
 # ----------------------------------------------------------------------------- the steps
 def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler) -> None:
     optimizer.zero_grad(set_to_none=True)
@@ -186,9 +227,10 @@ def training_step_sim(model, x, y, opt, run, *, weight=None, seen_only=True, pad
     off and passes the AST / ST weights of its pseudo-labels. The KL term of Eq. (2) averages
     over the pixels inside the image: ``padding`` (B, H, W) marks the crop's padding.
     """
+    nets = getattr(run, "nets", None) or step_networks(model)
     with run.autocast():
-        F_x, z, mu, logvar = model.features(x)  # Eq. (1): F_x, z = SIM(E(x) (+) PE)
-        logits = F.interpolate(model.C(F_x), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        logits, F_x, z, mu, logvar = nets.sim(x)  # Eq. (1): F_x, z = SIM(E(x) (+) PE); C(F_x)
+        logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         inside = None if padding is None else resize_labels(padding.long(), F_x.shape[-2:]) == 0  # (B, h, w)
         loss, logs = sim_step_loss(logits, y, mu, logvar, num_seen=model.num_seen if seen_only else None,
                                    alpha=run.args.alpha, weight=weight, kl_mask=inside)  # Eq. (4)
@@ -202,10 +244,11 @@ def training_step_g(model, F_x, z, y, opt_g, opt_d, run):
     E and SIM are fixed: F_x and z arrive detached. Without SIM, or with ``--latent noise``
     (ZS3Net-style), z is None and G draws pure noise.
     """
+    nets = getattr(run, "nets", None) or step_networks(model)
     with run.autocast():
         y = resize_labels(y, F_x.shape[-2:])  # (B, h, w)
-        fake = model.generate(y, z)  # F^_x = G(M(y) (+) z), (B, F, h, w)
-        d_loss = discriminator_loss(model.D, F_x, fake, y)  # Eq. (7), max over D
+        fake = nets.G(y, z)  # F^_x = G(M(y) (+) z), (B, F, h, w)
+        d_loss = discriminator_loss(nets.D, F_x, fake, y)  # Eq. (7), max over D
     backward_step(d_loss, opt_d, run.scaler)
     with run.autocast():  # G plays against the D just updated, as in alternating GAN training
         g_loss, logs = generator_loss(model.D, F_x, fake, y, model.seen_classes, beta=run.args.beta,
@@ -238,8 +281,8 @@ def transfer_step(model, x, y, opt_c, run, *, weight=None):
     if weight is not None:
         weight = F.interpolate(weight[:, None], size=(h, w), mode="nearest")[:, 0]  # as resize_labels
     with run.autocast():
-        loss, logs = transfer_loss(model.C, F_x, resize_labels(y, (h, w)), fake, y_hat,
-                                   weight=weight)  # Eq. (10)
+        C = getattr(run, "nets", None) and run.nets.C or model.C
+        loss, logs = transfer_loss(C, F_x, resize_labels(y, (h, w)), fake, y_hat, weight=weight)  # Eq. (10)
     backward_step(loss, opt_c, run.scaler)
     return {"transfer": loss.detach(), **logs}
 
@@ -253,7 +296,7 @@ def batch_stream(dataset, run, stage: str, start: int):
     """Endless training batches (x, y, padding); the order of epoch e is a permutation seeded by
     (seed, stage, e), so the stream can restart at any iteration ``start``. ``padding`` (B, H, W)
     marks the random crop's padding (``data.PADDING``), which becomes ignore (255) in y."""
-    B = run.args.batch_size
+    B, rank, world = run.args.batch_size, getattr(run, "rank", 0), getattr(run, "world", 1)
     per_epoch = len(dataset) // B
     if per_epoch == 0:
         raise ValueError(f"--batch-size {B} is larger than the training set ({len(dataset)} images)")
@@ -262,6 +305,7 @@ def batch_stream(dataset, run, stage: str, start: int):
         epoch = it // per_epoch
         g = torch.Generator().manual_seed(iteration_seed(run.args.seed, stage, -1 - epoch))
         order = torch.randperm(len(dataset), generator=g).view(-1)[: per_epoch * B].view(per_epoch, B)
+        order = order[:, rank * B // world:(rank + 1) * B // world]  # this rank's slice of every global batch
         # Its own generator: creating a loader iterator draws a seed, which must not come from
         # (and shift) the global stream that this iteration's noise is drawn from.
         loader = DataLoader(dataset, batch_sampler=order[it % per_epoch:].tolist(), generator=g,
@@ -278,10 +322,12 @@ def run_stage(stage: str, total: int, step, poly, run, start: int = 0, save=None
     """Iterations ``start..total-1`` of one stage: reseed, fetch a batch, set poly learning
     rates, ``step(x, y, padding) -> losses``, stop on a non-finite loss, log, save every --save-every."""
     batches = batch_stream(run.train_set, run, stage, start)
-    bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=run.args.quiet)
+    main_rank = getattr(run, "rank", 0) == 0
+    bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=run.args.quiet or not main_rank)
     for i in bar:
         run.at = f"stage {stage}, iteration {i}"
-        torch.manual_seed(iteration_seed(run.args.seed, stage, i))
+        # each rank draws its own noise for its slice of the batch; rank 0 (and one process) as before
+        torch.manual_seed((iteration_seed(run.args.seed, stage, i) + getattr(run, "rank", 0)) % 2**63)
         x, y, padding = next(batches)
         for opt, base in poly:
             set_poly_lr(opt, base, i, total)
@@ -291,7 +337,7 @@ def run_stage(stage: str, total: int, step, poly, run, start: int = 0, save=None
         if i % run.args.log_every == 0 or i == total - 1:
             logs = {k: round(v.item(), 5) for k, v in logs.items()}
             bar.set_postfix(logs, refresh=False)
-            if run.out:  # --add-classes writes its checkpoint and no run folder
+            if run.out and main_rank:  # --add-classes writes its checkpoint and no run folder
                 with open(run.out / "losses.jsonl", "a") as f:
                     f.write(json.dumps({"stage": stage, "iteration": i, **logs}) + "\n")
         if save and run.args.save_every and (i + 1) % run.args.save_every == 0 and i + 1 < total:
@@ -434,7 +480,9 @@ def evaluate_stage(run, stage: str) -> None:
 
 
 def write_metrics(run) -> None:
-    """metrics.json, atomically: a reader (``evaluate.py --tables``) never sees half a file."""
+    """metrics.json, atomically: a reader (``evaluate.py --tables``) never sees half a file. Rank 0 alone."""
+    if getattr(run, "rank", 0):
+        return
     tmp = run.out / "metrics.json.tmp"
     tmp.write_text(json.dumps(run.metrics, indent=2))
     os.replace(tmp, run.out / "metrics.json")
@@ -447,7 +495,9 @@ class CheckpointWriteError(OSError):
 def save_checkpoint(run, stage: str, iteration: int, optimizers: dict, path: Path | None = None) -> None:
     """Everything needed to continue or evaluate, written atomically (temporary file, rename) to
     ``path`` (default ``checkpoint_<stage>.pt`` in the run folder): a failed or interrupted
-    write removes its temporary file and leaves the previous checkpoint."""
+    write removes its temporary file and leaves the previous checkpoint. Rank 0 alone writes."""
+    if getattr(run, "rank", 0):
+        return
     state = {"model": run.model.state_dict(), "config": run.model.config, "args": vars(run.args),
              "stage": stage, "iteration": iteration, "metrics": run.metrics,
              "class_names": run.class_names[:run.model.config["num_classes"]],
@@ -652,15 +702,37 @@ def main(argv=None) -> int:
     except (SettingsError, evaluate.CheckpointError, ValueError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if world > 1:
+        if args.batch_size % world:
+            print(f"train.py: error: --batch-size {args.batch_size} (the global batch) must be divisible by the "
+                  f"{world} processes", file=sys.stderr)
+            return 2
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":  # one GPU per process
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    try:
+        return run_main(args, resume, device, world)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run_main(args, resume: dict | None, device: torch.device, world: int) -> int:
+    """main's work once the settings hold: the benchmark, or the run (every rank of a torchrun)."""
+    rank = dist.get_rank() if world > 1 else 0
     args.device = str(device)
     # --amp: float16 with a GradScaler on CUDA; bfloat16 on the CPU, whose exponent range needs no scaler
     dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else torch.float32
     args.amp_dtype = str(dtype).removeprefix("torch.")  # what the run used, in config.json
     if args.benchmark is not None:
         return benchmark(args, device, dtype)
-    print("settings:", json.dumps(vars(args), indent=1))
+    if rank == 0:
+        print("settings:", json.dumps(vars(args), indent=1))
     out = Path(args.out)
-    run = argparse.Namespace(args=args, device=device, out=out, metrics={}, at="building the data",
+    run = argparse.Namespace(args=args, device=device, out=out, metrics={}, at="building the data", rank=rank,
+                             world=world,
                              scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
                              autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.amp))
     try:
@@ -681,7 +753,8 @@ def main(argv=None) -> int:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise SettingsError(f"--out {out}: cannot create the run folder ({err.strerror})") from None
-        (out / "config.json").write_text(json.dumps(vars(args), indent=2, allow_nan=False))
+        if rank == 0:
+            (out / "config.json").write_text(json.dumps(vars(args), indent=2, allow_nan=False))
         run.__dict__.update(model=model, train_set=train_set, tests=tests, num_unseen=train_set.num_unseen,
                             class_names=train_set.class_names)
         return train_all(run, resume)
@@ -848,11 +921,12 @@ def train_all(run, resume: dict | None) -> int:
                 continue
             if position < at:
                 kept.append(line)
-        if dropped:
+        if dropped and run.rank == 0:
             print(f"note: {log}: dropped {dropped} unreadable line(s), as a run killed mid-write leaves",
                   file=sys.stderr)
-        log.write_text("".join(f"{line}\n" for line in kept))
-    else:
+        if run.rank == 0:
+            log.write_text("".join(f"{line}\n" for line in kept))
+    elif run.rank == 0:
         log.unlink(missing_ok=True)
     teacher = None
 
@@ -882,6 +956,7 @@ def train_all(run, resume: dict | None) -> int:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
             source = run.out / "checkpoint_transfer.pt"
             teacher.load_state_dict(read_checkpoint(source if source.exists() else Path(args.init_from))["model"])
+        run.nets = step_networks(model, run.world, transfer="transfer" in stage)
         if "transfer" in stage:  # E, SIM, G fixed: eval mode (z = mu), only C learns
             opts, poly = transfer_optimizer(model, args)
             def step(x, y, padding):
@@ -899,7 +974,8 @@ def train_all(run, resume: dict | None) -> int:
             for k, o in opts.items():
                 o.load_state_dict(resume["optimizers"][k])
             run.scaler.load_state_dict(resume["scaler"])
-        print(f"\n== stage {stage}: iterations {start}..{total} ==")
+        if run.rank == 0:
+            print(f"\n== stage {stage}: iterations {start}..{total} ==")
         try:
             run_stage(stage, total, step, poly, run, start,
                       save=lambda i: save_checkpoint(run, stage, i, opts))
@@ -911,9 +987,24 @@ def train_all(run, resume: dict | None) -> int:
             evaluate_stage(run, EVALUATED_AS[stage])
             save_checkpoint(run, stage, total, opts)  # again, now with the stage's metrics
     write_metrics(run)  # also when a resumed run had nothing left to do
-    print_summary(run.metrics)
-    print(f"\nrun folder: {run.out} (metrics.json, losses.jsonl, checkpoint_<stage>.pt)")
+    if run.world > 1:
+        same_weights_on_every_rank(model)
+    if run.rank == 0:
+        print_summary(run.metrics)
+        print(f"\nrun folder: {run.out} (metrics.json, losses.jsonl, checkpoint_<stage>.pt)")
     return 0
+
+
+def same_weights_on_every_rank(model: nn.Module) -> None:
+    """After a torchrun: every rank must hold the weights rank 0 saved (DDP keeps them in step)."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    check = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
+    gathered = [torch.zeros_like(check) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, check)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"the ranks' weights differ after training: checksums {[g.tolist() for g in gathered]}")
+    if dist.get_rank() == 0:
+        print(f"DDP: the {len(gathered)} ranks hold identical weights (checksum {gathered[0][0].item():.6f})")
 
 
 def print_summary(metrics: dict) -> None:

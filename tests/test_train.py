@@ -271,3 +271,29 @@ def test_the_benchmark_times_both_steps_and_prints_img_per_s_their_ratio_and_mem
     ratio = float(out.split("step time: ")[1].split()[0])
     assert ratio == pytest.approx(rates[1] / rates[0], rel=0.02)  # SIGN's time over DeepLab's
     assert "peak RSS" in out
+
+
+def test_two_processes_under_torchrun_train_one_run_and_score_as_one_process_does(tmp_path):
+    """gloo on the CPU: 2 ranks, a global batch of 4 split 2 + 2. One run folder; the ranks end
+    with identical weights; the sharded evaluation (confusion matrices summed) equals the one-process
+    evaluation of the saved checkpoint exactly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    import evaluate
+    out = tmp_path / "run"
+    code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29600 + os.getpid() % 300), str(Path(train.__file__)), *TINY,
+                           "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert code.returncode == 0, code.stderr[-2000:]
+    assert "DDP: the 2 ranks hold identical weights" in code.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert set(json.loads((out / "config.json").read_text())) >= {"batch_size", "amp_dtype"}
+    assert len([1 for e in losses(out) if e["stage"] == "train"]) == 6  # one log, not one per rank
+    model, ckpt = evaluate.load_checkpoint(out / "checkpoint_self_training_transfer.pt", "cpu")
+    tests = evaluate.test_sets("shapes", sizes=[32, 48], num_images=4, layout="context")
+    alone = evaluate.evaluate_sets(model, tests, class_names=ckpt["class_names"], num_seen=16, device="cpu",
+                                   batch_size=4, quiet=True)
+    assert alone == json.loads((out / "metrics.json").read_text())["self_training"]
