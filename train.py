@@ -55,6 +55,16 @@ Choices the paper leaves open (README "Deviations" lists them too)
       A stage's checkpoint is written before its evaluation and again after it, so a bad
       test file, Ctrl-C or a full disk never loses a finished stage; resumed, the evaluation
       that did not finish runs first.
+    * ``torchrun --nproc_per_node N train.py ...`` trains with DistributedDataParallel (NCCL on
+      CUDA, gloo on the CPU); ``step_networks`` says what each wrapper holds and how it relates
+      to the detaches. ``--batch-size`` is the global batch: every rank takes its slice of the
+      same global batch order, and draws its noise from (seed, stage, iteration) + rank, so a
+      run resumes exactly at any N. The class-wise MMD (Eq. 5) is computed per rank on its
+      slice and the gradients averaged: the paper's per-batch estimator on batches of B / N,
+      not the MMD of the whole global batch (a kernel statistic is not a mean over samples).
+      Rank 0 alone prints and writes; ``losses.jsonl`` holds rank 0's losses on its slice.
+      Evaluation is sharded over the ranks and the confusion matrices summed, so the scores
+      are the one-process scores.
     * The reproduction runner lives here, beside the flags it combines, and starts each run
       as its own ``python train.py`` process: two of them keep two cores busy (one thread
       each, which beats one run on two threads), a failing run cannot take the others down,
