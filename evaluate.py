@@ -302,7 +302,8 @@ def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], n
                                    label_map=label_map)
         result = gzsl_miou(confusion, seen, unseen)
         if rank == 0:
-            print(f"\n{f'[{title}] ' if title else ''}test set {name}\n" + format_table(result, class_names, seen, unseen))
+            print(f"\n{f'[{title}] ' if title else ''}test set {name}\n"
+                  + format_table(result, class_names, seen, unseen))
         metrics[name] = as_metrics(result, class_names)
     return metrics
 
