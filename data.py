@@ -723,8 +723,9 @@ def main(argv=None) -> int:
         if value < low:
             print(f"data.py: error: {flag} must be >= {low}, got {value}", file=sys.stderr)
             return 2
-    if args.preview and args.preview.suffix.lower() != ".png":
-        print(f"data.py: error: --preview {args.preview}: expected a .png file name", file=sys.stderr)
+    if args.preview and args.preview.suffix.lower() not in Image.registered_extensions():
+        print(f"data.py: error: --preview {args.preview}: expected an image file name such as preview.png",
+              file=sys.stderr)
         return 2
     shapes = {"size": args.size, "seed": args.seed, "num_images": max(args.num_samples, 1), "layout": args.layout}
     try:

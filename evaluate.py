@@ -185,14 +185,15 @@ def _feature_logits(model: nn.Module, x: Tensor) -> Tensor:
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, device: torch.device | str,
                    eval_res: str = "full", ignore_index: int = IGNORE_INDEX, quiet: bool = False,
-                   label_map: Tensor | None = None) -> Tensor:
+                   label_map: Tensor | None = None, sharded: bool = False) -> Tensor:
     """Sum of ``confusion_matrix`` over a loader of ``(image (B, 3, H, W), label (B, H, W))``.
 
     ``model(x)`` returns logits (B, K, H', W'). ``eval_res="full"`` upsamples them bilinearly
     to the label's (H, W) when they differ; ``"feature"`` scores SIGN's feature-map logits
     against nearest-downsampled labels (see the module docstring). The model runs in eval
     mode and is put back in the mode it came in. ``label_map`` (256,) renumbers the labels
-    (``scored_classes``). Returns the (K, K) int64 matrix on the CPU.
+    (``scored_classes``). ``sharded``: the loader holds this rank's shard of the test set and
+    the ranks' matrices are summed (torchrun). Returns the (K, K) int64 matrix on the CPU.
     """
     if eval_res not in EVAL_RES:
         raise ValueError(f"evaluate_model: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
@@ -215,7 +216,7 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
             confusion += confusion_matrix(logits.argmax(1), y, K, ignore_index)  # (K, K)
     finally:
         model.train(was_training)
-    if _distributed():  # each rank scored its shard (evaluate_sets): the sum is the whole test set's
+    if sharded:  # each rank scored its shard (evaluate_sets): the sum is the whole test set's
         dist.all_reduce(confusion)
     return confusion.cpu()
 
@@ -299,7 +300,7 @@ def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], n
         loader = DataLoader(shard, batch_size=batch_size if isinstance(dataset, data.Shapes) else 1,
                             num_workers=workers)
         confusion = evaluate_model(model, loader, num_classes=K, device=device, eval_res=eval_res, quiet=quiet,
-                                   label_map=label_map)
+                                   label_map=label_map, sharded=world > 1)
         result = gzsl_miou(confusion, seen, unseen)
         if rank == 0:
             print(f"\n{f'[{title}] ' if title else ''}test set {name}\n"
@@ -769,7 +770,11 @@ def print_predictions(model: SIGN, ckpt: dict, args, device: torch.device) -> in
     """``--image``: ``predict_images`` with the checkpoint's classes, normalisation and resolution rule."""
     saved = ckpt.get("args") or {}
     kind = data.DATASETS[saved.get("dataset", "shapes")]
-    names = ckpt.get("class_names") or data.Shapes("test", num_images=1).class_names  # older shapes checkpoints
+    names = ckpt.get("class_names")
+    if names is None:  # written before checkpoints held their class names: the dataset's own list
+        names = test_sets(saved.get("dataset", "shapes"), root=saved.get("data_root"), num_images=1,
+                          sizes=[8] if kind is data.Shapes else None)
+        names = next(iter(names.values())).class_names
     size = (saved.get("test_sizes") or [513])[0] if saved.get("eval_res") == "feature" else None
     palette = data.Shapes("test", num_images=1).palette if kind is data.Shapes else None
     out = args.out or args.checkpoint.parent / "predictions"

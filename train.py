@@ -302,6 +302,12 @@ def iteration_seed(seed: int, stage: str, iteration: int) -> int:
     return (seed * 1000003 + STAGES.index(stage) * 100003 + iteration) % 2**63
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed of its own for every rank (rank 0 keeps ``seed``): the rank in a slot of its own,
+    so that rank r never reuses another iteration's seed (seeds differ by 1 per iteration)."""
+    return (seed + rank * 0x9E3779B97F4A7C15) % 2**63
+
+
 def batch_stream(dataset, run, stage: str, start: int):
     """Endless training batches (x, y, padding); the order of epoch e is a permutation seeded by
     (seed, stage, e), so the stream can restart at any iteration ``start``. ``padding`` (B, H, W)
@@ -316,6 +322,8 @@ def batch_stream(dataset, run, stage: str, start: int):
         g = torch.Generator().manual_seed(iteration_seed(run.args.seed, stage, -1 - epoch))
         order = torch.randperm(len(dataset), generator=g).view(-1)[: per_epoch * B].view(per_epoch, B)
         order = order[:, rank * B // world:(rank + 1) * B // world]  # this rank's slice of every global batch
+        if rank:  # the workers' augmentation seeds come from g: each rank its own
+            g = torch.Generator().manual_seed(rank_seed(iteration_seed(run.args.seed, stage, -1 - epoch), rank))
         # Its own generator: creating a loader iterator draws a seed, which must not come from
         # (and shift) the global stream that this iteration's noise is drawn from.
         loader = DataLoader(dataset, batch_sampler=order[it % per_epoch:].tolist(), generator=g,
@@ -337,11 +345,17 @@ def run_stage(stage: str, total: int, step, poly, run, start: int = 0, save=None
     for i in bar:
         run.at = f"stage {stage}, iteration {i}"
         # each rank draws its own noise for its slice of the batch; rank 0 (and one process) as before
-        torch.manual_seed((iteration_seed(run.args.seed, stage, i) + getattr(run, "rank", 0)) % 2**63)
+        torch.manual_seed(rank_seed(iteration_seed(run.args.seed, stage, i), getattr(run, "rank", 0)))
         x, y, padding = next(batches)
         for opt, base in poly:
             set_poly_lr(opt, base, i, total)
         logs = step(x, y, padding)
+        if getattr(run, "world", 1) > 1:  # a NaN on one rank reaches every rank's weights: all stop
+            finite = torch.tensor(float(all(bool(torch.isfinite(v).all()) for v in logs.values())), device=run.device)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if finite.item() < 1 and all(bool(torch.isfinite(v).all()) for v in logs.values()):
+                raise NonFiniteLoss(f"a non-finite loss on another rank at stage {stage!r}, iteration {i}; "
+                                    f"nothing was saved for this iteration")
         check_finite(stage, i, **logs)
         run.scaler.update()
         if i % run.args.log_every == 0 or i == total - 1:
@@ -722,6 +736,9 @@ def main(argv=None) -> int:
         if device.type == "cuda":  # one GPU per process
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
+        folder = [args.out]  # the default folder names a timestamp: rank 0's, for every rank
+        dist.broadcast_object_list(folder, src=0)
+        args.out = folder[0]
     try:
         return run_main(args, resume, device, world)
     finally:
@@ -734,6 +751,8 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
     rank = dist.get_rank() if world > 1 else 0
     args.device = str(device)
     # --amp: float16 with a GradScaler on CUDA; bfloat16 on the CPU, whose exponent range needs no scaler
+    if resume and args.resume and "amp_dtype" not in resume["args"] and device.type != "cuda":
+        args.amp = False  # --amp did nothing off CUDA when this run was saved: it goes on in float32
     dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else torch.float32
     args.amp_dtype = str(dtype).removeprefix("torch.")  # what the run used, in config.json
     if args.benchmark is not None:
@@ -963,6 +982,8 @@ def train_all(run, resume: dict | None) -> int:
                 save_checkpoint(run, stage, total, {})
             continue
         if stage.startswith("self_training") and teacher is None:
+            if run.world > 1:
+                dist.barrier()  # rank 0 has written checkpoint_transfer.pt
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
             source = run.out / "checkpoint_transfer.pt"
             teacher.load_state_dict(read_checkpoint(source if source.exists() else Path(args.init_from))["model"])
@@ -1099,7 +1120,8 @@ def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, nam
 
 
 def _check_same_settings(run_dir: Path, expected) -> None:
-    saved = json.loads((run_dir / "config.json").read_text())
+    # a key an older config.json lacks had the value the code then used: today's default, or UNSAVED's
+    saved = {**vars(get_args_parser().parse_args([])), **UNSAVED, **json.loads((run_dir / "config.json").read_text())}
     differ = {k: (saved.get(k), v) for k, v in vars(expected).items() if k not in UNCOMPARED and saved.get(k) != v}
     if differ:
         listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())

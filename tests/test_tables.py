@@ -219,3 +219,14 @@ def test_reproduce_runs_every_baseline_and_fills_every_table(tmp_path, capsys):
     # other settings over an existing folder are refused, naming the run and the difference
     assert train.main(["--reproduce", str(tmp_path), "--seeds", "0", *tiny, "--iters", "3"]) == 2
     assert "iters: 2 there, 3 now" in capsys.readouterr().err
+
+
+@pytest.mark.tables
+def test_a_run_folder_written_before_a_flag_existed_still_counts_as_the_same_settings(tmp_path):
+    args = train.resolve(train.get_args_parser().parse_args(["--seed", "0", "--out", str(tmp_path)]))
+    old = {k: v for k, v in vars(args).items() if k not in ("seen_only", "add_classes", "save_as", "benchmark")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    train._check_same_settings(tmp_path, args)  # the new flags' defaults are what the old code did
+    (tmp_path / "config.json").write_text(json.dumps({**old, "alpha": 3.0}))
+    with pytest.raises(ValueError, match="alpha"):
+        train._check_same_settings(tmp_path, args)

@@ -297,3 +297,10 @@ def test_two_processes_under_torchrun_train_one_run_and_score_as_one_process_doe
     alone = evaluate.evaluate_sets(model, tests, class_names=ckpt["class_names"], num_seen=16, device="cpu",
                                    batch_size=4, quiet=True)
     assert alone == json.loads((out / "metrics.json").read_text())["self_training"]
+
+
+def test_every_rank_draws_from_a_seed_no_other_rank_or_iteration_uses():
+    seeds = {train.iteration_seed(0, stage, i) for stage in train.STAGES for i in range(-50, 5000)}
+    assert train.rank_seed(train.iteration_seed(0, "transfer", 7), 0) == train.iteration_seed(0, "transfer", 7)
+    for rank in (1, 2, 3, 7):
+        assert not seeds & {train.rank_seed(s, rank) for s in seeds}, rank
