@@ -58,8 +58,9 @@ Choices the paper leaves open (README "Deviations" lists them too)
     * ``torchrun --nproc_per_node N train.py ...`` trains with DistributedDataParallel (NCCL on
       CUDA, gloo on the CPU); ``step_networks`` says what each wrapper holds and how it relates
       to the detaches. ``--batch-size`` is the global batch: every rank takes its slice of the
-      same global batch order, and draws its noise from (seed, stage, iteration) + rank, so a
-      run resumes exactly at any N. The class-wise MMD (Eq. 5) is computed per rank on its
+      same global batch order, and draws its noise from a seed of (seed, stage, iteration) and
+      its rank (``rank_seed``), so a run resumes exactly at any N. A non-finite loss on any
+      rank stops every rank before anything is saved. The class-wise MMD (Eq. 5) is computed per rank on its
       slice and the gradients averaged: the paper's per-batch estimator on batches of B / N,
       not the MMD of the whole global batch (a kernel statistic is not a mean over samples).
       Rank 0 alone prints and writes; ``losses.jsonl`` holds rank 0's losses on its slice.
