@@ -213,14 +213,14 @@ class Synthesis(nn.Module):
 def step_networks(model: SIGN, world: int = 1, *, transfer: bool = False) -> argparse.Namespace:
     """The modules a stage's steps call, each the set of networks one step trains: E + SIM + C for
     Eq. (4), M + G for Eq. (8) and D for Eq. (7) in stage 1 and self-training; C alone in the
-    transfer steps. With ``world`` > 1 each is wrapped in DistributedDataParallel, which averages
-    exactly its gradients over the ranks. The detaches in sign.py's losses still decide which
+    transfer steps. With ``world`` > 1 the ones the stage trains are wrapped in
+    DistributedDataParallel, which averages exactly their gradients over the ranks. The detaches in sign.py's losses still decide which
     network a loss reaches (D's side of Eq. 8 is called unwrapped, with its weights detached), so
     a wrapper only ever averages gradients its own step computed."""
-    wrap = DistributedDataParallel if world > 1 else (lambda m: m)
-    if transfer:
-        return argparse.Namespace(C=wrap(model.C))
-    return argparse.Namespace(sim=wrap(Segmenter(model)), G=wrap(Synthesis(model)), D=wrap(model.D))
+    def wrap(module: nn.Module, trained: bool) -> nn.Module:
+        return DistributedDataParallel(module) if world > 1 and trained else module
+    return argparse.Namespace(sim=wrap(Segmenter(model), not transfer), G=wrap(Synthesis(model), not transfer),
+                              D=wrap(model.D, not transfer), C=wrap(model.C, transfer))
 
 
 # ----------------------------------------------------------------------------- the steps
@@ -292,7 +292,7 @@ def transfer_step(model, x, y, opt_c, run, *, weight=None):
     if weight is not None:
         weight = F.interpolate(weight[:, None], size=(h, w), mode="nearest")[:, 0]  # as resize_labels
     with run.autocast():
-        C = getattr(run, "nets", None) and run.nets.C or model.C
+        C = (getattr(run, "nets", None) or step_networks(model, transfer=True)).C
         loss, logs = transfer_loss(C, F_x, resize_labels(y, (h, w)), fake, y_hat, weight=weight)  # Eq. (10)
     backward_step(loss, opt_c, run.scaler)
     return {"transfer": loss.detach(), **logs}
@@ -352,9 +352,10 @@ def run_stage(stage: str, total: int, step, poly, run, start: int = 0, save=None
             set_poly_lr(opt, base, i, total)
         logs = step(x, y, padding)
         if getattr(run, "world", 1) > 1:  # a NaN on one rank reaches every rank's weights: all stop
-            finite = torch.tensor(float(all(bool(torch.isfinite(v).all()) for v in logs.values())), device=run.device)
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-            if finite.item() < 1 and all(bool(torch.isfinite(v).all()) for v in logs.values()):
+            here = all(bool(torch.isfinite(v).all()) for v in logs.values())
+            everywhere = torch.tensor(float(here), device=run.device)
+            dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+            if here and everywhere.item() < 1:
                 raise NonFiniteLoss(f"a non-finite loss on another rank at stage {stage!r}, iteration {i}; "
                                     f"nothing was saved for this iteration")
         check_finite(stage, i, **logs)
@@ -747,24 +748,29 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
 
 
+def mixed_precision(device: torch.device, amp: bool):
+    """(dtype, GradScaler, autocast context factory) of --amp: float16 with the scaler on CUDA;
+    bfloat16 on the CPU, whose exponent range needs no scaler; float32 without --amp."""
+    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else torch.float32
+    return (dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+            lambda: torch.autocast(device.type, dtype=dtype, enabled=amp))
+
+
 def run_main(args, resume: dict | None, device: torch.device, world: int) -> int:
     """main's work once the settings hold: the benchmark, or the run (every rank of a torchrun)."""
     rank = dist.get_rank() if world > 1 else 0
     args.device = str(device)
-    # --amp: float16 with a GradScaler on CUDA; bfloat16 on the CPU, whose exponent range needs no scaler
     if resume and args.resume and "amp_dtype" not in resume["args"] and device.type != "cuda":
         args.amp = False  # --amp did nothing off CUDA when this run was saved: it goes on in float32
-    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else torch.float32
+    dtype, scaler, autocast = mixed_precision(device, args.amp)
     args.amp_dtype = str(dtype).removeprefix("torch.")  # what the run used, in config.json
     if args.benchmark is not None:
-        return benchmark(args, device, dtype)
+        return benchmark(args, device)
     if rank == 0:
         print("settings:", json.dumps(vars(args), indent=1))
     out = Path(args.out)
     run = argparse.Namespace(args=args, device=device, out=out, metrics={}, at="building the data", rank=rank,
-                             world=world,
-                             scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-                             autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.amp))
+                             world=world, scaler=scaler, autocast=autocast)
     try:
         train_set, tests, embeddings = build_data(args)
         if args.seen_only:  # M never holds an unseen class's vector
@@ -799,7 +805,7 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
         return 2
 
 
-def benchmark(args, device: torch.device, dtype: torch.dtype, warmup: int = 3) -> int:
+def benchmark(args, device: torch.device, warmup: int = 3) -> int:
     """--benchmark: the SIGN step (Eq. 4, then Eqs. 7-8) against a plain DeepLab-v2 step (the same
     E without SIM, C, cross-entropy: Eq. 4 with no SIM is exactly that) on random images and seen
     labels of the preset's batch and crop, interleaved so that both see the same machine state.
@@ -810,9 +816,8 @@ def benchmark(args, device: torch.device, dtype: torch.dtype, warmup: int = 3) -
     S, B, H = K - U, args.batch_size, args.crop_size
     torch.manual_seed(args.seed)
     table = F.normalize(torch.randn(K, 600), dim=1)  # stands in for the word vectors
-    run = argparse.Namespace(args=args, device=device,
-                             scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-                             autocast=lambda: torch.autocast(device.type, dtype=dtype, enabled=args.amp))
+    _, scaler, autocast = mixed_precision(device, args.amp)
+    run = argparse.Namespace(args=args, device=device, scaler=scaler, autocast=autocast)
     steps = {}
     for name, sim in (("SIGN step (Eq. 4 + Eqs. 7-8)", args.sim), ("DeepLab-v2 step (E -> C -> CE)", "none")):
         model = SIGN(table, num_seen=S, encoder=args.backbone, feat_dim=args.feat_dim, sim=sim, pe=args.pe,
@@ -876,7 +881,7 @@ def add_classes_main(argv: Sequence[str]) -> int:
                                 "--save-as NEW.pt")
         ckpt = read_checkpoint(Path(args.init_from))
         saved = resolve(argparse.Namespace(**{**vars(parser.parse_args([])), **UNSAVED, **ckpt["args"],
-                                              "quiet": args.quiet, "embeddings": ckpt["args"].get("embeddings")}))
+                                              "quiet": args.quiet}))
         device = evaluate.choose_device(args.device)
         saved.device = str(device)
         train_set, _, _ = build_data(saved, tests=False)
@@ -899,8 +904,8 @@ def add_classes_main(argv: Sequence[str]) -> int:
     model = model.with_classes(rows).to(device)  # (K + n classes): the new ones after the unseen
     run = argparse.Namespace(args=saved, device=device, out=None, model=model, train_set=train_set, metrics={},
                              num_unseen=len(names) + len(rows) - model.num_seen, class_names=names + args.add_classes,
-                             scaler=torch.amp.GradScaler(device.type, enabled=False), at="the transfer step",
-                             autocast=lambda: torch.autocast(device.type, enabled=False))
+                             at="the transfer step")
+    _, run.scaler, run.autocast = mixed_precision(device, False)
     opts, poly = transfer_optimizer(model, saved)
     run_stage("transfer", saved.transfer_iters, lambda x, y, padding: transfer_step(model, x, y, opts["c"], run),
               poly, run)
