@@ -4,24 +4,30 @@
 minutes; ``python train.py --dataset voc --data-root DIR --embeddings w2v.bin ft.vec`` runs
 it on Pascal VOC with the paper's settings (PROTOCOL section 1).
 
-Reading order (the paper's algorithm, section 3.2 and 3.4)
+Reading order (the code's order; the paper's algorithm is sections 3.2 and 3.4)
+    PRESETS              dataset defaults, each flag's help naming the paper's value
+    poly_lr, param_groups, make_optimizer   the optimisers and DeepLab-v2's learning-rate groups
+    Segmenter, Synthesis, step_networks     what each DistributedDataParallel wrapper holds
     training_step_sim    Training Step (SIM), Eq. (4): E, SIM, C on real seen labels
     training_step_g      Training Step (G), Eqs. (7)-(8): D, then G, on E/SIM's fixed features
     random_label_map     the pseudo ground truth y^ with unseen classes fed to M and G (Eq. 9)
     transfer_step        Transfer Learning Step, Eq. (10): C on real + synthetic features
-    run_stage            one stage's loop: seeding, progress bar, logging, checkpoints
-    check_settings, settings  every flag's range, --resume / --init-from's checkpoint, checked
+    batch_stream, run_stage   one stage's loop: per-iteration seeds, batches, progress bar, log
+    get_args_parser, resolve, build_data, evaluate_stage   flags, the data, scoring a stage
+    save_checkpoint, checkpoints, architecture_differences   checkpoints and what they hold
+    check_settings, settings   every flag's range and --resume / --init-from's checkpoint, checked
                          before any data is read (one line naming the flag, exit 2)
-    main                 stage 1 = SIM + G jointly (the paper: "we jointly optimize them");
-                         stage 2 = transfer; stage 3 = self-training (ST / AST, Eq. 17; AST by
-                         default, the paper's SIGN + AST), then the transfer step again;
+    main, run_main, train_all   stage 1 = SIM + G jointly (the paper: "we jointly optimize
+                         them"); stage 2 = transfer; stage 3 = self-training (ST / AST, Eq. 17;
+                         AST by default, the paper's SIGN + AST), then the transfer step again;
                          evaluation after every stage
+    benchmark            --benchmark: the SIGN step against a plain DeepLab-v2 step
     add_classes_main     --add-classes: classes named after training (SIGN.with_classes), then
                          the Transfer Learning Step again; --seen-only trains a stage 1 that
                          knows no unseen name, to add them this way
     EXPERIMENTS, reproduce  the paper's tables on shapes as train.py flags, run as
-                         ``python train.py`` processes (``--reproduce DIR``), two at a time on
-                         two cores; ``evaluate.reproduction_tables`` aggregates the folders
+                         ``python train.py`` processes (``--reproduce DIR``);
+                         ``evaluate.reproduction_tables`` aggregates the folders
 
 Symbols: x image, y label map (255 = ignore), F_x = SIM's features, z SIM's latent,
 F^_x = G(M(y) (+) z) synthetic features, alpha / beta the loss weights of Eqs. (4) / (8),
@@ -73,13 +79,8 @@ Choices the paper leaves open (README "Deviations" lists them too)
       of results that never imports this module.
     * The ``shapes`` preset trains its small encoder from scratch, so it departs from the
       paper's optimiser settings: Adam (lr 3e-3, poly) instead of SGD 2.5e-4, and alpha = 10
-      instead of 100, chosen on the tuning seeds 100-102 (layout uniform). Harmonic mIoU
-      at 64 after the transfer step, mean of the three: 18.1 at alpha = 0 (z leaves the prior,
-      and the transfer step draws z ~ N(0, 1)), 44.2 at 0.01, 50.4 at 0.1, 48.2 at 1, 51.0 at
-      10, 39.4 at 100, where the KL term holds the encoder back (stage-1 seen 57.9 against
-      74.5-75.7). 0.1 to 10 are level within the seed spread; 10 has the highest mean and is
-      the nearest to the paper's value (README "Deviations"). The real-data presets keep the
-      paper's values.
+      instead of 100, chosen on the tuning seeds 100-102 (README "What z carries"). The
+      real-data presets keep the paper's values.
 """
 import argparse
 import copy
@@ -296,6 +297,14 @@ def transfer_step(model, x, y, opt_c, run, *, weight=None):
         loss, logs = transfer_loss(C, F_x, resize_labels(y, (h, w)), fake, y_hat, weight=weight)  # Eq. (10)
     backward_step(loss, opt_c, run.scaler)
     return {"transfer": loss.detach(), **logs}
+
+
+def transfer_optimizer(model: SIGN, args) -> tuple[dict, list]:
+    """The Transfer Learning Step's optimiser, C's alone, and its poly schedule; E, SIM and G are
+    fixed and in eval mode (z = mu for real features)."""
+    model.eval()
+    opts = {"c": make_optimizer(args.optimizer, param_groups([], [model.C], args.lr_mult), args.lr_transfer)}
+    return opts, [(opts["c"], args.lr_transfer)]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -554,6 +563,13 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
     return next(iter(checkpoints(run_dir)), None)
 
 
+def resumable(out: Path) -> str:
+    """Where an interrupted run can go on from, for its last message."""
+    last = newest_checkpoint(out) if out.is_dir() else None
+    return (f"the last checkpoint, {last}, is intact: continue with python train.py --resume {out}" if last
+            else "no checkpoint was written yet")
+
+
 # The flag behind each SIGN.config key; the others follow from the dataset and --embeddings.
 CONFIG_FLAGS = {"encoder": "backbone", "feat_dim": "feat-dim", "sim": "sim", "pe": "pe", "pe_dim": "pe-dim",
                 "latent_dim": "feat-dim", "heads": "heads", "hidden": "hidden", "train_size": "crop-size",
@@ -805,6 +821,132 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
         return 2
 
 
+def restore(run, resume: dict | None) -> None:
+    """A resumed run's weights, metrics and random state, with its ``losses.jsonl`` cut back to the
+    checkpoint (the iterations logged after it run again); a new run starts an empty log."""
+    model = run.model
+    log = run.out / "losses.jsonl"
+    if resume:
+        model.load_state_dict(resume["model"])
+        run.metrics = resume["metrics"]
+        torch.set_rng_state(resume["rng"])
+        # Drop what the interrupted run logged after its checkpoint; those iterations run again.
+        at = (STAGES.index(resume["stage"]), resume["iteration"])
+        kept, dropped = [], 0
+        for line in log.read_text().splitlines() if log.exists() else []:
+            try:  # a run killed while appending leaves a half-written last line
+                entry = json.loads(line)
+                position = (STAGES.index(entry["stage"]), entry["iteration"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1
+                continue
+            if position < at:
+                kept.append(line)
+        if dropped and run.rank == 0:
+            print(f"note: {log}: dropped {dropped} unreadable line(s), as a run killed mid-write leaves",
+                  file=sys.stderr)
+        if run.rank == 0:
+            log.write_text("".join(f"{line}\n" for line in kept))
+    elif run.rank == 0:
+        log.unlink(missing_ok=True)
+
+
+def train_all(run, resume: dict | None) -> int:
+    """Stage 1 (SIM + G jointly), stage 2 (transfer), stage 3 (self-training, then transfer again)."""
+    args, model = run.args, run.model
+    S, U = model.num_seen, run.num_unseen
+    plan = [("train", args.iters)] + [("transfer", args.transfer_iters)] * (not args.seen_only)
+    if args.self_training != "none" and not args.seen_only:
+        plan += [("self_training", args.self_training_iters), ("self_training_transfer", args.transfer_iters)]
+    restore(run, resume)
+    teacher = None
+
+    def teach(x, y, padding):  # the frozen model after the transfer step pseudo-labels the batch
+        with torch.no_grad(), run.autocast():
+            probs = teacher(x).float().softmax(1)  # (B, K, H, W)
+        return pseudo_labels(probs, y, unseen=range(S, S + U), mode=args.self_training, T=args.temperature,
+                             keep=args.keep, padding=padding)  # ST, or AST's Eq. (17) weights
+
+    def sim_and_g(x, y, padding, opts, target=None, weight=None):
+        F_x, z, logs = training_step_sim(model, x, y if target is None else target, opts["sim"], run,
+                                         weight=weight, seen_only=target is None, padding=padding)
+        z = z if args.latent == "sim" else None  # None: G draws z ~ N(0, 1) (ZS3Net)
+        return {**logs, **training_step_g(model, F_x, z, y, opts["g"], opts["d"], run)}
+
+    for stage, total in plan:
+        done = resume and STAGES.index(stage) < STAGES.index(resume["stage"])
+        start = resume["iteration"] if resume and stage == resume["stage"] else 0
+        if done or (start >= total and (total > 0 or start > 0)):  # a stage of 0 iterations still evaluates
+            if resume and stage == resume["stage"] and stage in EVALUATED_AS and EVALUATED_AS[stage] not in run.metrics:
+                # The checkpoint was written before this finished stage's evaluation, which never
+                # ended: evaluate now. Its optimisers are not saved again; no later stage reads them.
+                evaluate_stage(run, EVALUATED_AS[stage])
+                save_checkpoint(run, stage, total, {})
+            continue
+        if stage.startswith("self_training") and teacher is None:
+            if run.world > 1:
+                dist.barrier()  # rank 0 has written checkpoint_transfer.pt
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            source = run.out / "checkpoint_transfer.pt"
+            teacher.load_state_dict(read_checkpoint(source if source.exists() else Path(args.init_from))["model"])
+        run.nets = step_networks(model, run.world, transfer="transfer" in stage)
+        if "transfer" in stage:  # E, SIM, G fixed: eval mode (z = mu), only C learns
+            opts, poly = transfer_optimizer(model, args)
+            def step(x, y, padding):
+                target, weight = (y, None) if stage == "transfer" else teach(x, y, padding)
+                return transfer_step(model, x, target, opts["c"], run, weight=weight)
+        else:
+            model.train()
+            opts = {"sim": make_optimizer(args.optimizer, sim_step_groups(model, args.lr_mult), args.lr),
+                    "g": torch.optim.Adam(model.G.parameters(), lr=args.lr_g),
+                    "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
+            poly = [(opts["sim"], args.lr)]
+            def step(x, y, padding):
+                return sim_and_g(x, y, padding, opts, *((None, None) if stage == "train" else teach(x, y, padding)))
+        if start:
+            for k, o in opts.items():
+                o.load_state_dict(resume["optimizers"][k])
+            run.scaler.load_state_dict(resume["scaler"])
+        if run.rank == 0:
+            print(f"\n== stage {stage}: iterations {start}..{total} ==")
+        try:
+            run_stage(stage, total, step, poly, run, start,
+                      save=lambda i: save_checkpoint(run, stage, i, opts))
+        except NonFiniteLoss as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+        save_checkpoint(run, stage, total, opts)  # before evaluating: a bad test file loses no training
+        if stage in EVALUATED_AS:
+            evaluate_stage(run, EVALUATED_AS[stage])
+            save_checkpoint(run, stage, total, opts)  # again, now with the stage's metrics
+    write_metrics(run)  # also when a resumed run had nothing left to do
+    if run.world > 1:
+        same_weights_on_every_rank(model)
+    if run.rank == 0:
+        print_summary(run.metrics)
+        print(f"\nrun folder: {run.out} (metrics.json, losses.jsonl, checkpoint_<stage>.pt)")
+    return 0
+
+
+def same_weights_on_every_rank(model: nn.Module) -> None:
+    """After a torchrun: every rank must hold the weights rank 0 saved (DDP keeps them in step)."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    check = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
+    gathered = [torch.zeros_like(check) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, check)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"the ranks' weights differ after training: checksums {[g.tolist() for g in gathered]}")
+    if dist.get_rank() == 0:
+        print(f"DDP: the {len(gathered)} ranks hold identical weights (checksum {gathered[0][0].item():.6f})")
+
+
+def print_summary(metrics: dict) -> None:
+    print("\nstage           test   seen   unseen  harmonic   (mIoU %)")
+    for stage, sets in metrics.items():
+        for name, m in sets.items():
+            print(f"{stage:<15} {name:<6} {m['seen_miou']:6.2f} {m['unseen_miou']:7.2f} {m['harmonic_miou']:8.2f}")
+
+
 def benchmark(args, device: torch.device, warmup: int = 3) -> int:
     """--benchmark: the SIGN step (Eq. 4, then Eqs. 7-8) against a plain DeepLab-v2 step (the same
     E without SIM, C, cross-entropy: Eq. 4 with no SIM is exactly that) on random images and seen
@@ -915,140 +1057,6 @@ def add_classes_main(argv: Sequence[str]) -> int:
           f"re-fitted C in {saved.transfer_iters} transfer iterations: {args.save_as}, "
           f"{time.perf_counter() - start:.1f} s")
     return 0
-
-
-def resumable(out: Path) -> str:
-    """Where an interrupted run can go on from, for its last message."""
-    last = newest_checkpoint(out) if out.is_dir() else None
-    return (f"the last checkpoint, {last}, is intact: continue with python train.py --resume {out}" if last
-            else "no checkpoint was written yet")
-
-
-def transfer_optimizer(model: SIGN, args) -> tuple[dict, list]:
-    """The Transfer Learning Step's optimiser, C's alone, and its poly schedule; E, SIM and G are
-    fixed and in eval mode (z = mu for real features)."""
-    model.eval()
-    opts = {"c": make_optimizer(args.optimizer, param_groups([], [model.C], args.lr_mult), args.lr_transfer)}
-    return opts, [(opts["c"], args.lr_transfer)]
-
-
-def train_all(run, resume: dict | None) -> int:
-    """Stage 1 (SIM + G jointly), stage 2 (transfer), stage 3 (self-training, then transfer again)."""
-    args, model = run.args, run.model
-    S, U = model.num_seen, run.num_unseen
-    plan = [("train", args.iters)] + [("transfer", args.transfer_iters)] * (not args.seen_only)
-    if args.self_training != "none" and not args.seen_only:
-        plan += [("self_training", args.self_training_iters), ("self_training_transfer", args.transfer_iters)]
-    log = run.out / "losses.jsonl"
-    if resume:
-        model.load_state_dict(resume["model"])
-        run.metrics = resume["metrics"]
-        torch.set_rng_state(resume["rng"])
-        # Drop what the interrupted run logged after its checkpoint; those iterations run again.
-        at = (STAGES.index(resume["stage"]), resume["iteration"])
-        kept, dropped = [], 0
-        for line in log.read_text().splitlines() if log.exists() else []:
-            try:  # a run killed while appending leaves a half-written last line
-                entry = json.loads(line)
-                position = (STAGES.index(entry["stage"]), entry["iteration"])
-            except (ValueError, KeyError, TypeError):
-                dropped += 1
-                continue
-            if position < at:
-                kept.append(line)
-        if dropped and run.rank == 0:
-            print(f"note: {log}: dropped {dropped} unreadable line(s), as a run killed mid-write leaves",
-                  file=sys.stderr)
-        if run.rank == 0:
-            log.write_text("".join(f"{line}\n" for line in kept))
-    elif run.rank == 0:
-        log.unlink(missing_ok=True)
-    teacher = None
-
-    def teach(x, y, padding):  # the frozen model after the transfer step pseudo-labels the batch
-        with torch.no_grad(), run.autocast():
-            probs = teacher(x).float().softmax(1)  # (B, K, H, W)
-        return pseudo_labels(probs, y, unseen=range(S, S + U), mode=args.self_training, T=args.temperature,
-                             keep=args.keep, padding=padding)  # ST, or AST's Eq. (17) weights
-
-    def sim_and_g(x, y, padding, opts, target=None, weight=None):
-        F_x, z, logs = training_step_sim(model, x, y if target is None else target, opts["sim"], run,
-                                         weight=weight, seen_only=target is None, padding=padding)
-        z = z if args.latent == "sim" else None  # None: G draws z ~ N(0, 1) (ZS3Net)
-        return {**logs, **training_step_g(model, F_x, z, y, opts["g"], opts["d"], run)}
-
-    for stage, total in plan:
-        done = resume and STAGES.index(stage) < STAGES.index(resume["stage"])
-        start = resume["iteration"] if resume and stage == resume["stage"] else 0
-        if done or (start >= total and (total > 0 or start > 0)):  # a stage of 0 iterations still evaluates
-            if resume and stage == resume["stage"] and stage in EVALUATED_AS and EVALUATED_AS[stage] not in run.metrics:
-                # The checkpoint was written before this finished stage's evaluation, which never
-                # ended: evaluate now. Its optimisers are not saved again; no later stage reads them.
-                evaluate_stage(run, EVALUATED_AS[stage])
-                save_checkpoint(run, stage, total, {})
-            continue
-        if stage.startswith("self_training") and teacher is None:
-            if run.world > 1:
-                dist.barrier()  # rank 0 has written checkpoint_transfer.pt
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            source = run.out / "checkpoint_transfer.pt"
-            teacher.load_state_dict(read_checkpoint(source if source.exists() else Path(args.init_from))["model"])
-        run.nets = step_networks(model, run.world, transfer="transfer" in stage)
-        if "transfer" in stage:  # E, SIM, G fixed: eval mode (z = mu), only C learns
-            opts, poly = transfer_optimizer(model, args)
-            def step(x, y, padding):
-                target, weight = (y, None) if stage == "transfer" else teach(x, y, padding)
-                return transfer_step(model, x, target, opts["c"], run, weight=weight)
-        else:
-            model.train()
-            opts = {"sim": make_optimizer(args.optimizer, sim_step_groups(model, args.lr_mult), args.lr),
-                    "g": torch.optim.Adam(model.G.parameters(), lr=args.lr_g),
-                    "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
-            poly = [(opts["sim"], args.lr)]
-            def step(x, y, padding):
-                return sim_and_g(x, y, padding, opts, *((None, None) if stage == "train" else teach(x, y, padding)))
-        if start:
-            for k, o in opts.items():
-                o.load_state_dict(resume["optimizers"][k])
-            run.scaler.load_state_dict(resume["scaler"])
-        if run.rank == 0:
-            print(f"\n== stage {stage}: iterations {start}..{total} ==")
-        try:
-            run_stage(stage, total, step, poly, run, start,
-                      save=lambda i: save_checkpoint(run, stage, i, opts))
-        except NonFiniteLoss as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 3
-        save_checkpoint(run, stage, total, opts)  # before evaluating: a bad test file loses no training
-        if stage in EVALUATED_AS:
-            evaluate_stage(run, EVALUATED_AS[stage])
-            save_checkpoint(run, stage, total, opts)  # again, now with the stage's metrics
-    write_metrics(run)  # also when a resumed run had nothing left to do
-    if run.world > 1:
-        same_weights_on_every_rank(model)
-    if run.rank == 0:
-        print_summary(run.metrics)
-        print(f"\nrun folder: {run.out} (metrics.json, losses.jsonl, checkpoint_<stage>.pt)")
-    return 0
-
-
-def same_weights_on_every_rank(model: nn.Module) -> None:
-    """After a torchrun: every rank must hold the weights rank 0 saved (DDP keeps them in step)."""
-    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-    check = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
-    gathered = [torch.zeros_like(check) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, check)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
-        raise RuntimeError(f"the ranks' weights differ after training: checksums {[g.tolist() for g in gathered]}")
-    if dist.get_rank() == 0:
-        print(f"DDP: the {len(gathered)} ranks hold identical weights (checksum {gathered[0][0].item():.6f})")
-
-
-def print_summary(metrics: dict) -> None:
-    print("\nstage           test   seen   unseen  harmonic   (mIoU %)")
-    for stage, sets in metrics.items():
-        for name, m in sets.items():
-            print(f"{stage:<15} {name:<6} {m['seen_miou']:6.2f} {m['unseen_miou']:7.2f} {m['harmonic_miou']:8.2f}")
 
 
 # ----------------------------------------------------------------------------- the paper's tables on shapes
