@@ -18,6 +18,7 @@ Reading order (Fig. 2, left to right)
     discriminator_loss              Eq. (7), D's side
     generator_loss                  Eq. (8), Training Step (G): L_adv + beta L_MMD (Eq. 5)
     transfer_loss                   Eq. (10), Transfer Learning Step: C only
+    main                            ``python sign.py --param-count``: SIM sizes beside Table 2
 
 Symbol -> identifier (B batch, K classes, F feat_dim, P pe_dim, L latent_dim, h x w feature map)
     E(x)               model.E(x)                     (B, F, h, w), h = ceil(H / output_stride)
@@ -188,9 +189,9 @@ class _Block(nn.Module):
                                                     v=nn.Linear(dim, dim), out=nn.Linear(dim, dim)))
             self.norm2 = nn.LayerNorm(dim)
             self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
-            # Both residual branches start at zero, so the block starts as the identity: from
-            # scratch, default-initialised global attention slowed stage 1 and made the unseen
-            # score swing between seeds (README "Results").
+            # Both residual branches start at zero, so the block starts as the identity: trained
+            # from scratch, default-initialised global attention learns less steadily (README
+            # "Why SIM's Transformer blocks start as the identity").
             for layer in (self.attention.out_proj if arch == "multihead" else self.attention["out"], self.mlp[-1]):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
