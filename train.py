@@ -215,9 +215,10 @@ def step_networks(model: SIGN, world: int = 1, *, transfer: bool = False) -> arg
     """The modules a stage's steps call, each the set of networks one step trains: E + SIM + C for
     Eq. (4), M + G for Eq. (8) and D for Eq. (7) in stage 1 and self-training; C alone in the
     transfer steps. With ``world`` > 1 the ones the stage trains are wrapped in
-    DistributedDataParallel, which averages exactly their gradients over the ranks. The detaches in sign.py's losses still decide which
-    network a loss reaches (D's side of Eq. 8 is called unwrapped, with its weights detached), so
-    a wrapper only ever averages gradients its own step computed."""
+    DistributedDataParallel, which averages exactly their gradients over the ranks. The
+    detaches in sign.py's losses still decide which network a loss reaches (D's side of Eq. 8
+    is called unwrapped, with its weights detached), so a wrapper only ever averages gradients
+    its own step computed."""
     def wrap(module: nn.Module, trained: bool) -> nn.Module:
         return DistributedDataParallel(module) if world > 1 and trained else module
     return argparse.Namespace(sim=wrap(Segmenter(model), not transfer), G=wrap(Synthesis(model), not transfer),
@@ -487,7 +488,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- the data, scoring a stage, checkpoints
 def build_data(args, tests: bool = True):
     """Training set, test sets by name (None with ``tests=False``), and the class-embedding table behind M."""
     tests = evaluate.test_sets(args.dataset, root=args.data_root, sizes=args.test_sizes, eval_res=args.eval_res,
@@ -724,6 +725,7 @@ def settings(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argp
     return args, resume
 
 
+# ----------------------------------------------------------------------------- main: the run, stage by stage
 def one_line(err: Exception) -> str:
     """An error's message; raised in a DataLoader worker, the worker's own message, not its traceback."""
     lines = str(err).strip().splitlines() or [type(err).__name__]
@@ -947,6 +949,7 @@ def print_summary(metrics: dict) -> None:
             print(f"{stage:<15} {name:<6} {m['seen_miou']:6.2f} {m['unseen_miou']:7.2f} {m['harmonic_miou']:8.2f}")
 
 
+# ----------------------------------------------------------------------------- --benchmark
 def benchmark(args, device: torch.device, warmup: int = 3) -> int:
     """--benchmark: the SIGN step (Eq. 4, then Eqs. 7-8) against a plain DeepLab-v2 step (the same
     E without SIM, C, cross-entropy: Eq. 4 with no SIM is exactly that) on random images and seen
@@ -1003,6 +1006,7 @@ def benchmark(args, device: torch.device, warmup: int = 3) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- --add-classes
 ADD_CLASSES_FLAGS = ("add_classes", "init_from", "save_as", "embeddings", "device", "quiet")
 
 
