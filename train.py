@@ -1088,7 +1088,7 @@ def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, nam
     ``root/<name>/seed<k>``: ``jobs`` ``python train.py`` processes at a time, each with
     cores // jobs threads and its log in ``train.log``; base runs first, then the runs that
     start from them. A run whose metrics.json holds its final stage is kept, one with a
-    checkpoint resumes, but only if its config.json matches today's settings (else a
+    checkpoint resumes, but only if its config.json matches these settings (else a
     ValueError names the differences). A failing run does not stop the others; returns the
     folders of the runs that failed."""
     root = Path(root).resolve()  # absolute: --init-from paths are stored in config.json
@@ -1175,6 +1175,10 @@ def reproduce_main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C reaches the runs too: each keeps its last checkpoint
+        print(f"\ninterrupted: finished runs are kept and interrupted ones resume from their last checkpoint; "
+              f"continue with the same --reproduce {args.reproduce} command", file=sys.stderr)
+        return 130
     (args.reproduce / "tables.md").write_text(tables + "\n")
     print(tables + f"\n\nwritten to {args.reproduce / 'tables.md'}; wall time {time.perf_counter() - start:.0f} s")
     if failed:

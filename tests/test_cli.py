@@ -297,6 +297,15 @@ def test_reproduce_checks_the_flags_and_its_folder_before_starting_any_run(tmp_p
     one_line_error(capsys, "--reproduce", "is a file")
 
 
+def test_ctrl_c_in_the_reproduction_runner_is_one_line_naming_the_command_to_continue_exit_130(tmp_path, capsys,
+                                                                                              monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "reproduce", interrupted)
+    assert train.main(["--reproduce", str(tmp_path / "rep")]) == 130
+    one_line_error(capsys, "interrupted", f"--reproduce {tmp_path / 'rep'}")
+
+
 @pytest.mark.parametrize("kind", ["missing", "folder", "not an image", "truncated"])
 def test_an_image_that_cannot_be_read_is_one_line_naming_it(kind, finished_run, tmp_path, capsys):
     path = {"missing": tmp_path / "nowhere.png", "folder": tmp_path, "not an image": tmp_path / "notes.png",
