@@ -1138,7 +1138,7 @@ def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, nam
 
 
 def _check_same_settings(run_dir: Path, expected) -> None:
-    # a key an older config.json lacks had the value the code then used: today's default, or UNSAVED's
+    # a key an older config.json lacks had the value the code then used: the current default, or UNSAVED's
     saved = {**vars(get_args_parser().parse_args([])), **UNSAVED, **json.loads((run_dir / "config.json").read_text())}
     differ = {k: (saved.get(k), v) for k, v in vars(expected).items() if k not in UNCOMPARED and saved.get(k) != v}
     if differ:
