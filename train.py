@@ -1,86 +1,27 @@
-"""Train SIGN end to end: the paper's three steps, self-training, and evaluation after each stage.
+"""Train SIGN (Cheng et al., ICCV 2021): the paper's algorithm first, then the run around it.
 
-``python train.py`` runs the whole pipeline on the built-in ``shapes`` benchmark on a CPU in
-minutes; ``python train.py --dataset voc --data-root DIR --embeddings w2v.bin ft.vec`` runs
-it on Pascal VOC with the paper's settings (PROTOCOL section 1).
+``python train.py`` runs the whole method on the built-in ``shapes`` benchmark on a CPU in minutes;
+``python train.py --dataset voc --data-root DIR --embeddings w2v.bin ft.vec`` runs it on Pascal VOC
+with the paper's settings, and ``torchrun --nproc_per_node N train.py ...`` on N GPUs.
 
-Reading order (the code's order; the paper's algorithm is sections 3.2 and 3.4)
-    PRESETS              dataset defaults, each flag's help naming the paper's value
-    poly_lr, param_groups, make_optimizer   the optimisers and DeepLab-v2's learning-rate groups
-    Segmenter, Synthesis, step_networks     what each DistributedDataParallel wrapper holds
-    training_step_sim    Training Step (SIM), Eq. (4): E, SIM, C on real seen labels
-    training_step_g      Training Step (G), Eqs. (7)-(8): D, then G, on E/SIM's fixed features
-    random_label_map     the pseudo ground truth y^ with unseen classes fed to M and G (Eq. 9)
-    transfer_step        Transfer Learning Step, Eq. (10): C on real + synthetic features
-    batch_stream, run_stage   one stage's loop: per-iteration seeds, batches, progress bar, log
-    get_args_parser, resolve, build_data, evaluate_stage   flags, the data, scoring a stage
-    save_checkpoint, checkpoints, architecture_differences   checkpoints and what they hold
-    check_settings, settings   every flag's range and --resume / --init-from's checkpoint, checked
-                         before any data is read (one line naming the flag, exit 2)
-    main, run_main, train_all   stage 1 = SIM + G jointly (the paper: "we jointly optimize
-                         them"); stage 2 = transfer; stage 3 = self-training (ST / AST, Eq. 17;
-                         AST by default, the paper's SIGN + AST), then the transfer step again;
-                         evaluation after every stage
-    benchmark            --benchmark: the SIGN step against a plain DeepLab-v2 step
-    add_classes_main     --add-classes: classes named after training (SIGN.with_classes), then
-                         the Transfer Learning Step again; --seen-only trains a stage 1 that
-                         knows no unseen name, to add them this way
-    EXPERIMENTS, reproduce  the paper's tables on shapes as train.py flags, run as
-                         ``python train.py`` processes (``--reproduce DIR``);
-                         ``evaluate.reproduction_tables`` aggregates the folders
+Reading order (the paper's sections 3.2 and 3.4, then the plumbing)
+    training_step_sim    Training Step (SIM), Eq. (4): E, SIM and C on real seen labels
+    training_step_g      Training Step (G), Eqs. (7)-(8): D, then G, on SIM's fixed features
+    random_label_map     y^ of Eq. (9): a label map in which unseen classes stand
+    transfer_step        Transfer Learning Step, Eqs. (9)-(10): C on real and synthetic features
+    teach                self-training: the frozen teacher's pseudo-labels, weighted by Eq. (17)
+    train_all            the stages: train (SIM and G jointly), transfer, self_training, transfer again
+    Run, StepNets        what a run holds; what each step trains (DistributedDataParallel wraps these)
+    make_optimizers      the paper's SGD and Adam, DeepLab-v2's learning-rate groups, the poly schedule
+    batch_stream, run_stage       one stage's loop: seeded batches, progress bar, losses.jsonl
+    save_checkpoint, ...          checkpoints, written atomically
+    get_args_parser, settings     the flags (each help names the paper's value) and their checks
+    main, run_main                the run, its errors and interruptions, torchrun
+    benchmark, add_classes_main, reproduce_main   --benchmark, --add-classes, --reproduce
 
 Symbols: x image, y label map (255 = ignore), F_x = SIM's features, z SIM's latent,
 F^_x = G(M(y) (+) z) synthetic features, alpha / beta the loss weights of Eqs. (4) / (8),
-T the AST temperature of Eq. (17).
-
-Choices the paper leaves open (README "Deviations" lists them too)
-    * Eq. (4)'s cross-entropy is computed on C's logits upsampled to the label's size; the
-      Transfer Learning Step works at feature resolution, where G's features live.
-    * Transfer Learning Step: E and SIM are frozen and run in eval mode (z = mu); y^ is an
-      i.i.d. per-pixel label map in which a pixel is unseen with probability
-      ``--unseen-rate`` (uniform over the unseen classes) and seen otherwise; z ~ N(0, 1).
-    * Learning rates (``param_groups``): the paper gives one SGD rate, 2.5e-4, for E, SIM and C.
-      DeepLab-v2 as CaGNet and SIGN train it multiplies it for layers trained from scratch:
-      ASPP weights x10, ASPP biases x20 without weight decay (CaGNet's contextual module x5).
-      ``--lr-mult 10`` (the real-data presets) gives the ResNet body x1, the weights of ASPP,
-      SIM and C x10 and their biases x20 without weight decay, in stage 1, self-training and
-      C's transfer step alike; SIM follows ASPP's x10 rather than CaGNet's x5 because the paper
-      trains SIM and C with one optimiser. The poly schedule scales every group by its
-      multiplier. ``--lr-mult 1`` is one group (the ablation; the ``shapes`` preset, whose
-      small encoder is trained from scratch with Adam).
-    * Self-training: a frozen copy of the model after the transfer step (the teacher)
-      pseudo-labels each training batch (``ast_weights.pseudo_labels``), except the random
-      crop's padding (``data.PADDING``, ignored like 255 otherwise). E, SIM and C are
-      fine-tuned on the pseudo-labelled batch with Eq. (4), softmax over all classes and
-      per-pixel weights (Eq. 9 with Eq. 17's weights), while D and G keep training on the
-      real seen labels (Eq. 8), so G follows the fine-tuned feature space. The transfer step
-      then runs again with the pseudo-labels (and their weights) as its real targets, so C
-      keeps what it learnt from real unseen pixels while seeing synthetic ones.
-    * Every iteration reseeds torch from (seed, stage, iteration), so a run resumed from a
-      checkpoint replays exactly the batches, augmentations and noise it would have drawn.
-      A stage's checkpoint is written before its evaluation and again after it, so a bad
-      test file, Ctrl-C or a full disk never loses a finished stage; resumed, the evaluation
-      that did not finish runs first.
-    * ``torchrun --nproc_per_node N train.py ...`` trains with DistributedDataParallel (NCCL on
-      CUDA, gloo on the CPU); ``step_networks`` says what each wrapper holds and how it relates
-      to the detaches. ``--batch-size`` is the global batch: every rank takes its slice of the
-      same global batch order, and draws its noise from a seed of (seed, stage, iteration) and
-      its rank (``rank_seed``), so a run resumes exactly at any N. A non-finite loss on any
-      rank stops every rank before anything is saved. The class-wise MMD (Eq. 5) is computed per rank on its
-      slice and the gradients averaged: the paper's per-batch estimator on batches of B / N,
-      not the MMD of the whole global batch (a kernel statistic is not a mean over samples).
-      Rank 0 alone prints and writes; ``losses.jsonl`` holds rank 0's losses on its slice.
-      Evaluation is sharded over the ranks and the confusion matrices summed, so the scores
-      are the one-process scores.
-    * The reproduction runner lives here, beside the flags it combines, and starts each run
-      as its own ``python train.py`` process: two of them keep two cores busy (one thread
-      each, which beats one run on two threads), a failing run cannot take the others down,
-      each run is exactly the command a user would type, and ``evaluate.py`` stays a reader
-      of results that never imports this module.
-    * The ``shapes`` preset trains its small encoder from scratch, so it departs from the
-      paper's optimiser settings: Adam (lr 3e-3, poly) instead of SGD 2.5e-4, and alpha = 10
-      instead of 100, chosen on the tuning seeds 100-102 (README "What z carries"). The
-      real-data presets keep the paper's values.
+T the AST temperature of Eq. (17). Where this departs from the paper, and why: README "Deviations".
 """
 import argparse
 import copy
@@ -95,6 +36,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -125,27 +67,246 @@ PRESETS = {  # defaults per dataset; every flag below can override them
 PRESETS["context"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 PRESETS["cocostuff"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 STAGES = ("train", "transfer", "self_training", "self_training_transfer")
-# A run whose saved settings lack one of these keys was trained with this value: resumed, it keeps it.
-UNSAVED = dict(latent_path="side", lr_mult=1.0, embeddings_order="model", layout="uniform")
-COMPLETE = 10**12  # the iteration --init-from gives its checkpoint's stage: past any stage's end
+EVALUATED_AS = {"train": "train", "transfer": "transfer", "self_training_transfer": "self_training"}
 
 
-class NonFiniteLoss(RuntimeError):
-    """A loss became NaN or inf; the run stops before anything is stepped or saved."""
+# ----------------------------------------------------------------------------- the algorithm
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
 
 
-def check_finite(stage: str, iteration: int, **losses: torch.Tensor) -> None:
-    for name, value in losses.items():
-        if not torch.isfinite(value).all():
-            raise NonFiniteLoss(f"non-finite loss {name} = {value.item()} at stage {stage!r}, "
-                                f"iteration {iteration}; nothing was saved for this iteration")
+def training_step_sim(run: "Run", x, y, opt, *, weight=None, seen_only=True, padding=None):
+    """Training Step (SIM), Eq. (4): L_pred^train + alpha L_KLD for E, SIM and C.
+
+    Returns SIM's outputs, detached, for Training Step (G), and the losses for the log.
+    ``seen_only`` restricts the softmax to the seen classes (Eq. 3); self-training turns it
+    off and passes the AST / ST weights of its pseudo-labels. The KL term of Eq. (2) averages
+    over the pixels inside the image: ``padding`` (B, H, W) marks the crop's padding.
+    """
+    with run.autocast():
+        logits, F_x, z, mu, logvar = run.nets.sim(x)  # Eq. (1): F_x, z = SIM(E(x) (+) PE); C(F_x)
+        logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        inside = None if padding is None else resize_labels(padding.long(), F_x.shape[-2:]) == 0  # (B, h, w)
+        loss, logs = sim_step_loss(logits, y, mu, logvar, num_seen=run.model.num_seen if seen_only else None,
+                                   alpha=run.args.alpha, weight=weight, kl_mask=inside)  # Eq. (4)
+    backward_step(loss, opt, run.scaler)
+    return F_x.detach(), None if z is None else z.detach(), {"sim": loss.detach(), **logs}
 
 
-def poly_lr(base: float, iteration: int, total: int, power: float = 0.9) -> float:
-    """DeepLab's poly schedule, lr = base * (1 - i / total)^power (paper section 4.2)."""
-    return base * (1 - iteration / max(total, 1)) ** power
+def training_step_g(run: "Run", F_x, z, y, opt_g, opt_d):
+    """Training Step (G), Eqs. (7)-(8): D maximises L_adv, G minimises L_adv + beta L_MMD.
+
+    E and SIM are fixed: F_x and z arrive detached. Without SIM, or with ``--latent noise``
+    (ZS3Net-style), z is None and G draws z ~ N(0, 1).
+    """
+    args, model = run.args, run.model
+    with run.autocast():
+        y = resize_labels(y, F_x.shape[-2:])  # (B, h, w)
+        if z is None:
+            z = torch.randn(len(y), model.latent_dim, *y.shape[-2:], device=y.device)  # (B, L, h, w)
+        fake = run.nets.G(y, z)  # F^_x = G(M(y) (+) z), (B, F, h, w)
+        d_loss = discriminator_loss(run.nets.D, F_x, fake, y)  # Eq. (7), max over D
+    backward_step(d_loss, opt_d, run.scaler)
+    with run.autocast():  # G plays against the D just updated, as in alternating GAN training
+        g_loss, logs = generator_loss(model.D, F_x, fake, y, model.seen_classes, beta=args.beta,
+                                      sigmas=args.mmd_sigmas, max_per_class=args.mmd_pixels)  # Eq. (8)
+    backward_step(g_loss, opt_g, run.scaler)
+    return {"d": d_loss.detach(), "g": g_loss.detach(), **logs}
 
 
+def random_label_map(B: int, h: int, w: int, *, num_seen: int, num_unseen: int, unseen_rate: float,
+                     device: torch.device) -> torch.Tensor:
+    """y^ of Eq. (9), (B, h, w): each pixel unseen with probability ``unseen_rate``, else seen."""
+    seen = torch.randint(0, num_seen, (B, h, w), device=device)
+    unseen = torch.randint(num_seen, num_seen + num_unseen, (B, h, w), device=device)
+    return torch.where(torch.rand(B, h, w, device=device) < unseen_rate, unseen, seen)
+
+
+def transfer_step(run: "Run", x, y, opt_c, *, weight=None):
+    """Transfer Learning Step, Eqs. (9)-(10): C on real features and G's synthetic ones.
+
+    E, SIM and G are fixed (the model is in eval mode, so z = mu for the real features and
+    z ~ N(0, 1) for the synthetic ones). ``y`` may hold self-training pseudo-labels with
+    per-pixel ``weight``.
+    """
+    model = run.model
+    with torch.no_grad(), run.autocast():
+        F_x = model.features(x)[0]  # (B, F, h, w)
+        B, _, h, w = F_x.shape
+        y_hat = random_label_map(B, h, w, num_seen=model.num_seen, num_unseen=run.num_unseen,
+                                 unseen_rate=run.args.unseen_rate, device=x.device)
+        fake = model.generate(y_hat)  # F^_x = G(M(y^) (+) z), z ~ N(0, 1)
+    if weight is not None:
+        weight = F.interpolate(weight[:, None], size=(h, w), mode="nearest")[:, 0]  # as resize_labels
+    with run.autocast():
+        loss, logs = transfer_loss(run.nets.C, F_x, resize_labels(y, (h, w)), fake, y_hat, weight=weight)  # Eq. (10)
+    backward_step(loss, opt_c, run.scaler)
+    return {"transfer": loss.detach(), **logs}
+
+
+def teach(run: "Run", teacher: SIGN, x, y, padding):
+    """Self-training: the frozen model after the transfer step labels the batch's unlabelled
+    pixels (never the crop's padding) with unseen classes: ST keeps its top ``--keep`` per class,
+    AST keeps all with Eq. (17)'s weights. Returns (target, weight), (B, H, W) each."""
+    S, args = run.model.num_seen, run.args
+    with torch.no_grad(), run.autocast():
+        probs = teacher(x).float().softmax(1)  # (B, K, H, W)
+    return pseudo_labels(probs, y, unseen=range(S, S + run.num_unseen), mode=args.self_training,
+                         T=args.temperature, keep=args.keep, padding=padding)  # Eq. (17)
+
+
+def train_all(run: "Run", resume: dict | None) -> int:
+    """Stage 1 trains SIM and G jointly ("we jointly optimize them": Eq. 4, then Eqs. 7-8, every
+    iteration); stage 2 is the Transfer Learning Step; stage 3 fine-tunes E, SIM and C on the
+    teacher's pseudo-labels (D and G follow on the real seen labels), then runs the transfer step
+    again with them. Each stage ends with a checkpoint and the test sets' scores."""
+    args, model = run.args, run.model
+    plan = [("train", args.iters)] + [("transfer", args.transfer_iters)] * (not args.seen_only)
+    if args.self_training != "none" and not args.seen_only:
+        plan += [("self_training", args.self_training_iters), ("self_training_transfer", args.transfer_iters)]
+    restore(run, resume)
+    resumed, teacher = STAGES.index(resume["stage"]) if resume else -1, None
+    for stage, total in plan:
+        here = STAGES.index(stage)
+        start = resume["iteration"] if args.resume and here == resumed else 0
+        if here < resumed or (here == resumed and (not args.resume or 0 < total <= start)):  # finished
+            if here == resumed and stage in EVALUATED_AS and EVALUATED_AS[stage] not in run.metrics:
+                # Saved before its evaluation, which never ended: evaluate now. No later stage reads
+                # this stage's optimisers, so they are not saved again.
+                evaluate_stage(run, EVALUATED_AS[stage])
+                save_checkpoint(run, stage, total, {})
+            continue
+        if stage.startswith("self_training") and teacher is None:
+            if run.world > 1:
+                dist.barrier()  # rank 0 has written checkpoint_transfer.pt
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+            source = run.out / "checkpoint_transfer.pt"
+            teacher.load_state_dict(read_checkpoint(source if source.exists() else Path(args.init_from))["model"])
+        transfer = "transfer" in stage
+        run.nets = step_networks(model, run.world, transfer=transfer)
+        opts = make_optimizers(model, args, transfer=transfer)
+        if transfer:
+            def step(x, y, padding):
+                target, weight = (y, None) if stage == "transfer" else teach(run, teacher, x, y, padding)
+                return transfer_step(run, x, target, opts["c"], weight=weight)
+        else:
+            def step(x, y, padding):
+                target, weight = (None, None) if stage == "train" else teach(run, teacher, x, y, padding)
+                F_x, z, logs = training_step_sim(run, x, y if target is None else target, opts["sim"],
+                                                 weight=weight, seen_only=target is None, padding=padding)
+                z = z if args.latent == "sim" else None  # None: G draws z ~ N(0, 1) (ZS3Net)
+                return {**logs, **training_step_g(run, F_x, z, y, opts["g"], opts["d"])}
+        if start:
+            for k, o in opts.items():
+                o.load_state_dict(resume["optimizers"][k])
+            run.scaler.load_state_dict(resume["scaler"])
+        poly = poly_schedule(opts["c" if transfer else "sim"], total, start)
+        if run.rank == 0:
+            print(f"\n== stage {stage}: iterations {start}..{total} ==")
+        try:
+            run_stage(run, stage, total, step, poly, start, save=lambda i: save_checkpoint(run, stage, i, opts))
+        except NonFiniteLoss as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 3
+        save_checkpoint(run, stage, total, opts)  # before evaluating: a bad test file loses no training
+        if stage in EVALUATED_AS:
+            evaluate_stage(run, EVALUATED_AS[stage])
+            save_checkpoint(run, stage, total, opts)  # again, now with the stage's metrics
+    write_metrics(run)  # also when a resumed run had nothing left to do
+    if run.world > 1:
+        same_weights_on_every_rank(model)
+    if run.rank == 0:
+        print("\nstage           test   seen   unseen  harmonic   (mIoU %)")
+        for stage, sets in run.metrics.items():
+            for name, m in sets.items():
+                print(f"{stage:<15} {name:<6} {m['seen_miou']:6.2f} {m['unseen_miou']:7.2f} {m['harmonic_miou']:8.2f}")
+        print(f"\nrun folder: {run.out} (metrics.json, losses.jsonl, checkpoint_<stage>.pt)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- what a run holds, what each step trains
+class Segmenter(nn.Module):
+    """E, SIM and C, what Eq. (4) trains: x -> (C(F_x), F_x, z, mu, logvar)."""
+    def __init__(self, model: SIGN):
+        super().__init__()
+        self.E, self.SIM, self.C = model.E, model.SIM, model.C
+
+    def forward(self, x: torch.Tensor):
+        f = self.E(x)  # (B, F, h, w)
+        F_x, z, mu, logvar = (f, None, None, None) if self.SIM is None else self.SIM(f)  # Eq. (1)
+        return self.C(F_x), F_x, z, mu, logvar  # (B, K, h, w), then SIM's outputs
+
+
+class Synthesis(nn.Module):
+    """M and G, what Eq. (8) trains: (y, z) -> F^_x = G(M(y) (+) z). z is detached: SIM learns
+    from Eq. (4) alone."""
+    def __init__(self, model: SIGN):
+        super().__init__()
+        self.M, self.G = model.M, model.G
+
+    def forward(self, labels: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # (B, h, w), (B, L, h, w)
+        return self.G.from_table(self.M.table, self.M.rows(labels), z.detach())  # (B, F, h, w)
+
+
+@dataclass
+class StepNets:
+    """The networks one step trains, each behind one module: E + SIM + C for Eq. (4), M + G for
+    Eq. (8), D for Eq. (7), C alone for Eq. (10)."""
+    sim: nn.Module
+    G: nn.Module
+    D: nn.Module
+    C: nn.Module
+
+
+def step_networks(model: SIGN, world: int = 1, *, transfer: bool = False) -> StepNets:
+    """With ``world`` > 1 the networks the stage trains are wrapped in DistributedDataParallel,
+    which averages exactly their gradients over the ranks. The detaches in sign.py's losses still
+    decide which network a loss reaches (D's side of Eq. 8 is called unwrapped, its weights
+    detached), so a wrapper only ever averages gradients its own step computed."""
+    def wrap(module: nn.Module, trained: bool) -> nn.Module:
+        return DistributedDataParallel(module) if world > 1 and trained else module
+    return StepNets(sim=wrap(Segmenter(model), not transfer), G=wrap(Synthesis(model), not transfer),
+                    D=wrap(model.D, not transfer), C=wrap(model.C, transfer))
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype:
+    """--amp: float16 on CUDA, with a GradScaler; bfloat16 on the CPU, whose exponent range needs none."""
+    return (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else torch.float32
+
+
+@dataclass
+class Run:
+    """What one training process holds. ``nets`` are the current stage's (``step_networks``)."""
+    args: argparse.Namespace
+    device: torch.device
+    model: SIGN
+    class_names: list[str] = field(default_factory=list)
+    train_set: torch.utils.data.Dataset | None = None
+    tests: dict | None = None
+    out: Path | None = None  # the run folder; --add-classes and --benchmark write none
+    rank: int = 0
+    world: int = 1
+    metrics: dict = field(default_factory=dict)
+    at: str = "starting"  # where the run is, for the message of an interruption or a failure
+    nets: StepNets = field(init=False)
+    scaler: torch.amp.GradScaler = field(init=False)
+
+    def __post_init__(self):
+        self.nets = step_networks(self.model)
+        self.dtype = amp_dtype(self.device, self.args.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def autocast(self):  # the losses themselves stay float32 (sign.py)
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.args.amp)
+
+    @property
+    def num_unseen(self) -> int:
+        return self.model.config["num_classes"] - self.model.num_seen
+
+
+# ----------------------------------------------------------------------------- optimisers
 def param_groups(backbone: Sequence[nn.Module | None], new: Sequence[nn.Module | None],
                  lr_mult: float) -> list[dict]:
     """DeepLab-v2's learning-rate groups: the ``backbone`` at the base rate; the layers trained
@@ -172,143 +333,33 @@ def make_optimizer(kind: str, groups: list[dict], lr: float) -> torch.optim.Opti
     return torch.optim.Adam(groups, lr=lr)
 
 
-def sim_step_groups(model: SIGN, lr_mult: float) -> list[dict]:
-    """``param_groups`` of E, SIM and C: the ResNet body (all of the small encoder) is the backbone;
-    ASPP, SIM and C are trained from scratch."""
-    return param_groups([getattr(model.E, "body", model.E)],
-                        [getattr(model.E, "aspp", None), model.SIM, model.C], lr_mult)
+def make_optimizers(model: SIGN, args, *, transfer: bool) -> dict[str, torch.optim.Optimizer]:
+    """A stage's optimisers. Transfer steps: C's alone, with E, SIM and G fixed in eval mode (z = mu).
+    Otherwise E + SIM + C, where the ResNet body (all of the small encoder) is the backbone and
+    ASPP, SIM and C are trained from scratch; and G and D with the paper's Adam."""
+    model.train(not transfer)
+    if transfer:
+        return {"c": make_optimizer(args.optimizer, param_groups([], [model.C], args.lr_mult), args.lr_transfer)}
+    groups = param_groups([getattr(model.E, "body", model.E)], [getattr(model.E, "aspp", None), model.SIM, model.C],
+                          args.lr_mult)
+    return {"sim": make_optimizer(args.optimizer, groups, args.lr),
+            "g": torch.optim.Adam(model.G.parameters(), lr=args.lr_g),
+            "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
 
 
-def set_poly_lr(optimizer: torch.optim.Optimizer, base: float, iteration: int, total: int) -> None:
-    """Every group follows the poly schedule at its own multiple of ``base``."""
-    for group in optimizer.param_groups:
-        group["lr"] = poly_lr(base * group.get("lr_mult", 1.0), iteration, total)
-
-
-# ----------------------------------------------------------------------------- what each step trains
-class Segmenter(nn.Module):
-    """E, SIM and C behind one forward, x -> (C(F_x), F_x, z, mu, logvar): what Eq. (4) trains."""
-    features = SIGN.features  # SIGN's own Eq. (1), read from self.E and self.SIM
-
-    def __init__(self, model: SIGN):
-        super().__init__()
-        self.E, self.SIM, self.C = model.E, model.SIM, model.C
-
-    def forward(self, x: torch.Tensor):
-        F_x, z, mu, logvar = self.features(x)  # Eq. (1)
-        return self.C(F_x), F_x, z, mu, logvar  # (B, K, h, w), then SIM's outputs
-
-
-class Synthesis(nn.Module):
-    """M and G behind one forward, (y, z) -> F^_x = G(M(y) (+) z): what Eq. (8) trains."""
-    generate = SIGN.generate  # SIGN's own, read from self.M, self.G and self.latent_dim
-
-    def __init__(self, model: SIGN):
-        super().__init__()
-        self.M, self.G, self.latent_dim = model.M, model.G, model.latent_dim
-
-    def forward(self, labels: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        return self.generate(labels, z)
-
-
-def step_networks(model: SIGN, world: int = 1, *, transfer: bool = False) -> argparse.Namespace:
-    """The modules a stage's steps call, each the set of networks one step trains: E + SIM + C for
-    Eq. (4), M + G for Eq. (8) and D for Eq. (7) in stage 1 and self-training; C alone in the
-    transfer steps. With ``world`` > 1 the ones the stage trains are wrapped in
-    DistributedDataParallel, which averages exactly their gradients over the ranks. The
-    detaches in sign.py's losses still decide which network a loss reaches (D's side of Eq. 8
-    is called unwrapped, with its weights detached), so a wrapper only ever averages gradients
-    its own step computed."""
-    def wrap(module: nn.Module, trained: bool) -> nn.Module:
-        return DistributedDataParallel(module) if world > 1 and trained else module
-    return argparse.Namespace(sim=wrap(Segmenter(model), not transfer), G=wrap(Synthesis(model), not transfer),
-                              D=wrap(model.D, not transfer), C=wrap(model.C, transfer))
-
-
-# ----------------------------------------------------------------------------- the steps
-def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler) -> None:
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-
-
-def training_step_sim(model, x, y, opt, run, *, weight=None, seen_only=True, padding=None):
-    """Training Step (SIM), Eq. (4): L_pred^train + alpha L_KLD for E, SIM and C.
-
-    Returns SIM's outputs, detached, for Training Step (G), and the losses for the log.
-    ``seen_only`` restricts the softmax to the seen classes (Eq. 3); self-training turns it
-    off and passes the AST / ST weights of its pseudo-labels. The KL term of Eq. (2) averages
-    over the pixels inside the image: ``padding`` (B, H, W) marks the crop's padding.
-    """
-    nets = getattr(run, "nets", None) or step_networks(model)
-    with run.autocast():
-        logits, F_x, z, mu, logvar = nets.sim(x)  # Eq. (1): F_x, z = SIM(E(x) (+) PE); C(F_x)
-        logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-        inside = None if padding is None else resize_labels(padding.long(), F_x.shape[-2:]) == 0  # (B, h, w)
-        loss, logs = sim_step_loss(logits, y, mu, logvar, num_seen=model.num_seen if seen_only else None,
-                                   alpha=run.args.alpha, weight=weight, kl_mask=inside)  # Eq. (4)
-    backward_step(loss, opt, run.scaler)
-    return F_x.detach(), None if z is None else z.detach(), {"sim": loss.detach(), **logs}
-
-
-def training_step_g(model, F_x, z, y, opt_g, opt_d, run):
-    """Training Step (G), Eqs. (7)-(8): D maximises L_adv, G minimises L_adv + beta L_MMD.
-
-    E and SIM are fixed: F_x and z arrive detached. Without SIM, or with ``--latent noise``
-    (ZS3Net-style), z is None and G draws pure noise.
-    """
-    nets = getattr(run, "nets", None) or step_networks(model)
-    with run.autocast():
-        y = resize_labels(y, F_x.shape[-2:])  # (B, h, w)
-        fake = nets.G(y, z)  # F^_x = G(M(y) (+) z), (B, F, h, w)
-        d_loss = discriminator_loss(nets.D, F_x, fake, y)  # Eq. (7), max over D
-    backward_step(d_loss, opt_d, run.scaler)
-    with run.autocast():  # G plays against the D just updated, as in alternating GAN training
-        g_loss, logs = generator_loss(model.D, F_x, fake, y, model.seen_classes, beta=run.args.beta,
-                                      sigmas=run.args.mmd_sigmas, max_per_class=run.args.mmd_pixels)  # Eq. (8)
-    backward_step(g_loss, opt_g, run.scaler)
-    return {"d": d_loss.detach(), "g": g_loss.detach(), **logs}
-
-
-def random_label_map(B: int, h: int, w: int, *, num_seen: int, num_unseen: int, unseen_rate: float,
-                     device: torch.device) -> torch.Tensor:
-    """y^ of Eq. (9), (B, h, w): each pixel unseen with probability ``unseen_rate``, else seen."""
-    seen = torch.randint(0, num_seen, (B, h, w), device=device)
-    unseen = torch.randint(num_seen, num_seen + num_unseen, (B, h, w), device=device)
-    return torch.where(torch.rand(B, h, w, device=device) < unseen_rate, unseen, seen)
-
-
-def transfer_step(model, x, y, opt_c, run, *, weight=None):
-    """Transfer Learning Step, Eqs. (9)-(10): C on real features and G's synthetic ones.
-
-    E, SIM and G are fixed (the model is in eval mode, so z = mu for the real features and
-    z ~ N(0, 1) for the synthetic ones). ``y`` may hold self-training pseudo-labels with
-    per-pixel ``weight``.
-    """
-    with torch.no_grad(), run.autocast():
-        F_x = model.features(x)[0]  # (B, F, h, w)
-        B, _, h, w = F_x.shape
-        y_hat = random_label_map(B, h, w, num_seen=model.num_seen, num_unseen=run.num_unseen,
-                                 unseen_rate=run.args.unseen_rate, device=x.device)
-        fake = model.generate(y_hat)  # F^_x = G(M(y^) (+) z), z ~ N(0, 1)
-    if weight is not None:
-        weight = F.interpolate(weight[:, None], size=(h, w), mode="nearest")[:, 0]  # as resize_labels
-    with run.autocast():
-        C = (getattr(run, "nets", None) or step_networks(model, transfer=True)).C
-        loss, logs = transfer_loss(C, F_x, resize_labels(y, (h, w)), fake, y_hat, weight=weight)  # Eq. (10)
-    backward_step(loss, opt_c, run.scaler)
-    return {"transfer": loss.detach(), **logs}
-
-
-def transfer_optimizer(model: SIGN, args) -> tuple[dict, list]:
-    """The Transfer Learning Step's optimiser, C's alone, and its poly schedule; E, SIM and G are
-    fixed and in eval mode (z = mu for real features)."""
-    model.eval()
-    opts = {"c": make_optimizer(args.optimizer, param_groups([], [model.C], args.lr_mult), args.lr_transfer)}
-    return opts, [(opts["c"], args.lr_transfer)]
+def poly_schedule(optimizer: torch.optim.Optimizer, total: int, start: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """DeepLab's poly schedule (paper section 4.2): every group at its first rate x (1 - i / total)^0.9,
+    from iteration ``start``. LambdaLR computes that product in closed form (PolynomialLR multiplies
+    step by step, whose rounding would make a resumed run differ from an uninterrupted one)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 - i / max(total, 1)) ** 0.9,
+                                             last_epoch=start - 1)
 
 
 # ----------------------------------------------------------------------------- the loop
+class NonFiniteLoss(RuntimeError):
+    """A loss became NaN or inf; the run stops before anything is stepped or saved."""
+
+
 def iteration_seed(seed: int, stage: str, iteration: int) -> int:
     return (seed * 1000003 + STAGES.index(stage) * 100003 + iteration) % 2**63
 
@@ -319,173 +370,83 @@ def rank_seed(seed: int, rank: int) -> int:
     return (seed + rank * 0x9E3779B97F4A7C15) % 2**63
 
 
-def batch_stream(dataset, run, stage: str, start: int):
+def batch_stream(dataset, args, stage: str, start: int, device: torch.device, rank: int = 0, world: int = 1):
     """Endless training batches (x, y, padding); the order of epoch e is a permutation seeded by
-    (seed, stage, e), so the stream can restart at any iteration ``start``. ``padding`` (B, H, W)
-    marks the random crop's padding (``data.PADDING``), which becomes ignore (255) in y."""
-    B, rank, world = run.args.batch_size, getattr(run, "rank", 0), getattr(run, "world", 1)
+    (seed, stage, e), so the stream can restart at any iteration ``start`` and a resumed run
+    replays exactly the batches it would have drawn. Every rank takes its slice of each global
+    batch. ``padding`` (B, H, W) marks the random crop's padding, which becomes ignore (255) in y."""
+    B = args.batch_size
     per_epoch = len(dataset) // B
     if per_epoch == 0:
-        raise ValueError(f"--batch-size {B} is larger than the training set ({len(dataset)} images)")
+        raise SettingsError(f"--batch-size {B} is larger than the training set ({len(dataset)} images)")
     it = start
     while True:
-        epoch = it // per_epoch
-        g = torch.Generator().manual_seed(iteration_seed(run.args.seed, stage, -1 - epoch))
-        order = torch.randperm(len(dataset), generator=g).view(-1)[: per_epoch * B].view(per_epoch, B)
+        seed = iteration_seed(args.seed, stage, -1 - it // per_epoch)
+        g = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(dataset), generator=g)[: per_epoch * B].view(per_epoch, B)
         order = order[:, rank * B // world:(rank + 1) * B // world]  # this rank's slice of every global batch
-        if rank:  # the workers' augmentation seeds come from g: each rank its own
-            g = torch.Generator().manual_seed(rank_seed(iteration_seed(run.args.seed, stage, -1 - epoch), rank))
-        # Its own generator: creating a loader iterator draws a seed, which must not come from
-        # (and shift) the global stream that this iteration's noise is drawn from.
+        if rank:  # the loader's augmentation seeds come from g: each rank its own
+            g = torch.Generator().manual_seed(rank_seed(seed, rank))
+        # The loader has its own generator: creating its iterator draws a seed, which must not
+        # come from (and shift) the global stream that this iteration's noise is drawn from.
         loader = DataLoader(dataset, batch_sampler=order[it % per_epoch:].tolist(), generator=g,
-                            num_workers=run.args.workers, pin_memory=run.device.type == "cuda")
+                            num_workers=args.workers, pin_memory=device.type == "cuda")
         for x, y in loader:
             padding = y == data.PADDING  # (B, H, W): outside the image, never pseudo-labelled
             y = y.masked_fill(padding, data.IGNORE)
-            yield (x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True),
-                   padding.to(run.device, non_blocking=True))
+            yield (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                   padding.to(device, non_blocking=True))
             it += 1
 
 
-def run_stage(stage: str, total: int, step, poly, run, start: int = 0, save=None) -> None:
-    """Iterations ``start..total-1`` of one stage: reseed, fetch a batch, set poly learning
-    rates, ``step(x, y, padding) -> losses``, stop on a non-finite loss, log, save every --save-every."""
-    batches = batch_stream(run.train_set, run, stage, start)
-    main_rank = getattr(run, "rank", 0) == 0
-    bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=run.args.quiet or not main_rank)
+def run_stage(run: Run, stage: str, total: int, step, poly, start: int = 0, save=None) -> None:
+    """Iterations ``start..total-1`` of one stage: reseed (each rank its own noise), fetch a batch,
+    ``step(x, y, padding) -> losses``, stop on a non-finite loss, follow the poly schedule, log,
+    checkpoint every --save-every."""
+    args = run.args
+    batches = batch_stream(run.train_set, args, stage, start, run.device, run.rank, run.world)
+    bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=args.quiet or run.rank > 0)
     for i in bar:
         run.at = f"stage {stage}, iteration {i}"
-        # each rank draws its own noise for its slice of the batch; rank 0 (and one process) as before
-        torch.manual_seed(rank_seed(iteration_seed(run.args.seed, stage, i), getattr(run, "rank", 0)))
+        torch.manual_seed(rank_seed(iteration_seed(args.seed, stage, i), run.rank))
         x, y, padding = next(batches)
-        for opt, base in poly:
-            set_poly_lr(opt, base, i, total)
         logs = step(x, y, padding)
-        if getattr(run, "world", 1) > 1:  # a NaN on one rank reaches every rank's weights: all stop
-            here = all(bool(torch.isfinite(v).all()) for v in logs.values())
-            everywhere = torch.tensor(float(here), device=run.device)
-            dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
-            if here and everywhere.item() < 1:
-                raise NonFiniteLoss(f"a non-finite loss on another rank at stage {stage!r}, iteration {i}; "
-                                    f"nothing was saved for this iteration")
-        check_finite(stage, i, **logs)
+        check_finite(run, logs)
         run.scaler.update()
-        if i % run.args.log_every == 0 or i == total - 1:
+        poly.step()
+        if i % args.log_every == 0 or i == total - 1:
             logs = {k: round(v.item(), 5) for k, v in logs.items()}
             bar.set_postfix(logs, refresh=False)
-            if run.out and main_rank:  # --add-classes writes its checkpoint and no run folder
+            if run.out and run.rank == 0:
                 with open(run.out / "losses.jsonl", "a") as f:
                     f.write(json.dumps({"stage": stage, "iteration": i, **logs}) + "\n")
-        if save and run.args.save_every and (i + 1) % run.args.save_every == 0 and i + 1 < total:
+        if save and args.save_every and (i + 1) % args.save_every == 0 and i + 1 < total:
             save(i + 1)
 
 
-# ----------------------------------------------------------------------------- the CLI
-def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train SIGN (Cheng et al., ICCV 2021). Flags left out take "
-                                "the --dataset preset's value (train.PRESETS). 'python train.py --reproduce DIR "
-                                "--help': the runner of the paper's tables on shapes.")
-    a = p.add_argument
-    a("--dataset", default="shapes", choices=sorted(PRESETS), help="default: shapes, the built-in benchmark")
-    a("--data-root", default="data", help="folder holding the dataset (README 'Datasets'); default: data")
-    a("--layout", default="context", choices=data.SHAPES_LAYOUTS,
-      help="shapes: where things stand; context, circles and crosses mostly above the horizon, squares and "
-      "triangles mostly below (default; README 'The built-in benchmark'), or uniform, anywhere")
-    a("--embeddings", nargs="+", help="word2vec .bin and fastText .vec files (paper: both, 600-d), or one "
-      ".npy table; shapes makes its own seeded vectors")
-    a("--embeddings-order", default="raw", choices=["raw", "model"],
-      help="row order of a .npy table: raw, ascending raw label id (default; README 'Class embeddings'), "
-      "or model, the dataset's class_names order (seen classes, then unseen)")
-    a("--out", help="run folder; default runs/<dataset>-<timestamp>")
-    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with its settings")
-    a("--init-from", metavar="CHECKPOINT", help="start after the stage this end-of-stage checkpoint of another run "
-      "finished (e.g. runs/x/checkpoint_transfer.pt to try self-training settings); settings from these flags")
-    a("--seen-only", action="store_true", help="stage 1 alone, with the unseen classes absent from M and C: a "
-      "model that knows no unseen name, for 'evaluate.py --add-classes' (README 'Your own classes')")
-    a("--add-classes", nargs="*", metavar="NAME", help="with --init-from CK and --save-as NEW.pt: append these "
-      "classes (unseen) to M and C and rerun the Transfer Learning Step, Eq. (10); what 'evaluate.py "
-      "--add-classes' runs")
-    a("--save-as", metavar="NEW.pt", help="--add-classes: the checkpoint to write")
-    a("--benchmark", type=int, nargs="?", const=20, metavar="ITERS", help="instead of training: time ITERS "
-      "(default 20) iterations of the SIGN step (Eq. 4 + Eqs. 7-8) and of a plain DeepLab-v2 step (E -> C -> "
-      "cross-entropy) on random tensors of the preset's size, interleaved; print img/s, the ratio, peak memory")
-    a("--seed", type=int, default=0, help="default: 0")
-    a("--device", help="default: cuda if available, else cpu")
-    a("--amp", action=argparse.BooleanOptionalAction, default=False, help="mixed precision: float16 autocast with a "
-      "GradScaler on CUDA, bfloat16 autocast on the CPU; the losses stay float32; default: off")
-    a("--quiet", action="store_true", help="no progress bars")
-    m = p.add_argument_group("model (paper section 3; defaults: the paper's best)")
-    m.add_argument("--sim", default="multihead", choices=["none", "conv", "attention", "self-attention", "multihead"],
-                   help="SIM architecture (Table 2); default and paper's best: multihead; none = no SIM")
-    m.add_argument("--latent-path", default="gate", choices=["gate", "side"],
-                   help="how SIM's z reaches F_x: gate, F_x = h + h * sigmoid(z), so C's loss trains z "
-                   "(default; the lineage), or side, F_x = h and z read by G alone (z stays at the prior)")
-    m.add_argument("--latent", choices=["sim", "noise"],
-                   help="G's latent in Training Step (G): SIM's z (default with a SIM; paper) or pure N(0, 1) "
-                   "noise (ZS3Net; the only choice with --sim none)")
-    m.add_argument("--pe", default="rpe", choices=["none", "ape", "ape-interp", "rpe"],
-                   help="positional encoding (Table 3); default and paper: rpe")
-    m.add_argument("--backbone", choices=["resnet101", "resnet50", "resnet18", "small"],
-                   help="E; shapes: small, real data and paper: resnet101 (DeepLab-v2)")
-    m.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
-                   help="ImageNet weights for the ResNet; default: on for real data (paper), off for shapes")
-    for name, what in [("feat-dim", "feature channels F (paper: 600)"), ("pe-dim", "PE channels (paper: 600)"),
-                       ("small-width", "channels of the small CNN encoder"),
-                       ("heads", "attention heads (paper: not stated)"), ("hidden", "G / D hidden width")]:
-        m.add_argument(f"--{name}", type=int, help=f"{what}; shapes: {PRESETS['shapes'][name.replace('-', '_')]}, "
-                       f"real data: {PRESETS['voc'][name.replace('-', '_')]}")
-    o = p.add_argument_group("optimisation (paper section 4.2; preset values shapes / voc)")
-    for name, typ, paper in [("iters", int, "40000"), ("transfer-iters", int, "6000 VOC, 10000 Context"),
-                             ("self-training-iters", int, "not stated"), ("batch-size", int, "8"),
-                             ("crop-size", int, "368"), ("lr", float, "2.5e-4 SGD, poly 0.9"),
-                             ("lr-transfer", float, "not stated; C's weights x --lr-mult, biases x 2 --lr-mult"),
-                             ("lr-g", float, "2e-4 Adam"),
-                             ("lr-d", float, "not stated; lineage 2.5e-4"), ("alpha", float, "100"),
-                             ("beta", float, "50"), ("temperature", float, "2"),
-                             ("unseen-rate", float, "not stated"), ("mmd-pixels", int, "all pixels"),
-                             ("workers", int, "-")]:
-        key = name.replace("-", "_")
-        o.add_argument(f"--{name}", type=typ, help=f"default: {PRESETS['shapes'][key]} / {PRESETS['voc'][key]}; "
-                       f"paper: {paper}")
-    o.add_argument("--lr-mult", type=float, help="learning-rate multiplier of the layers trained from scratch "
-                   "(ASPP, SIM, C): weights x it, biases x twice it without weight decay, the backbone x 1; "
-                   "1 = one group; default: 1 / 10; lineage (DeepLab-v2): 10")
-    o.add_argument("--optimizer", choices=["sgd", "adam"], help="for E, SIM, C (and C in the transfer step); "
-                   "default: adam / sgd; paper: SGD, momentum 0.9, weight decay 5e-4")
-    o.add_argument("--self-training", default="ast", choices=["none", "st", "ast"],
-                   help="stage 3: annealed self-training (ast, Eq. 17; default, the paper's SIGN + AST), "
-                   "ZS3Net's top-75%% (st), or none")
-    o.add_argument("--keep", type=float, default=0.75, help="fraction ST keeps per unseen class; default and ZS3Net: 0.75")
-    o.add_argument("--mmd-sigmas", type=float, nargs="+", help="MMD kernel bandwidths; default: mmd.DEFAULT_SIGMAS; "
-                   "paper: 1 (see README 'Deviations')")
-    e = p.add_argument_group("evaluation and logging")
-    e.add_argument("--test-sizes", type=int, nargs="+", help="shapes: test image sizes (default 64 128); real data: "
-                   "the warp size of --eval-res feature (default 513)")
-    e.add_argument("--eval-res", default="full", choices=["full", "feature"],
-                   help="score at the label's resolution (default) or the lineage's feature resolution")
-    e.add_argument("--num-train", type=int, help="shapes training images; default: 2000")
-    e.add_argument("--num-test", type=int, nargs="+", help="shapes test images, one count for every test size or "
-                   f"one per size; default: {' '.join(map(str, PRESETS['shapes']['num_test']))}")
-    e.add_argument("--log-every", type=int, default=10, help="default: 10")
-    e.add_argument("--save-every", type=int, default=0, help="also checkpoint every N iterations; default: 0 (per stage)")
-    return p
+def check_finite(run: Run, logs: dict[str, torch.Tensor]) -> None:
+    """Stop before anything is saved when a loss is NaN or inf, on any rank: through the averaged
+    gradients, one rank's NaN reaches every rank's weights."""
+    bad = next((k for k, v in logs.items() if not torch.isfinite(v).all()), None)
+    if run.world > 1:
+        everywhere = torch.tensor(float(bad is None), device=run.device)
+        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+        bad = bad or ("on another rank" if everywhere.item() < 1 else None)
+    if bad:
+        value = f" = {logs[bad].item()}" if bad in logs else ""
+        raise NonFiniteLoss(f"non-finite loss {bad}{value} at {run.at}; nothing was saved for this iteration")
 
 
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill every flag left out from the dataset's preset."""
-    for key, value in PRESETS[args.dataset].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.pretrained is None:
-        args.pretrained = args.dataset != "shapes"
-    if getattr(args, "latent", None) is None:  # runs saved before --latent existed have none
-        args.latent = "noise" if args.sim == "none" else "sim"
-    if args.mmd_sigmas is None:
-        from mmd import DEFAULT_SIGMAS
-        args.mmd_sigmas = list(DEFAULT_SIGMAS)
-    if args.out is None:
-        args.out = f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return args
+def same_weights_on_every_rank(model: nn.Module) -> None:
+    """After a torchrun: every rank must hold the weights rank 0 saved (DDP keeps them in step)."""
+    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    check = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
+    gathered = [torch.zeros_like(check) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, check)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError(f"the ranks' weights differ after training: checksums {[g.tolist() for g in gathered]}")
+    if dist.get_rank() == 0:
+        print(f"DDP: the {len(gathered)} ranks hold identical weights (checksum {gathered[0][0].item():.6f})")
 
 
 # ----------------------------------------------------------------------------- the data, scoring a stage, checkpoints
@@ -505,7 +466,7 @@ def build_data(args, tests: bool = True):
                                                         raw_ids=train_set.raw_ids, order=args.embeddings_order)
 
 
-def evaluate_stage(run, stage: str) -> None:
+def evaluate_stage(run: Run, stage: str) -> None:
     """Score every test set (tables printed), record the results in metrics.json."""
     run.at = f"evaluating after stage {stage}"
     run.metrics[stage] = evaluate.evaluate_sets(
@@ -515,24 +476,22 @@ def evaluate_stage(run, stage: str) -> None:
     write_metrics(run)
 
 
-def write_metrics(run) -> None:
+def write_metrics(run: Run) -> None:
     """metrics.json, atomically: a reader (``evaluate.py --tables``) never sees half a file. Rank 0 alone."""
-    if getattr(run, "rank", 0):
-        return
-    tmp = run.out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(run.metrics, indent=2))
-    os.replace(tmp, run.out / "metrics.json")
+    if run.rank == 0:
+        (run.out / "metrics.json.tmp").write_text(json.dumps(run.metrics, indent=2))
+        os.replace(run.out / "metrics.json.tmp", run.out / "metrics.json")
 
 
 class CheckpointWriteError(OSError):
     """torch.save failed (a full disk, most often); the temporary file is gone, older checkpoints intact."""
 
 
-def save_checkpoint(run, stage: str, iteration: int, optimizers: dict, path: Path | None = None) -> None:
+def save_checkpoint(run: Run, stage: str, iteration: int, optimizers: dict, path: Path | None = None) -> None:
     """Everything needed to continue or evaluate, written atomically (temporary file, rename) to
     ``path`` (default ``checkpoint_<stage>.pt`` in the run folder): a failed or interrupted
     write removes its temporary file and leaves the previous checkpoint. Rank 0 alone writes."""
-    if getattr(run, "rank", 0):
+    if run.rank:
         return
     state = {"model": run.model.state_dict(), "config": run.model.config, "args": vars(run.args),
              "stage": stage, "iteration": iteration, "metrics": run.metrics,
@@ -560,35 +519,11 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in (run_dir / f"checkpoint_{s}.pt" for s in reversed(STAGES)) if p.is_file()]
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    return next(iter(checkpoints(run_dir)), None)
-
-
 def resumable(out: Path) -> str:
     """Where an interrupted run can go on from, for its last message."""
-    last = newest_checkpoint(out) if out.is_dir() else None
+    last = next(iter(checkpoints(out)), None) if out.is_dir() else None
     return (f"the last checkpoint, {last}, is intact: continue with python train.py --resume {out}" if last
             else "no checkpoint was written yet")
-
-
-# The flag behind each SIGN.config key; the others follow from the dataset and --embeddings.
-CONFIG_FLAGS = {"encoder": "backbone", "feat_dim": "feat-dim", "sim": "sim", "pe": "pe", "pe_dim": "pe-dim",
-                "latent_dim": "feat-dim", "heads": "heads", "hidden": "hidden", "train_size": "crop-size",
-                "small_width": "small-width", "latent_path": "latent-path"}
-
-
-def architecture_differences(saved: dict, built: dict) -> str:
-    """'--flag A in the checkpoint, --flag B in this run' for each architecture setting in which
-    two SIGN configs differ (``pretrained`` only says where the first weights came from,
-    ``train_size`` matters to ``pe="ape-interp"`` alone); '' when they agree."""
-    saved = {"latent_path": UNSAVED["latent_path"], **saved}  # as SIGN.from_config reads it
-    ignored = {"pretrained"} | ({"train_size"} if built["pe"] != "ape-interp" else set())
-
-    def shown(key, value):
-        value = value[0] if key == "train_size" and value else value
-        return f"--{CONFIG_FLAGS[key]} {value}" if key in CONFIG_FLAGS else f"{key} {value}"
-    return ", ".join(f"{shown(k, saved.get(k))} in the checkpoint, {shown(k, v)} in this run"
-                     for k, v in built.items() if k not in ignored and saved.get(k) != v)
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -596,46 +531,169 @@ def read_checkpoint(path: Path) -> dict:
     return evaluate.read_checkpoint(path, keys=("model", "config", "args", "stage", "iteration", "metrics"))
 
 
-# ----------------------------------------------------------------------------- settings, checked
+def restore(run: Run, resume: dict | None) -> None:
+    """The weights, metrics and random state of the checkpoint the run starts from. --resume also
+    cuts ``losses.jsonl`` back to the checkpoint (the iterations logged after it run again); a new
+    run starts an empty log."""
+    log = run.out / "losses.jsonl"
+    if resume:
+        run.model.load_state_dict(resume["model"])
+        run.metrics = resume["metrics"]
+        torch.set_rng_state(resume["rng"])
+    if run.rank or not (resume and run.args.resume):
+        return log.unlink(missing_ok=True) if run.rank == 0 else None
+    at, kept, dropped = (STAGES.index(resume["stage"]), resume["iteration"]), [], 0
+    for line in log.read_text().splitlines() if log.exists() else []:
+        try:  # a run killed while appending leaves a half-written last line
+            entry = json.loads(line)
+            if (STAGES.index(entry["stage"]), entry["iteration"]) < at:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+    if dropped:
+        print(f"note: {log}: dropped {dropped} unreadable line(s), as a run killed mid-write leaves", file=sys.stderr)
+    log.write_text("".join(f"{line}\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------- flags
 class SettingsError(ValueError):
     """A flag out of its range or at odds with another: one line naming it, before any work."""
 
 
-STAGE_LENGTH = {"train": "iters", "transfer": "transfer_iters", "self_training": "self_training_iters",
-                "self_training_transfer": "transfer_iters"}
-EVALUATED_AS = {"train": "train", "transfer": "transfer", "self_training_transfer": "self_training"}
-RESUME_FLAGS = ("resume", "device", "quiet")  # what --resume may be given: the rest is the run's own
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line naming the flag, caught by main (exit 2), not usage + exit
+        raise SettingsError(message)
 
 
-def given_flags(argv: Sequence[str]) -> set[str]:
-    """The destinations of the flags written in ``argv`` (abbreviations resolved by argparse)."""
-    parser = get_args_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
+def ranged(kind: type, ok, rule: str):
+    """An argparse ``type=``: ``kind`` of the text, finite and ``ok``, else an error saying ``rule``."""
+    def parse(text: str):
+        value = kind(text)
+        if not (math.isfinite(value) and ok(value)):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+positive_int, count = ranged(int, lambda v: v >= 1, ">= 1"), ranged(int, lambda v: v >= 0, ">= 0")
+image_size = ranged(int, lambda v: v >= 8, ">= 8")
+finite_positive = ranged(float, lambda v: v > 0, "a finite number > 0")
+finite_non_negative = ranged(float, lambda v: v >= 0, "a finite number >= 0")
+unit_interval = ranged(float, lambda v: 0 <= v <= 1, "in [0, 1]")
+DEFAULTS = dict(dataset="shapes", data_root="data", layout="context", embeddings_order="raw", seed=0, amp=False,
+                quiet=False, seen_only=False, sim="multihead", latent_path="gate", pe="rpe", self_training="ast",
+                keep=0.75, eval_res="full", log_every=10, save_every=0)
+
+
+def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
+    """train.py's flags; ``given_only``: a parser whose namespace holds only the flags written."""
+    p = Parser(description="Train SIGN (Cheng et al., ICCV 2021). Flags left out take the --dataset preset's "
+               "value (train.PRESETS). 'python train.py --reproduce DIR --help': the runner of the paper's tables.",
+               argument_default=argparse.SUPPRESS if given_only else None)
+    a = p.add_argument
+    a("--dataset", choices=sorted(PRESETS), help="default: shapes, the built-in benchmark")
+    a("--data-root", help="folder holding the dataset (README 'Datasets'); default: data")
+    a("--layout", choices=data.SHAPES_LAYOUTS, help="shapes: context, circles and crosses mostly above the "
+      "horizon, squares and triangles below (default; README 'The built-in benchmark'), or uniform, anywhere")
+    a("--embeddings", nargs="+", help="word2vec .bin and fastText .vec files (paper: both, 600-d), or one "
+      ".npy table; shapes makes its own seeded vectors")
+    a("--embeddings-order", choices=["raw", "model"], help="row order of a .npy table: raw, ascending raw label "
+      "id (default; README 'Class embeddings'), or model, the dataset's class_names order (seen, then unseen)")
+    a("--out", help="run folder; default runs/<dataset>-<timestamp>")
+    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with its settings")
+    a("--init-from", metavar="CHECKPOINT", help="start after the stage this end-of-stage checkpoint of another "
+      "run finished (e.g. runs/x/checkpoint_transfer.pt to try self-training settings); settings from these flags")
+    a("--seen-only", action="store_true", help="stage 1 alone, the unseen classes absent from M and C: a model "
+      "that knows no unseen name, for --add-classes (README 'Your own classes')")
+    a("--add-classes", nargs="*", metavar="NAME", help="with --init-from CK and --save-as NEW.pt: append these "
+      "classes (unseen) to M and C and rerun the Transfer Learning Step, Eq. (10)")
+    a("--save-as", metavar="NEW.pt", help="--add-classes: the checkpoint to write")
+    a("--benchmark", type=positive_int, nargs="?", const=20, metavar="ITERS", help="instead of training: time "
+      "ITERS (default 20) iterations of the SIGN step (Eq. 4 + Eqs. 7-8) and of a plain DeepLab-v2 step "
+      "(E -> C -> cross-entropy) on random tensors of the preset's size; print img/s, the ratio, peak memory")
+    a("--seed", type=int, help="default: 0")
+    a("--device", help="default: cuda if available, else cpu")
+    a("--amp", action=argparse.BooleanOptionalAction, help="mixed precision: float16 autocast with a GradScaler "
+      "on CUDA, bfloat16 autocast on the CPU; the losses stay float32; default: off")
+    a("--quiet", action="store_true", help="no progress bars")
+    m = p.add_argument_group("model (paper section 3; defaults: the paper's best)").add_argument
+    m("--sim", choices=["none", "conv", "attention", "self-attention", "multihead"],
+      help="SIM architecture (Table 2); default and paper's best: multihead; none = no SIM")
+    m("--latent-path", choices=["gate", "side"], help="how SIM's z reaches F_x: gate, F_x = h + h * sigmoid(z), "
+      "so C's loss trains z (default; the lineage), or side, F_x = h and z read by G alone")
+    m("--latent", choices=["sim", "noise"], help="G's latent in Training Step (G): SIM's z (default with a SIM; "
+      "paper) or N(0, 1) noise (ZS3Net; the only choice with --sim none)")
+    m("--pe", choices=["none", "ape", "ape-interp", "rpe"], help="positional encoding (Table 3); default: rpe")
+    m("--backbone", choices=["resnet101", "resnet50", "resnet18", "small"],
+      help="E; shapes: small, real data and paper: resnet101 (DeepLab-v2)")
+    m("--pretrained", action=argparse.BooleanOptionalAction,
+      help="ImageNet weights for the ResNet; default: on for real data (paper), off for shapes")
+    for name, typ, what in [("feat-dim", positive_int, "feature channels F (paper: 600)"),
+                            ("pe-dim", int, "PE channels (paper: 600)"),
+                            ("small-width", int, "channels of the small CNN encoder"),
+                            ("heads", positive_int, "attention heads (paper: not stated)"),
+                            ("hidden", positive_int, "G / D hidden width")]:
+        key = name.replace("-", "_")
+        m(f"--{name}", type=typ, help=f"{what}; shapes: {PRESETS['shapes'][key]}, real data: {PRESETS['voc'][key]}")
+    o = p.add_argument_group("optimisation (paper section 4.2; preset values shapes / voc)").add_argument
+    for name, typ, paper in [
+            ("iters", count, "40000"), ("transfer-iters", count, "6000 VOC, 10000 Context"),
+            ("self-training-iters", count, "not stated"), ("batch-size", positive_int, "8"),
+            ("crop-size", image_size, "368"), ("lr", finite_positive, "2.5e-4 SGD, poly 0.9"),
+            ("lr-transfer", finite_positive, "not stated"), ("lr-g", finite_positive, "2e-4 Adam"),
+            ("lr-d", finite_positive, "not stated; lineage 2.5e-4"), ("alpha", finite_non_negative, "100"),
+            ("beta", finite_non_negative, "50"), ("temperature", finite_positive, "2"),
+            ("unseen-rate", unit_interval, "not stated"), ("mmd-pixels", positive_int, "all pixels"),
+            ("workers", count, "-"), ("lr-mult", finite_positive, "1; lineage (DeepLab-v2): 10, biases 20")]:
+        key = name.replace("-", "_")
+        o(f"--{name}", type=typ, help=f"default: {PRESETS['shapes'][key]} / {PRESETS['voc'][key]}; paper: {paper}")
+    o("--optimizer", choices=["sgd", "adam"], help="for E, SIM, C (and C in the transfer step); default: adam / "
+      "sgd; paper: SGD, momentum 0.9, weight decay 5e-4")
+    o("--self-training", choices=["none", "st", "ast"], help="stage 3: annealed self-training (ast, Eq. 17; "
+      "default, the paper's SIGN + AST), ZS3Net's top-75%% (st), or none")
+    o("--keep", type=ranged(float, lambda v: 0 < v <= 1, "in (0, 1]"),
+      help="fraction ST keeps per unseen class; default and ZS3Net: 0.75")
+    o("--mmd-sigmas", type=finite_positive, nargs="+",
+      help="MMD kernel bandwidths; default: mmd.DEFAULT_SIGMAS; paper: 1 (README 'Deviations')")
+    e = p.add_argument_group("evaluation and logging").add_argument
+    e("--test-sizes", type=image_size, nargs="+", help="shapes: test image sizes (default 64 128); real data: "
+      "the warp size of --eval-res feature (default 513)")
+    e("--eval-res", choices=["full", "feature"],
+      help="score at the label's resolution (default) or the lineage's feature resolution")
+    e("--num-train", type=positive_int, help="shapes training images; default: 2000")
+    e("--num-test", type=positive_int, nargs="+", help="shapes test images, one count for every test size or one "
+      "per size; default: 2000 300")
+    e("--log-every", type=positive_int, help="default: 10")
+    e("--save-every", type=count, help="also checkpoint every N iterations; default: 0 (per stage)")
+    if not given_only:
+        p.set_defaults(**DEFAULTS)
+    return p
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every flag left out from the dataset's preset."""
+    for key, value in PRESETS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.pretrained is None:
+        args.pretrained = args.dataset != "shapes"
+    if args.latent is None:
+        args.latent = "noise" if args.sim == "none" else "sim"
+    if args.mmd_sigmas is None:
+        from mmd import DEFAULT_SIGMAS
+        args.mmd_sigmas = list(DEFAULT_SIGMAS)
+    if args.out is None:
+        args.out = f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args
 
 
 def check_settings(args: argparse.Namespace) -> None:
-    """Every flag's range and the combinations that cannot work, before data is built or
-    anything trained: a ``SettingsError`` naming the flag and what it must be."""
+    """The rules that tie flags together (each flag's own range is its ``type=``), checked before
+    data is built or anything trained: a ``SettingsError`` naming the flag and what it must be."""
     def need(ok: bool, flag: str, rule: str) -> None:
         if not ok:
             raise SettingsError(f"--{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
-
-    def finite(v) -> bool:
-        return v is not None and math.isfinite(v)
-    for flag in ("batch-size", "log-every", "mmd-pixels", "feat-dim", "hidden", "heads"):
-        need(getattr(args, flag.replace("-", "_")) >= 1, flag, ">= 1")
-    for flag in ("iters", "transfer-iters", "self-training-iters", "save-every", "workers"):
-        need(getattr(args, flag.replace("-", "_")) >= 0, flag, ">= 0")
-    for flag in ("lr", "lr-transfer", "lr-g", "lr-d", "lr-mult", "temperature"):
-        need(finite(getattr(args, flag.replace("-", "_"))) and getattr(args, flag.replace("-", "_")) > 0,
-             flag, "a finite number > 0")
-    for flag in ("alpha", "beta"):
-        need(finite(getattr(args, flag)) and getattr(args, flag) >= 0, flag, "a finite number >= 0")
-    need(finite(args.unseen_rate) and 0 <= args.unseen_rate <= 1, "unseen-rate", "in [0, 1]")
-    need(finite(args.keep) and 0 < args.keep <= 1, "keep", "in (0, 1]")
-    need(all(finite(s) and s > 0 for s in args.mmd_sigmas), "mmd-sigmas", "finite numbers > 0")
     if args.pe != "none":
         need(args.pe_dim >= 4 and args.pe_dim % 4 == 0, "pe-dim", "a positive multiple of 4 (sin and cos "
              "along two axes)")
@@ -647,14 +705,11 @@ def check_settings(args: argparse.Namespace) -> None:
         w = args.small_width
         need(w >= 2 and all(c % min(8, c) == 0 for c in (w // 2, w)), "small-width",
              "an even number up to 8 or a multiple of 16")
-    need(args.crop_size >= 8, "crop-size", ">= 8")
-    need(all(s >= 8 for s in args.test_sizes), "test-sizes", "sizes >= 8")
     if args.dataset == "shapes":
         need(args.num_train is None or args.num_train >= args.batch_size, "num-train",
              f">= --batch-size ({args.batch_size})")
-        counts = args.num_test if isinstance(args.num_test, list) else [args.num_test]
-        need(all(n is None or n >= 1 for n in counts) and len(counts) in (1, len(args.test_sizes)), "num-test",
-             f"counts >= 1, one for all test sizes or one per size ({len(args.test_sizes)})")
+        need(len(args.num_test) in (1, len(args.test_sizes)), "num-test",
+             f"one count for all test sizes or one per size ({len(args.test_sizes)})")
         if args.embeddings:
             raise SettingsError("--embeddings: shapes makes its own seeded word vectors; the flag is for voc, "
                                 "context and cocostuff")
@@ -667,28 +722,46 @@ def check_settings(args: argparse.Namespace) -> None:
     parent = next(p for p in [out, *out.parents] if p.exists())  # the folder mkdir would start from
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SettingsError(f"--out {out}: cannot create the run folder ({parent} is not a writable folder)")
-    if not args.resume and newest_checkpoint(out):
-        raise SettingsError(f"--out {out} already holds a run ({newest_checkpoint(out).name}); continue it with "
+    if not args.resume and (saved := checkpoints(out)):
+        raise SettingsError(f"--out {out} already holds a run ({saved[0].name}); continue it with "
                             f"--resume {out}, or choose another folder")
 
 
-def finished_stage(path: Path) -> dict:
-    """--init-from: the checkpoint at the end of a stage; a mid-stage one (--save-every) is refused."""
-    ckpt = read_checkpoint(path)
-    total = ckpt["args"].get(STAGE_LENGTH.get(ckpt["stage"], ""))
-    if total is None or ckpt["iteration"] < total:
-        raise SettingsError(f"--init-from {path}: stage {ckpt['stage']} stopped at iteration {ckpt['iteration']} "
-                            f"of {total} (a --save-every checkpoint), not at the end of a stage; continue that run "
-                            f"with --resume {path.parent}")
-    return {**ckpt, "iteration": COMPLETE}
+def settings(argv: Sequence[str]) -> tuple[argparse.Namespace, dict | None]:
+    """The run's settings, checked, and the checkpoint it starts from (None: from scratch):
+    --init-from's end of a stage, or --resume's newest intact checkpoint with the run's own settings."""
+    args, resume = get_args_parser().parse_args(argv), None
+    if args.resume and args.init_from:
+        raise SettingsError("--resume continues a run with its own settings; it cannot be combined with --init-from")
+    if args.init_from:
+        resume = read_checkpoint(Path(args.init_from))
+        total = resume["args"][STAGE_LENGTH[resume["stage"]]]
+        if resume["iteration"] < total:
+            raise SettingsError(f"--init-from {args.init_from}: stage {resume['stage']} stopped at iteration "
+                                f"{resume['iteration']} of {total} (a --save-every checkpoint), not at the end of "
+                                f"a stage; continue that run with --resume {Path(args.init_from).parent}")
+    if args.resume:
+        if extra := sorted(set(vars(get_args_parser(given_only=True).parse_args(argv))) - {"resume", "device", "quiet"}):
+            raise SettingsError(f"--resume {args.resume} continues that run with its saved settings; drop "
+                                f"{', '.join('--' + k.replace('_', '-') for k in extra)} (only --device and "
+                                f"--quiet may be given)")
+        resume = intact_checkpoint(Path(args.resume))
+        args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "out": args.resume,
+                                     "device": args.device or resume["args"]["device"], "quiet": args.quiet})
+    args = resolve(args)
+    check_settings(args)
+    return args, resume
+
+
+STAGE_LENGTH = {"train": "iters", "transfer": "transfer_iters", "self_training": "self_training_iters",
+                "self_training_transfer": "transfer_iters"}
 
 
 def intact_checkpoint(run_dir: Path) -> dict:
     """--resume: the newest checkpoint of the run that reads; an unreadable newer one is named."""
     if not run_dir.is_dir():
         raise SettingsError(f"--resume {run_dir}: no such run folder")
-    saved = checkpoints(run_dir)
-    if not saved:
+    if not (saved := checkpoints(run_dir)):
         raise SettingsError(f"--resume {run_dir}: no checkpoint_<stage>.pt in that folder")
     for path in saved:
         try:
@@ -702,56 +775,32 @@ def intact_checkpoint(run_dir: Path) -> dict:
     raise SettingsError(f"--resume {run_dir}: none of its checkpoints ({', '.join(p.name for p in saved)}) reads")
 
 
-def settings(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[argparse.Namespace, dict | None]:
-    """The run's settings, checked, and the checkpoint it continues from (None: from scratch)."""
-    args = parser.parse_args(argv)
-    resume = None
-    if args.resume and args.init_from:
-        raise SettingsError("--resume continues a run with its own settings; it cannot be combined with --init-from")
-    if args.init_from:  # a finished stage of another run: carry on from it with these settings
-        resume = finished_stage(Path(args.init_from))
-    if args.resume:  # the interrupted run's own settings, in its own folder
-        extra = sorted(given_flags(argv) - set(RESUME_FLAGS))
-        if extra:
-            raise SettingsError(f"--resume {args.resume} continues that run with its saved settings; drop "
-                                f"{', '.join('--' + k.replace('_', '-') for k in extra)} (only --device and "
-                                f"--quiet may be given)")
-        resume = intact_checkpoint(Path(args.resume))
-        args = argparse.Namespace(**{**vars(parser.parse_args([])), **UNSAVED, **resume["args"],
-                                     "resume": args.resume, "out": args.resume,
-                                     "device": args.device or resume["args"]["device"], "quiet": args.quiet})
-    args = resolve(args)
-    check_settings(args)
-    return args, resume
-
-
-# ----------------------------------------------------------------------------- main: the run, stage by stage
-def one_line(err: Exception) -> str:
-    """An error's message; raised in a DataLoader worker, the worker's own message, not its traceback."""
+# ----------------------------------------------------------------------------- main: the run
+def fail(err: Exception, where: str = "") -> int:
+    """One line on stderr, exit 2; raised in a DataLoader worker, the worker's message, not its traceback."""
     lines = str(err).strip().splitlines() or [type(err).__name__]
-    if lines[0].startswith("Caught ") and len(lines) > 1:
-        return lines[-1].split(": ", 1)[-1]
-    return "\n".join(lines)
+    message = lines[-1].split(": ", 1)[-1] if lines[0].startswith("Caught ") and len(lines) > 1 else "\n".join(lines)
+    print(f"train.py: error: {message}{where}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a.split("=")[0] == "--reproduce" for a in argv):
+    written = {a.split("=")[0] for a in argv}
+    if "--reproduce" in written:
         return reproduce_main(argv)
-    if any(a.split("=")[0] == "--add-classes" for a in argv):
+    if "--add-classes" in written:
         return add_classes_main(argv)
     try:
-        args, resume = settings(get_args_parser(), argv)
+        args, resume = settings(argv)
         device = evaluate.choose_device(args.device)
-    except (SettingsError, evaluate.CheckpointError, ValueError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
+    except (evaluate.CheckpointError, ValueError) as err:
+        return fail(err)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     if world > 1:
         if args.batch_size % world:
-            print(f"train.py: error: --batch-size {args.batch_size} (the global batch) must be divisible by the "
-                  f"{world} processes", file=sys.stderr)
-            return 2
+            return fail(SettingsError(f"--batch-size {args.batch_size} (the global batch) must be divisible by "
+                                      f"the {world} processes"))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":  # one GPU per process
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -766,38 +815,29 @@ def main(argv=None) -> int:
             dist.destroy_process_group()
 
 
-def mixed_precision(device: torch.device, amp: bool):
-    """(dtype, GradScaler, autocast context factory) of --amp: float16 with the scaler on CUDA;
-    bfloat16 on the CPU, whose exponent range needs no scaler; float32 without --amp."""
-    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if amp else torch.float32
-    return (dtype, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
-            lambda: torch.autocast(device.type, dtype=dtype, enabled=amp))
+def build_model(args, embeddings: torch.Tensor, num_seen: int, device: torch.device, **changes) -> SIGN:
+    """SIGN as the flags describe it (``changes`` override constructor arguments)."""
+    return SIGN(embeddings, **{**dict(
+        num_seen=num_seen, encoder=args.backbone, pretrained=args.pretrained, feat_dim=args.feat_dim, sim=args.sim,
+        pe=args.pe, pe_dim=args.pe_dim, heads=args.heads, hidden=args.hidden, small_width=args.small_width,
+        latent_path=args.latent_path, train_size=(args.crop_size, args.crop_size)), **changes}).to(device)
 
 
 def run_main(args, resume: dict | None, device: torch.device, world: int) -> int:
     """main's work once the settings hold: the benchmark, or the run (every rank of a torchrun)."""
     rank = dist.get_rank() if world > 1 else 0
-    args.device = str(device)
-    if resume and args.resume and "amp_dtype" not in resume["args"] and device.type != "cuda":
-        args.amp = False  # --amp did nothing off CUDA when this run was saved: it goes on in float32
-    dtype, scaler, autocast = mixed_precision(device, args.amp)
-    args.amp_dtype = str(dtype).removeprefix("torch.")  # what the run used, in config.json
+    args.device, args.amp_dtype = str(device), str(amp_dtype(device, args.amp)).removeprefix("torch.")
     if args.benchmark is not None:
         return benchmark(args, device)
     if rank == 0:
         print("settings:", json.dumps(vars(args), indent=1))
-    out = Path(args.out)
-    run = argparse.Namespace(args=args, device=device, out=out, metrics={}, at="building the data", rank=rank,
-                             world=world, scaler=scaler, autocast=autocast)
+    out, run = Path(args.out), None
     try:
         train_set, tests, embeddings = build_data(args)
         if args.seen_only:  # M never holds an unseen class's vector
             embeddings = torch.cat([embeddings[:train_set.num_seen], embeddings[train_set.num_seen:] * 0])
         torch.manual_seed(args.seed)
-        model = SIGN(embeddings, num_seen=train_set.num_seen, encoder=args.backbone, pretrained=args.pretrained,
-                     feat_dim=args.feat_dim, sim=args.sim, pe=args.pe, pe_dim=args.pe_dim, heads=args.heads,
-                     hidden=args.hidden, small_width=args.small_width, latent_path=args.latent_path,
-                     train_size=(args.crop_size, args.crop_size)).to(device)
+        model = build_model(args, embeddings, train_set.num_seen, device)
         if args.seen_only:  # built whole, then cut: the initial weights are the full run's, so is stage 1
             model = model.first_classes(train_set.num_seen)
         if resume and (differ := architecture_differences(resume["config"], model.config)):
@@ -809,261 +849,135 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
             raise SettingsError(f"--out {out}: cannot create the run folder ({err.strerror})") from None
         if rank == 0:
             (out / "config.json").write_text(json.dumps(vars(args), indent=2, allow_nan=False))
-        run.__dict__.update(model=model, train_set=train_set, tests=tests, num_unseen=train_set.num_unseen,
-                            class_names=train_set.class_names)
+        run = Run(args, device, model, train_set.class_names, train_set, tests, out, rank, world)
         return train_all(run, resume)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {run.at}; {resumable(out)}", file=sys.stderr)
+        print(f"\ninterrupted: {run.at if run else 'building the data'}; {resumable(out)}", file=sys.stderr)
         return 130
-    except (data.DatasetError, SettingsError, CheckpointWriteError, ValueError) as err:
-        if isinstance(err, ValueError) and not isinstance(err, SettingsError) and run.at != "building the data":
+    except (data.DatasetError, CheckpointWriteError, ValueError) as err:
+        if run and type(err) is ValueError:
             raise  # from inside the training loop a ValueError is a bug: keep its traceback
-        where = "" if run.at == "building the data" else f" ({run.at}; {resumable(out)})"
-        print(f"train.py: error: {one_line(err)}{where}", file=sys.stderr)
-        return 2
+        return fail(err, f" ({run.at}; {resumable(out)})" if run else "")
 
 
-def restore(run, resume: dict | None) -> None:
-    """A resumed run's weights, metrics and random state, with its ``losses.jsonl`` cut back to the
-    checkpoint (the iterations logged after it run again); a new run starts an empty log."""
-    model = run.model
-    log = run.out / "losses.jsonl"
-    if resume:
-        model.load_state_dict(resume["model"])
-        run.metrics = resume["metrics"]
-        torch.set_rng_state(resume["rng"])
-        # Drop what the interrupted run logged after its checkpoint; those iterations run again.
-        at = (STAGES.index(resume["stage"]), resume["iteration"])
-        kept, dropped = [], 0
-        for line in log.read_text().splitlines() if log.exists() else []:
-            try:  # a run killed while appending leaves a half-written last line
-                entry = json.loads(line)
-                position = (STAGES.index(entry["stage"]), entry["iteration"])
-            except (ValueError, KeyError, TypeError):
-                dropped += 1
-                continue
-            if position < at:
-                kept.append(line)
-        if dropped and run.rank == 0:
-            print(f"note: {log}: dropped {dropped} unreadable line(s), as a run killed mid-write leaves",
-                  file=sys.stderr)
-        if run.rank == 0:
-            log.write_text("".join(f"{line}\n" for line in kept))
-    elif run.rank == 0:
-        log.unlink(missing_ok=True)
+# The flag behind each SIGN.config key; the others follow from the dataset and --embeddings.
+CONFIG_FLAGS = {"encoder": "backbone", "feat_dim": "feat-dim", "sim": "sim", "pe": "pe", "pe_dim": "pe-dim",
+                "latent_dim": "feat-dim", "heads": "heads", "hidden": "hidden", "train_size": "crop-size",
+                "small_width": "small-width", "latent_path": "latent-path"}
 
 
-def train_all(run, resume: dict | None) -> int:
-    """Stage 1 (SIM + G jointly), stage 2 (transfer), stage 3 (self-training, then transfer again)."""
-    args, model = run.args, run.model
-    S, U = model.num_seen, run.num_unseen
-    plan = [("train", args.iters)] + [("transfer", args.transfer_iters)] * (not args.seen_only)
-    if args.self_training != "none" and not args.seen_only:
-        plan += [("self_training", args.self_training_iters), ("self_training_transfer", args.transfer_iters)]
-    restore(run, resume)
-    teacher = None
+def architecture_differences(saved: dict, built: dict) -> str:
+    """'--flag A in the checkpoint, --flag B in this run' for each architecture setting in which
+    two SIGN configs differ (``pretrained`` only says where the first weights came from,
+    ``train_size`` matters to ``pe="ape-interp"`` alone); '' when they agree."""
+    ignored = {"pretrained"} | ({"train_size"} if built["pe"] != "ape-interp" else set())
 
-    def teach(x, y, padding):  # the frozen model after the transfer step pseudo-labels the batch
-        with torch.no_grad(), run.autocast():
-            probs = teacher(x).float().softmax(1)  # (B, K, H, W)
-        return pseudo_labels(probs, y, unseen=range(S, S + U), mode=args.self_training, T=args.temperature,
-                             keep=args.keep, padding=padding)  # ST, or AST's Eq. (17) weights
-
-    def sim_and_g(x, y, padding, opts, target=None, weight=None):
-        F_x, z, logs = training_step_sim(model, x, y if target is None else target, opts["sim"], run,
-                                         weight=weight, seen_only=target is None, padding=padding)
-        z = z if args.latent == "sim" else None  # None: G draws z ~ N(0, 1) (ZS3Net)
-        return {**logs, **training_step_g(model, F_x, z, y, opts["g"], opts["d"], run)}
-
-    for stage, total in plan:
-        done = resume and STAGES.index(stage) < STAGES.index(resume["stage"])
-        start = resume["iteration"] if resume and stage == resume["stage"] else 0
-        if done or (start >= total and (total > 0 or start > 0)):  # a stage of 0 iterations still evaluates
-            if resume and stage == resume["stage"] and stage in EVALUATED_AS and EVALUATED_AS[stage] not in run.metrics:
-                # The checkpoint was written before this finished stage's evaluation, which never
-                # ended: evaluate now. Its optimisers are not saved again; no later stage reads them.
-                evaluate_stage(run, EVALUATED_AS[stage])
-                save_checkpoint(run, stage, total, {})
-            continue
-        if stage.startswith("self_training") and teacher is None:
-            if run.world > 1:
-                dist.barrier()  # rank 0 has written checkpoint_transfer.pt
-            teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            source = run.out / "checkpoint_transfer.pt"
-            teacher.load_state_dict(read_checkpoint(source if source.exists() else Path(args.init_from))["model"])
-        run.nets = step_networks(model, run.world, transfer="transfer" in stage)
-        if "transfer" in stage:  # E, SIM, G fixed: eval mode (z = mu), only C learns
-            opts, poly = transfer_optimizer(model, args)
-            def step(x, y, padding):
-                target, weight = (y, None) if stage == "transfer" else teach(x, y, padding)
-                return transfer_step(model, x, target, opts["c"], run, weight=weight)
-        else:
-            model.train()
-            opts = {"sim": make_optimizer(args.optimizer, sim_step_groups(model, args.lr_mult), args.lr),
-                    "g": torch.optim.Adam(model.G.parameters(), lr=args.lr_g),
-                    "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
-            poly = [(opts["sim"], args.lr)]
-            def step(x, y, padding):
-                return sim_and_g(x, y, padding, opts, *((None, None) if stage == "train" else teach(x, y, padding)))
-        if start:
-            for k, o in opts.items():
-                o.load_state_dict(resume["optimizers"][k])
-            run.scaler.load_state_dict(resume["scaler"])
-        if run.rank == 0:
-            print(f"\n== stage {stage}: iterations {start}..{total} ==")
-        try:
-            run_stage(stage, total, step, poly, run, start,
-                      save=lambda i: save_checkpoint(run, stage, i, opts))
-        except NonFiniteLoss as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 3
-        save_checkpoint(run, stage, total, opts)  # before evaluating: a bad test file loses no training
-        if stage in EVALUATED_AS:
-            evaluate_stage(run, EVALUATED_AS[stage])
-            save_checkpoint(run, stage, total, opts)  # again, now with the stage's metrics
-    write_metrics(run)  # also when a resumed run had nothing left to do
-    if run.world > 1:
-        same_weights_on_every_rank(model)
-    if run.rank == 0:
-        print_summary(run.metrics)
-        print(f"\nrun folder: {run.out} (metrics.json, losses.jsonl, checkpoint_<stage>.pt)")
-    return 0
-
-
-def same_weights_on_every_rank(model: nn.Module) -> None:
-    """After a torchrun: every rank must hold the weights rank 0 saved (DDP keeps them in step)."""
-    flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-    check = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
-    gathered = [torch.zeros_like(check) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, check)
-    if any(not torch.equal(g, gathered[0]) for g in gathered):
-        raise RuntimeError(f"the ranks' weights differ after training: checksums {[g.tolist() for g in gathered]}")
-    if dist.get_rank() == 0:
-        print(f"DDP: the {len(gathered)} ranks hold identical weights (checksum {gathered[0][0].item():.6f})")
-
-
-def print_summary(metrics: dict) -> None:
-    print("\nstage           test   seen   unseen  harmonic   (mIoU %)")
-    for stage, sets in metrics.items():
-        for name, m in sets.items():
-            print(f"{stage:<15} {name:<6} {m['seen_miou']:6.2f} {m['unseen_miou']:7.2f} {m['harmonic_miou']:8.2f}")
+    def shown(key, value):
+        value = value[0] if key == "train_size" and value else value
+        return f"--{CONFIG_FLAGS[key]} {value}" if key in CONFIG_FLAGS else f"{key} {value}"
+    return ", ".join(f"{shown(k, saved.get(k))} in the checkpoint, {shown(k, v)} in this run"
+                     for k, v in built.items() if k not in ignored and saved.get(k) != v)
 
 
 # ----------------------------------------------------------------------------- --benchmark
 def benchmark(args, device: torch.device, warmup: int = 3) -> int:
-    """--benchmark: the SIGN step (Eq. 4, then Eqs. 7-8) against a plain DeepLab-v2 step (the same
-    E without SIM, C, cross-entropy: Eq. 4 with no SIM is exactly that) on random images and seen
-    labels of the preset's batch and crop, interleaved so that both see the same machine state.
-    No dataset, no download (random weights). Peak memory: CUDA's max_memory_allocated per step,
-    or the process's peak RSS on the CPU."""
+    """The SIGN step (Eq. 4, then Eqs. 7-8) against a plain DeepLab-v2 step (the same E without SIM,
+    C, cross-entropy: Eq. 4 with no SIM is exactly that) on random images and seen labels of the
+    preset's batch and crop, interleaved so that both see the same machine state. No dataset and
+    random weights. Peak memory: CUDA's max_memory_allocated per step, or the process's peak RSS."""
     import resource
     K, U = data.CLASS_COUNTS[args.dataset]
     S, B, H = K - U, args.batch_size, args.crop_size
     torch.manual_seed(args.seed)
     table = F.normalize(torch.randn(K, 600), dim=1)  # stands in for the word vectors
-    _, scaler, autocast = mixed_precision(device, args.amp)
-    run = argparse.Namespace(args=args, device=device, scaler=scaler, autocast=autocast)
     steps = {}
     for name, sim in (("SIGN step (Eq. 4 + Eqs. 7-8)", args.sim), ("DeepLab-v2 step (E -> C -> CE)", "none")):
-        model = SIGN(table, num_seen=S, encoder=args.backbone, feat_dim=args.feat_dim, sim=sim, pe=args.pe,
-                     pe_dim=args.pe_dim, heads=args.heads, hidden=args.hidden, small_width=args.small_width,
-                     latent_path=args.latent_path, train_size=(H, H)).to(device).train()
-        opts = {"sim": make_optimizer(args.optimizer, sim_step_groups(model, args.lr_mult), args.lr),
-                "g": torch.optim.Adam(model.G.parameters(), lr=args.lr_g),
-                "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
+        run = Run(args, device, build_model(args, table, S, device, pretrained=False, sim=sim))
+        opts = make_optimizers(run.model, args, transfer=False)
 
-        def step(x, y, model=model, opts=opts, sim=sim):
-            F_x, z, _ = training_step_sim(model, x, y, opts["sim"], run)
-            if sim != "none":
-                training_step_g(model, F_x, z if args.latent == "sim" else None, y, opts["g"], opts["d"], run)
+        def step(x, y, run=run, opts=opts):
+            F_x, z, _ = training_step_sim(run, x, y, opts["sim"])
+            if run.model.SIM is not None:
+                training_step_g(run, F_x, z if args.latent == "sim" else None, y, opts["g"], opts["d"])
         steps[name] = (step, [], [])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    x = torch.randn(B, 3, H, H, device=device)
-    y = torch.randint(0, S, (B, H, H), device=device)
+    cuda = device.type == "cuda"
+    x, y = torch.randn(B, 3, H, H, device=device), torch.randint(0, S, (B, H, H), device=device)
     for i in tqdm(range(warmup + args.benchmark), desc="benchmark", disable=args.quiet):
         for step, times, peaks in steps.values():
-            if device.type == "cuda":
+            if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            sync()
+                torch.cuda.synchronize()
             start = time.perf_counter()
             step(x, y)
-            sync()
+            if cuda:
+                torch.cuda.synchronize()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
-                peaks.append(torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
+                peaks.append(torch.cuda.max_memory_allocated(device) if cuda else 0)
     print(f"benchmark: {args.dataset} preset, {args.backbone}, batch {B}, crop {H}, {device} "
           f"({torch.get_num_threads()} threads), {args.amp_dtype}, {args.benchmark} iterations after {warmup} warm-up")
     seconds = {}
     for name, (_, times, peaks) in steps.items():
         seconds[name] = sum(times) / len(times)
-        memory = f", peak {max(peaks) / 2**30:.2f} GiB allocated" if device.type == "cuda" else ""
+        memory = f", peak {max(peaks) / 2**30:.2f} GiB allocated" if cuda else ""
         print(f"  {name:32s} {B / seconds[name]:8.2f} img/s  {seconds[name]:.3f} s/iteration{memory}")
     sign_s, plain_s = seconds.values()
     print(f"  ratio SIGN / DeepLab-v2 step time: {sign_s / plain_s:.2f}")
-    if device.type == "cpu":  # ru_maxrss is in KiB on Linux
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        print(f"  peak RSS of the process (both models): {peak:.2f} GiB")
+    if not cuda:  # ru_maxrss is in KiB on Linux
+        print(f"  peak RSS of the process (both models): "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     return 0
 
 
 # ----------------------------------------------------------------------------- --add-classes
-ADD_CLASSES_FLAGS = ("add_classes", "init_from", "save_as", "embeddings", "device", "quiet")
-
-
 def add_classes_main(argv: Sequence[str]) -> int:
     """``--add-classes NAME ... --init-from CK --save-as NEW.pt [--embeddings F ...]``: M gains a row
     and C an output per name (``SIGN.with_classes``), then the Transfer Learning Step (Eq. 10)
     runs with the checkpoint's own settings and batches, G synthesising the new classes with the
     checkpoint's unseen ones; E, SIM and G stay fixed. The new classes count as unseen."""
     start = time.perf_counter()
-    parser = get_args_parser()
     try:
-        given, args = given_flags(argv), parser.parse_args(argv)
-        if extra := sorted(given - set(ADD_CLASSES_FLAGS)):
+        args = get_args_parser().parse_args(argv)
+        allowed = {"add_classes", "init_from", "save_as", "embeddings", "device", "quiet"}
+        if extra := sorted(set(vars(get_args_parser(given_only=True).parse_args(argv))) - allowed):
             raise SettingsError(f"--add-classes runs with the checkpoint's settings; drop "
                                 f"{', '.join('--' + k.replace('_', '-') for k in extra)}")
         if not args.add_classes or not args.init_from or not args.save_as:
             raise SettingsError("--add-classes needs one class name or more, --init-from CHECKPOINT and "
                                 "--save-as NEW.pt")
         ckpt = read_checkpoint(Path(args.init_from))
-        saved = resolve(argparse.Namespace(**{**vars(parser.parse_args([])), **UNSAVED, **ckpt["args"],
-                                              "quiet": args.quiet}))
+        # its own settings, in float32 (--amp's autocast is for the long stages of a run)
+        saved = argparse.Namespace(**{**ckpt["args"], "quiet": args.quiet, "amp": False})
         device = evaluate.choose_device(args.device)
-        saved.device = str(device)
         train_set, _, _ = build_data(saved, tests=False)
-        names = ckpt.get("class_names") or train_set.class_names[:ckpt["config"]["num_classes"]]
-        known = {n.lower() for n in names}
-        twice = {n for n in args.add_classes if [m.lower() for m in args.add_classes].count(n.lower()) > 1}
-        if clash := [n for n in args.add_classes if n.lower() in known] + sorted(twice):
+        names, lowered = ckpt["class_names"], [n.lower() for n in args.add_classes]
+        clash = [n for n in args.add_classes if n.lower() in {m.lower() for m in names}]
+        if clash := clash + sorted({n for n, low in zip(args.add_classes, lowered) if lowered.count(low) > 1}):
             raise SettingsError(f"--add-classes: {', '.join(map(repr, clash))} already in the checkpoint's classes "
                                 f"or given twice; it has {', '.join(names)}")
         rows = data.added_class_embeddings(saved.dataset, args.add_classes, args.embeddings or saved.embeddings,
                                            dim=ckpt["config"]["embed_dim"])
-    except (SettingsError, evaluate.CheckpointError, data.DatasetError, ValueError) as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
+    except (evaluate.CheckpointError, data.DatasetError, ValueError) as err:
+        return fail(err)
     model = SIGN.from_config(ckpt["config"])
     model.load_state_dict(ckpt["model"])
     # C's new rows as a fresh model of the new size, seeded as the run was, draws them: for a
     # --seen-only checkpoint given its dataset's unseen names, the rows the full run starts from
     torch.manual_seed(saved.seed)
     model = model.with_classes(rows).to(device)  # (K + n classes): the new ones after the unseen
-    run = argparse.Namespace(args=saved, device=device, out=None, model=model, train_set=train_set, metrics={},
-                             num_unseen=len(names) + len(rows) - model.num_seen, class_names=names + args.add_classes,
-                             at="the transfer step")
-    _, run.scaler, run.autocast = mixed_precision(device, False)
-    opts, poly = transfer_optimizer(model, saved)
-    run_stage("transfer", saved.transfer_iters, lambda x, y, padding: transfer_step(model, x, y, opts["c"], run),
-              poly, run)
+    run = Run(saved, device, model, names + args.add_classes, train_set, at="the transfer step")
+    run.nets = step_networks(model, transfer=True)
+    opts = make_optimizers(model, saved, transfer=True)
+    run_stage(run, "transfer", saved.transfer_iters, lambda x, y, padding: transfer_step(run, x, y, opts["c"]),
+              poly_schedule(opts["c"], saved.transfer_iters))
     save_checkpoint(run, "transfer", saved.transfer_iters, opts, path=Path(args.save_as))
     span = f"class {len(names)}" if len(rows) == 1 else f"classes {len(names)}-{len(run.class_names) - 1}"
-    print(f"added {', '.join(args.add_classes)} (unseen, {span}) and "
-          f"re-fitted C in {saved.transfer_iters} transfer iterations: {args.save_as}, "
-          f"{time.perf_counter() - start:.1f} s")
+    print(f"added {', '.join(args.add_classes)} (unseen, {span}) and re-fitted C in {saved.transfer_iters} "
+          f"transfer iterations: {args.save_as}, {time.perf_counter() - start:.1f} s")
     return 0
 
 
-# ----------------------------------------------------------------------------- the paper's tables on shapes
+# ----------------------------------------------------------------------------- --reproduce: the paper's tables on shapes
 # name -> (train.py flags, the run whose end-of-transfer checkpoint it starts from). A run that
 # only adds self-training starts from its base run's checkpoint_transfer.pt instead of retraining.
 BASELINES = {"zs3net": ["--sim", "none", "--latent", "noise"],  # no SIM, z ~ N(0, 1): ZS3Net
@@ -1079,42 +993,43 @@ EXPERIMENTS = {**{name: (flags + NO_ST, None) for name, flags in BASELINES.items
 CLAIMED = ["sign", "zs3net", "pe-ape", "sign-st", "sign-ast-T2"]  # the runs evaluate.CLAIMS compares
 RESERVED = ("--seed", "--out", "--resume", "--init-from", "--self-training", "--temperature", "--quiet",
             "--reproduce", "--seeds", "--experiments", "--jobs")
-UNCOMPARED = ("out", "resume", "init_from", "device", "quiet")  # may differ between a run and its rerun
 
 
 def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, names: Sequence[str] | None = None,
               jobs: int = 1) -> list[str]:
     """Every run of EXPERIMENTS (or of ``names`` and their base runs) for every seed, as
-    ``root/<name>/seed<k>``: ``jobs`` ``python train.py`` processes at a time, each with
-    cores // jobs threads and its log in ``train.log``; base runs first, then the runs that
-    start from them. A run whose metrics.json holds its final stage is kept, one with a
-    checkpoint resumes, but only if its config.json matches these settings (else a
-    ValueError names the differences). A failing run does not stop the others; returns the
+    ``root/<name>/seed<k>``: ``jobs`` ``python train.py`` processes at a time (two on two cores,
+    one thread each, beat one run on two threads; a failing run cannot take the others down),
+    each logging to ``train.log``; base runs first, then the runs that start from them. A run whose
+    metrics.json holds its final stage is kept, one with a checkpoint resumes, but only if its
+    config.json matches these settings (else a ValueError names the differences). Returns the
     folders of the runs that failed."""
     root = Path(root).resolve()  # absolute: --init-from paths are stored in config.json
-    reserved = [a for a in train_args if a.split("=")[0] in RESERVED]
-    if reserved:
+    if reserved := [a for a in train_args if a.split("=")[0] in RESERVED]:
         raise ValueError(f"--reproduce sets {reserved} itself; remove them")
     names = list(EXPERIMENTS) if names is None else list(names)
-    unknown = [n for n in names if n not in EXPERIMENTS]
-    if unknown:
+    if unknown := [n for n in names if n not in EXPERIMENTS]:
         raise ValueError(f"--experiments: unknown {unknown}; expected names from {list(EXPERIMENTS)}")
     names += [EXPERIMENTS[n][1] for n in names if EXPERIMENTS[n][1] and EXPERIMENTS[n][1] not in names]
     waves = [[], []]  # base runs, then the runs that start from their checkpoint_transfer.pt
-    for seed in seeds:
-        for name in [n for n in EXPERIMENTS if n in names]:
-            flags, base = EXPERIMENTS[name]
-            out = root / name / f"seed{seed}"
-            argv = [*flags, *train_args, "--seed", str(seed), "--out", str(out), "--quiet"]
-            if base:
-                argv += ["--init-from", str(root / base / f"seed{seed}" / "checkpoint_transfer.pt")]
-            if (out / "config.json").is_file():
-                _check_same_settings(out, resolve(get_args_parser().parse_args(argv)))
-                if ("self_training" if base else "transfer") in evaluate.read_metrics(out):
-                    continue
-            if list(out.glob("checkpoint_*.pt")):
-                argv = ["--resume", str(out), "--quiet"]
-            waves[bool(base)].append((f"{name}, seed {seed}", out, argv))
+    for seed, name in itertools.product(seeds, [n for n in EXPERIMENTS if n in names]):
+        flags, base = EXPERIMENTS[name]
+        out = root / name / f"seed{seed}"
+        argv = [*flags, *train_args, "--seed", str(seed), "--out", str(out), "--quiet"]
+        if base:
+            argv += ["--init-from", str(root / base / f"seed{seed}" / "checkpoint_transfer.pt")]
+        if (out / "config.json").is_file():
+            saved, expected = json.loads((out / "config.json").read_text()), vars(resolve(get_args_parser().parse_args(argv)))
+            if differ := {k: (saved.get(k), v) for k, v in expected.items()
+                          if k not in ("out", "resume", "init_from", "device", "quiet") and saved.get(k) != v}:
+                raise ValueError(f"run {out} was made with other settings ("
+                                 + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+                                 + "); delete it or reproduce into another folder")
+            if ("self_training" if base else "transfer") in evaluate.read_metrics(out):
+                continue
+        if list(out.glob("checkpoint_*.pt")):
+            argv = ["--resume", str(out), "--quiet"]
+        waves[bool(base)].append((f"{name}, seed {seed}", out, argv))
     total, finished, failed = sum(map(len, waves)), itertools.count(1), []
     threads = str(max(1, (os.cpu_count() or 1) // jobs))
     print(f"reproduce: {total} runs into {root}, {jobs} at a time, {threads} thread(s) each", flush=True)
@@ -1137,16 +1052,6 @@ def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, nam
     return failed
 
 
-def _check_same_settings(run_dir: Path, expected) -> None:
-    # a key an older config.json lacks had the value the code then used: the current default, or UNSAVED's
-    saved = {**vars(get_args_parser().parse_args([])), **UNSAVED, **json.loads((run_dir / "config.json").read_text())}
-    differ = {k: (saved.get(k), v) for k, v in vars(expected).items() if k not in UNCOMPARED and saved.get(k) != v}
-    if differ:
-        listed = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-        raise ValueError(f"run {run_dir} was made with other settings ({listed}); "
-                         f"delete it or reproduce into another folder")
-
-
 def reproduce_main(argv: list[str]) -> int:
     """``python train.py --reproduce DIR [--seeds ...] [--experiments ...] [--jobs N] [train.py flags]``:
     the runs, then ``DIR/tables.md`` (``evaluate.reproduction_tables``), and the wall time."""
@@ -1157,11 +1062,9 @@ def reproduce_main(argv: list[str]) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
     p.add_argument("--experiments", nargs="+", metavar="NAME", help="only these runs (and the runs they start "
                    f"from); 'claimed' = {' '.join(CLAIMED)}; default: all of train.EXPERIMENTS")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1),
                    help="runs at a time; default: 2 on two or more cores, else 1")
     args, train_args = p.parse_known_args(argv)
-    if args.jobs < 1:
-        p.error(f"--jobs must be >= 1, got {args.jobs}")
     names = None if args.experiments is None else [
         n for e in args.experiments for n in (CLAIMED if e == "claimed" else [e])]
     start = time.perf_counter()
@@ -1173,8 +1076,7 @@ def reproduce_main(argv: list[str]) -> int:
         failed = reproduce(args.reproduce, args.seeds, train_args, names=names, jobs=args.jobs)
         tables = evaluate.reproduction_tables(args.reproduce)
     except ValueError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except KeyboardInterrupt:  # Ctrl-C reaches the runs too: each keeps its last checkpoint
         print(f"\ninterrupted: finished runs are kept and interrupted ones resume from their last checkpoint; "
               f"continue with the same --reproduce {args.reproduce} command", file=sys.stderr)
