@@ -682,13 +682,15 @@ def main(argv=None) -> int:
             raise CheckpointError(f"checkpoint {args.checkpoint} has {model.config['num_classes']} classes ({S} "
                                   f"seen) but {dataset} has {len(first.class_names)} ({first.num_seen} seen)")
         names, label_map = scored_classes(ckpt["class_names"], first.class_names, S)
-        if args.latent_stats:  # on the training split of the dataset scored
-            train_set = data.Shapes("train", size=saved["crop_size"], num_images=args.latent_stats,
-                                    layout=saved["layout"]) if dataset == "shapes" else data.build_dataset(
-                dataset, "train", root=args.data_root or saved["data_root"], transform=data.eval_transform())
-            z = latent_statistics(model, train_set, num_images=args.latent_stats, device=device)
+        if n := args.latent_stats:  # on the training split of the dataset scored
+            if dataset == "shapes":
+                train_set = data.Shapes("train", size=saved["crop_size"], num_images=n, layout=saved["layout"])
+            else:
+                train_set = data.build_dataset(dataset, "train", root=args.data_root or saved["data_root"],
+                                               transform=data.eval_transform())
+            z = latent_statistics(model, train_set, num_images=n, device=device)
             print(f"latent z of {args.checkpoint} (alpha {saved['alpha']}, latent path {model.config['latent_path']}"
-                  f"), {z['pixels']} seen pixels of {args.latent_stats} {dataset} training images: mean mu^2 "
+                  f"), {z['pixels']} seen pixels of {n} {dataset} training images: mean mu^2 "
                   f"{z['mu2']:.3g}, mean sigma^2 {z['sigma2']:.4g}, SNR var(mu)/E[sigma^2] median "
                   f"{z['snr_median']:.3g} max {z['snr_max']:.3g}; linear probe of the seen class (balanced "
                   f"accuracy) from z {z['probe_z']:.1f} %, from N(0, 1) noise {z['probe_noise']:.1f} %, from mu "
