@@ -1,62 +1,36 @@
-"""The GZSL metric (paper section 4.2), the loop that scores a model, and the evaluation CLI.
-
-The paper reports, for every method and dataset, the mIoU of the seen classes, the mIoU of
-the unseen classes, and their harmonic mean (Table 1). This module is the one tested home of
-that metric; ``train.py`` and the evaluation CLI both call it.
-``python evaluate.py --checkpoint runs/shapes-.../checkpoint_transfer.pt --save-predictions 4``
-rescores a checkpoint on its test sets and draws image | ground truth | prediction panels;
-``--image PATH ...`` predicts on any image file; ``--add-classes NAME ... --save-as NEW.pt``
-names classes the model never saw and re-fits C for them (README "Your own classes").
+"""The GZSL metric (paper section 4.2), the test loop that scores a model, and the evaluation CLI.
 
 Reading order
-    confusion_matrix   (K, K) pixel counts of one batch, by ``bincount``; sum over a test set
-    harmonic           H = 2 S U / (S + U), 0 when either side is 0
-    gzsl_miou          per-class IoU, seen / unseen mIoU and H from an accumulated confusion
-    evaluate_model     the test loop: model -> argmax -> confusion matrix, summed
-    format_table       the per-class IoU table and the seen / unseen / harmonic summary
-    as_metrics         the result keyed by class name, for ``metrics.json``
-    test_sets          a benchmark's test sets by name ("64", "128" | "val" | "test")
-    evaluate_sets      evaluate_model -> gzsl_miou -> printed table, for every test set
-    scored_classes     a checkpoint's classes (fewer or more than the dataset's) and the label renumbering
-    read_checkpoint    a train.py checkpoint dict, or a one-line CheckpointError naming the file
-    load_checkpoint    SIGN rebuilt from a train.py checkpoint (config + state_dict, M included)
-    choose_device      --device, checked: cpu, cuda or cuda:N where CUDA exists
-    save_panels        PNG panels image | ground truth | prediction with a class legend
-    read_image, predict_images  --image: any image file -> image | prediction overlaid, class shares
-    add_classes        --add-classes: runs ``train.py --add-classes`` (the Transfer Learning Step) as a process
-    latent_statistics  what SIM's z carries: mu^2, sigma^2, per-channel SNR, linear probes (--latent-stats)
-    collect_runs       run folders of ``train.py --reproduce`` -> {name: {seed: metrics.json}}
-    reproduction_tables  run folders -> mean ± std Markdown tables (Tables 1-4, Fig. 5)
-    CLAIMS, claims     the paper's claims as paired by-seed differences with 95 % intervals
-    main               the CLI; settings default to those stored in the checkpoint
+    confusion_matrix, harmonic, gzsl_miou   the metric: (K, K) pixel counts -> per-class IoU, S, U, H
+    evaluate_model, test_sets, evaluate_sets  the test loop (sharded under torchrun) over a benchmark's test sets
+    format_table, as_metrics     the printed per-class table; the result keyed by class name (metrics.json)
+    scored_classes               a checkpoint's classes against the dataset's, and the label renumbering
+    read_checkpoint, load_checkpoint, choose_device   train.py's checkpoints, SIGN rebuilt from one, --device
+    save_panels, predict_images  pictures image | ground truth | prediction; --image on any image file
+    latent_statistics            what SIM's z carries (--latent-stats)
+    reproduction_tables, CLAIMS  run folders of ``train.py --reproduce`` -> Tables 1-4, Fig. 5, paired claims
+    main                         the CLI; settings default to those stored in the checkpoint
 
 Convention (PROTOCOL section 5), pinned by ``tests/test_metrics.py``
-    * One confusion matrix is accumulated over the whole test set; IoU is computed once from
-      it, never averaged over images. Rows are ground truth, columns are predictions:
-      confusion[t, p] counts the pixels of true class t predicted as p.
-    * Pixels whose label is ``ignore_index`` (255) never count, whatever is predicted there.
-      The datasets map VOC's background to 255, so it is dropped in testing as in training.
-    * IoU_c = TP_c / (TP_c + FP_c + FN_c), in percent.
-    * A class absent from both ground truth and prediction (TP + FP + FN = 0) has no IoU: it
-      is excluded from its mean (a NaN-mean) and *not listed* in ``per_class``; it is never
-      counted as 0. A class that is predicted but absent from the ground truth has IoU 0 and
-      counts.
-    * Seen mIoU S = mean IoU over the present seen classes, unseen mIoU U likewise; when no
-      class of one side is present at all, that side's mean is 0 (it cannot be NaN).
-    * Harmonic H = 2 S U / (S + U), and H = 0 when S = 0 or U = 0.
-    * Resolution: ``eval_res="full"`` (default) scores logits upsampled bilinearly to the
-      label's own size; ``eval_res="feature"`` reproduces the lineage (ZS3Net, CaGNet): the
-      loader warps images and labels to 513 x 513, and labels are nearest-downsampled to the
-      feature map, where C's logits are scored without upsampling.
+    * One confusion matrix per test set, rows = ground truth t, columns = prediction p; IoU is
+      computed once from it, never averaged over images.
+    * Pixels labelled ``ignore_index`` (255) never count; the datasets map VOC's background to it.
+    * IoU_c = TP_c / (TP_c + FP_c + FN_c), in percent. A class absent from both ground truth and
+      prediction has no IoU: its mean skips it, ``per_class`` omits it, it never counts as 0.
+      A class predicted but absent from the ground truth has IoU 0 and counts.
+    * S, U = mean IoU over the present seen / unseen classes (0 when none is present);
+      H = 2 S U / (S + U), 0 when S or U is 0.
+    * ``eval_res="full"`` (default) scores logits upsampled bilinearly to the label's size;
+      ``"feature"`` (the lineage: ZS3Net, CaGNet) warps images and labels to 513 x 513 and scores
+      C's feature-map logits against nearest-downsampled labels.
 
 Symbols
-    K                  number of classes, seen first then unseen (``data.py``'s model order)
-    C^S, C^U           ``seen``, ``unseen``: disjoint lists of class indices covering range(K)
-    S, U, H            ``seen_miou``, ``unseen_miou``, ``harmonic_miou`` (percent)
+    K            number of classes, seen first then unseen (``data.py``'s model order)
+    C^S, C^U     ``seen``, ``unseen``: disjoint lists of class indices covering range(K)
+    S, U, H      ``seen_miou``, ``unseen_miou``, ``harmonic_miou`` (percent)
 """
 import argparse
 import json
-import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -76,31 +50,20 @@ from tqdm import tqdm
 import data
 from sign import IGNORE as IGNORE_INDEX, SIGN, resize_labels
 
-__all__ = ["IGNORE_INDEX", "confusion_matrix", "harmonic", "gzsl_miou", "evaluate_model", "format_table",
-           "as_metrics", "test_sets", "evaluate_sets", "scored_classes", "CheckpointError", "read_checkpoint",
-           "load_checkpoint", "choose_device", "save_panels", "read_image", "predict_images", "add_classes",
-           "latent_statistics", "read_metrics", "collect_runs", "mean_std", "reproduction_tables", "CLAIMS",
-           "paired_difference", "claims", "get_args_parser", "main"]
-
 EVAL_RES = ("full", "feature")
 
 
 # ----------------------------------------------------------------------------- the metric
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Pixel counts confusion[t, p] (rows = ground truth t, columns = prediction p), (K, K) int64.
-
-    ``pred`` and ``target`` are integer tensors of the same shape, e.g. (B, H, W). Pixels whose
-    target is ``ignore_index`` are dropped; every other target and the prediction there must
-    lie in [0, K). The result lives on the inputs' device; summing the matrices of a test
-    set's batches gives the test set's matrix.
-    """
+    """confusion[t, p], (K, K) int64 on the inputs' device, from integer ``pred`` and ``target`` of one
+    shape, e.g. (B, H, W). Pixels whose target is ``ignore_index`` are dropped; the rest lie in [0, K)."""
     K = num_classes
     if K < 1:
         raise ValueError(f"confusion_matrix: num_classes must be >= 1, got {K}")
     if pred.shape != target.shape:
         raise ValueError(f"confusion_matrix: pred and target must have the same shape, got "
                          f"{tuple(pred.shape)} and {tuple(target.shape)}")
-    if pred.is_floating_point() or target.is_floating_point() or pred.is_complex() or target.is_complex():
+    if pred.is_floating_point() or target.is_floating_point():
         raise ValueError(f"confusion_matrix: expected integer class indices (argmax of the logits), got "
                          f"pred {pred.dtype} and target {target.dtype}")
     valid = target != ignore_index
@@ -116,53 +79,34 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
 
 def harmonic(s: float, u: float) -> float:
     """H = 2 S U / (S + U) of two non-negative scores; 0 when either is 0 (no division by 0)."""
+    # Not statistics.harmonic_mean: it sums 1/S + 1/U exactly and so differs in the last bit
+    # about every other time, and metrics.json stores H unrounded.
     if s < 0 or u < 0:
         raise ValueError(f"harmonic: expected non-negative scores, got {s} and {u}")
     return 0.0 if s == 0 or u == 0 else 2 * s * u / (s + u)
 
 
-def _check_split(K: int, seen: Sequence[int], unseen: Sequence[int]) -> None:
-    for name, classes in (("seen", seen), ("unseen", unseen)):
-        outside = sorted({c for c in classes if not 0 <= c < K})
-        if outside:
-            raise ValueError(f"gzsl_miou: {name} class indices must lie in [0, {K}), found {outside}")
-        if len(set(classes)) != len(classes):
-            raise ValueError(f"gzsl_miou: {name} lists a class more than once: {list(classes)}")
-    both = sorted(set(seen) & set(unseen))
-    if both:
-        raise ValueError(f"gzsl_miou: seen and unseen must be disjoint, both contain {both}")
-    # GZSL scores every class of the test set; a class in neither list would silently vanish
-    # from both means, which is always a bookkeeping mistake.
-    missing = sorted(set(range(K)) - set(seen) - set(unseen))
-    if missing:
-        raise ValueError(f"gzsl_miou: every class in [0, {K}) must be seen or unseen; "
-                         f"classes {missing} are in neither")
-
-
 def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> dict:
-    """Seen / unseen / harmonic mIoU (percent) from an accumulated (K, K) confusion matrix.
-
-    IoU_c = TP_c / (TP_c + FP_c + FN_c); S, U = NaN-mean of IoU over C^S, C^U (classes absent
-    from both ground truth and prediction are skipped; a side with no present class scores 0);
-    H = 2 S U / (S + U), 0 when S or U is 0. Returns ``{"seen_miou": S, "unseen_miou": U,
-    "harmonic_miou": H, "per_class": {class index: IoU}}``, floats in [0, 100]; ``per_class``
-    lists only the present classes, in index order, so it never holds NaN.
-    """
+    """Seen / unseen / harmonic mIoU (percent) from an accumulated (K, K) confusion matrix:
+    ``{"seen_miou": S, "unseen_miou": U, "harmonic_miou": H, "per_class": {class index: IoU}}``,
+    ``per_class`` in index order, present classes only (so never NaN)."""
     if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"gzsl_miou: expected a square (K, K) confusion matrix, got shape "
                          f"{tuple(confusion.shape)}")
-    if confusion.is_floating_point() or confusion.is_complex() or confusion.dtype == torch.bool:
+    if confusion.is_floating_point():
         raise ValueError(f"gzsl_miou: expected integer pixel counts, got dtype {confusion.dtype}")
     if confusion.numel() and confusion.min() < 0:
         raise ValueError("gzsl_miou: the confusion matrix holds negative counts")
     K = confusion.shape[0]
-    _check_split(K, seen, unseen)
+    # GZSL scores every class of the test set once: a class in neither list, or in both, would
+    # silently vanish from a mean or count twice, which is always a bookkeeping mistake.
+    if sorted([*seen, *unseen]) != list(range(K)):
+        raise ValueError(f"gzsl_miou: seen {list(seen)} and unseen {list(unseen)} must split the classes "
+                         f"[0, {K}) into disjoint lists, each class once")
     # float64 on the CPU: counts of a whole test set (up to ~10^10 pixels) stay exact.
     n = confusion.detach().to("cpu", torch.float64)  # (K, K)
     tp = n.diagonal()  # (K,)
-    fp = n.sum(0) - tp  # predicted as c, labelled otherwise
-    fn = n.sum(1) - tp  # labelled c, predicted otherwise
-    union = tp + fp + fn  # (K,)
+    union = n.sum(0) + n.sum(1) - tp  # (K,) predicted as c or labelled c: TP + FP + FN
     per_class = {c: 100.0 * tp[c].item() / union[c].item() for c in range(K) if union[c] > 0}
 
     def mean(classes: Sequence[int]) -> float:
@@ -174,38 +118,26 @@ def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> 
 
 
 # ----------------------------------------------------------------------------- the test loop
-def _feature_logits(model: nn.Module, x: Tensor) -> Tensor:
-    """C's logits at the feature map, before the upsampling in ``SIGN.forward``."""
-    if not (hasattr(model, "features") and hasattr(model, "C")):
-        raise ValueError(f"evaluate_model: eval_res='feature' needs a model with SIGN's `features(x)` "
-                         f"and `C` (logits before upsampling); {type(model).__name__} has not")
-    return model.C(model.features(x)[0])  # (B, K, h, w)
-
-
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, device: torch.device | str,
                    eval_res: str = "full", ignore_index: int = IGNORE_INDEX, quiet: bool = False,
                    label_map: Tensor | None = None, sharded: bool = False) -> Tensor:
-    """Sum of ``confusion_matrix`` over a loader of ``(image (B, 3, H, W), label (B, H, W))``.
-
-    ``model(x)`` returns logits (B, K, H', W'). ``eval_res="full"`` upsamples them bilinearly
-    to the label's (H, W) when they differ; ``"feature"`` scores SIGN's feature-map logits
-    against nearest-downsampled labels (see the module docstring). The model runs in eval
-    mode and is put back in the mode it came in. ``label_map`` (256,) renumbers the labels
-    (``scored_classes``). ``sharded``: the loader holds this rank's shard of the test set and
-    the ranks' matrices are summed (torchrun). Returns the (K, K) int64 matrix on the CPU.
-    """
+    """Sum of ``confusion_matrix`` over a loader of (image (B, 3, H, W), label (B, H, W)), on the CPU;
+    the model runs in eval mode and is given back in its own. ``label_map`` (256,) renumbers the labels
+    (``scored_classes``); ``sharded``: the loader holds this rank's shard, the ranks' matrices are summed."""
     if eval_res not in EVAL_RES:
         raise ValueError(f"evaluate_model: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
-    K = num_classes
-    was_training = model.training
+    if eval_res == "feature" and not (hasattr(model, "features") and hasattr(model, "C")):
+        raise ValueError(f"evaluate_model: eval_res='feature' needs a model with SIGN's `features(x)` "
+                         f"and `C` (logits before upsampling); {type(model).__name__} has not")
+    K, was_training = num_classes, model.training
     model.eval()
     confusion = torch.zeros(K, K, dtype=torch.long, device=device)
     try:
         for x, y in tqdm(loader, desc=f"evaluate ({eval_res})", leave=False, disable=quiet):
             x, y = x.to(device), y.to(device)  # (B, 3, H, W), (B, H, W)
             y = y if label_map is None else label_map.to(device)[y]  # the dataset's ids -> the scored order
-            logits = model(x) if eval_res == "full" else _feature_logits(model, x)  # (B, K', H', W')
+            logits = model(x) if eval_res == "full" else model.C(model.features(x)[0])  # (B, K', H', W')
             if logits.dim() != 4 or not 0 < logits.shape[1] <= K:  # fewer: a model that knows only the
                 # first classes (train.py --seen-only) predicts none of the others
                 raise ValueError(f"evaluate_model: expected logits (B, K' <= {K}, H, W), got {tuple(logits.shape)}")
@@ -221,54 +153,13 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
     return confusion.cpu()
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-# ----------------------------------------------------------------------------- reporting
-def _check_names(class_names: Sequence[str], result: dict, where: str) -> None:
-    beyond = [c for c in result["per_class"] if not 0 <= c < len(class_names)]
-    if beyond:
-        raise ValueError(f"{where}: {len(class_names)} class names given, but per_class has classes {beyond}")
-
-
-def format_table(result: dict, class_names: Sequence[str], seen: Sequence[int], unseen: Sequence[int]) -> str:
-    """A per-class IoU table (seen classes, then unseen, 'absent' for classes with no IoU)
-    followed by one summary line: seen / unseen / harmonic mIoU, all in percent."""
-    _check_names(class_names, result, "format_table")
-    width = max([len("class")] + [len(class_names[c]) for c in (*seen, *unseen)])
-    lines = [f"{'#':>4}  {'class':<{width}}  {'split':<6}  {'IoU %':>6}"]
-    for split, classes in (("seen", seen), ("unseen", unseen)):
-        for c in classes:
-            iou = result["per_class"].get(c)
-            lines.append(f"{c:>4}  {class_names[c]:<{width}}  {split:<6}  "
-                         + (f"{iou:6.2f}" if iou is not None else f"{'absent':>6}"))
-    present = {s: sum(c in result["per_class"] for c in cs) for s, cs in (("seen", seen), ("unseen", unseen))}
-    lines.append(f"mIoU %  seen {result['seen_miou']:.2f} ({present['seen']}/{len(seen)} classes present)  "
-                 f"unseen {result['unseen_miou']:.2f} ({present['unseen']}/{len(unseen)})  "
-                 f"harmonic {result['harmonic_miou']:.2f}")
-    return "\n".join(lines)
-
-
-def as_metrics(result: dict, class_names: Sequence[str]) -> dict:
-    """``gzsl_miou``'s result with ``per_class`` keyed by class name (absent classes not listed)."""
-    _check_names(class_names, result, "as_metrics")
-    return {"seen_miou": result["seen_miou"], "unseen_miou": result["unseen_miou"],
-            "harmonic_miou": result["harmonic_miou"],
-            "per_class": {class_names[c]: iou for c, iou in result["per_class"].items()}}
-
-
-
-
-# ----------------------------------------------------------------------------- test sets, checkpoints
 def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, eval_res: str = "full",
               num_images: int | Sequence[int] | None = None, layout: str = "context", seed: int = 0
               ) -> dict[str, torch.utils.data.Dataset]:
-    """shapes: ``{str(s): Shapes("test", size=s, num_images=n, layout=..., seed=...)}`` per size (default
-    [64, 128]), ``num_images`` one count for all sizes or one per size (None: the Shapes default), ``seed``
-    the scenes (0: the benchmark's test set; others draw independent test sets of the same task);
-    voc ``{"val": ...}``, context / cocostuff ``{"test": ...}``: whole images at their own size, or
-    warped to ``sizes[0]`` (default 513) when ``eval_res="feature"``."""
+    """shapes: ``{str(s): Shapes("test", size=s, ...)}`` per size (default [64, 128]), ``num_images``
+    one count or one per size, ``seed`` the scenes (0: the benchmark's; others: independent test sets
+    of the same task); voc ``{"val": ...}``, context / cocostuff ``{"test": ...}``: whole images at
+    their own size, or warped to ``sizes[0]`` (default 513) when ``eval_res="feature"``."""
     if eval_res not in EVAL_RES:
         raise ValueError(f"test_sets: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
     if dataset == "shapes":
@@ -276,7 +167,7 @@ def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, ev
         counts = list(num_images) if isinstance(num_images, (list, tuple)) else [num_images]
         counts = counts * len(sizes) if len(counts) == 1 else counts
         if len(counts) != len(sizes):
-            raise ValueError(f"test_sets: {len(counts)} test-image counts {list(counts)} for {len(sizes)} test "
+            raise ValueError(f"test_sets: {len(counts)} test-image counts {counts} for {len(sizes)} test "
                              f"sizes {list(sizes)}; give one count, or one per size")
         return {str(s): data.Shapes("test", size=s, num_images=n, layout=layout, seed=seed)
                 for s, n in zip(sizes, counts)}
@@ -294,7 +185,8 @@ def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], n
     Classes [0, num_seen) are seen, the rest of ``class_names`` unseen."""
     K, metrics = len(class_names), {}
     seen, unseen = list(range(num_seen)), list(range(num_seen, K))
-    rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+    distributed = dist.is_available() and dist.is_initialized()  # under torchrun: each rank scores a shard
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     for name, dataset in sets.items():  # real images differ in size, so they go one at a time
         shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset  # no image twice
         loader = DataLoader(shard, batch_size=batch_size if isinstance(dataset, data.Shapes) else 1,
@@ -302,29 +194,52 @@ def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], n
         confusion = evaluate_model(model, loader, num_classes=K, device=device, eval_res=eval_res, quiet=quiet,
                                    label_map=label_map, sharded=world > 1)
         result = gzsl_miou(confusion, seen, unseen)
+        metrics[name] = as_metrics(result, class_names)
         if rank == 0:
             print(f"\n{f'[{title}] ' if title else ''}test set {name}\n"
                   + format_table(result, class_names, seen, unseen))
-        metrics[name] = as_metrics(result, class_names)
     return metrics
 
 
+def format_table(result: dict, class_names: Sequence[str], seen: Sequence[int], unseen: Sequence[int]) -> str:
+    """A per-class IoU table (seen classes, then unseen, 'absent' for classes with no IoU)
+    followed by one summary line: seen / unseen / harmonic mIoU, all in percent."""
+    width = max([len("class")] + [len(class_names[c]) for c in (*seen, *unseen)])
+    lines = [f"{'#':>4}  {'class':<{width}}  {'split':<6}  {'IoU %':>6}"]
+    for split, classes in (("seen", seen), ("unseen", unseen)):
+        for c in classes:
+            iou = result["per_class"].get(c)
+            lines.append(f"{c:>4}  {class_names[c]:<{width}}  {split:<6}  "
+                         + (f"{iou:6.2f}" if iou is not None else f"{'absent':>6}"))
+    present = [sum(c in result["per_class"] for c in cs) for cs in (seen, unseen)]
+    lines.append(f"mIoU %  seen {result['seen_miou']:.2f} ({present[0]}/{len(seen)} classes present)  "
+                 f"unseen {result['unseen_miou']:.2f} ({present[1]}/{len(unseen)})  "
+                 f"harmonic {result['harmonic_miou']:.2f}")
+    return "\n".join(lines)
+
+
+def as_metrics(result: dict, class_names: Sequence[str]) -> dict:
+    """``gzsl_miou``'s result with ``per_class`` keyed by class name (absent classes not listed)."""
+    if beyond := [c for c in result["per_class"] if not 0 <= c < len(class_names)]:
+        raise ValueError(f"as_metrics: {len(class_names)} class names given, but per_class has classes {beyond}")
+    return {**result, "per_class": {class_names[c]: iou for c, iou in result["per_class"].items()}}
+
+
+# ----------------------------------------------------------------------------- checkpoints, devices
 def scored_classes(model_names: Sequence[str], dataset_names: Sequence[str], num_seen: int
                    ) -> tuple[list[str], Tensor | None]:
-    """The classes a model is scored over: its own (``model_names``, a checkpoint's ``class_names``:
-    fewer than the dataset's after ``train.py --seen-only``, more after ``--add-classes``), then
-    the dataset's that it does not know (never predicted); and the (256,) map of the dataset's
-    label ids into that order, None when it is the identity. Both must share the seen classes."""
-    if [n.lower() for n in model_names[:num_seen]] != [n.lower() for n in dataset_names[:num_seen]]:
+    """The classes a model is scored over: its own (a checkpoint's ``class_names``: fewer than the
+    dataset's after ``train.py --seen-only``, more after ``--add-classes``), then the dataset's it does
+    not know (never predicted); and the (256,) map of the dataset's label ids into that order, None
+    for the identity. Both must share the seen classes; names compare case-insensitively."""
+    known = [n.lower() for n in model_names]
+    if known[:num_seen] != [n.lower() for n in dataset_names[:num_seen]]:
         raise CheckpointError(f"the checkpoint's seen classes ({', '.join(model_names[:num_seen])}) are not the "
                               f"dataset's ({', '.join(dataset_names[:num_seen])})")
-    known = [n.lower() for n in model_names]
     names = list(model_names) + [n for n in dataset_names if n.lower() not in known]
-    order = {n.lower(): i for i, n in enumerate(names)}
-    label_map = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
-    label_map[:len(dataset_names)] = torch.tensor([order[n.lower()] for n in dataset_names])
-    return names, None if bool((label_map[:len(dataset_names)] == torch.arange(len(dataset_names))).all()) \
-        else label_map
+    order = [[m.lower() for m in names].index(n.lower()) for n in dataset_names]  # dataset id -> scored index
+    identity = order == list(range(len(order)))
+    return names, None if identity else torch.tensor(order + [IGNORE_INDEX] * (256 - len(order)))
 
 
 class CheckpointError(Exception):
@@ -334,19 +249,15 @@ class CheckpointError(Exception):
 def _a_file(path, what: str, error: type[Exception] = ValueError) -> Path:
     """``path`` if it is a file; else ``error`` naming it as ``what`` (a folder, or nothing there)."""
     path = Path(path)
-    if path.is_dir():
-        raise error(f"{what} {path} is a folder, not a file")
     if not path.is_file():
-        raise error(f"{what} {path} does not exist")
+        raise error(f"{what} {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
     return path
 
 
 def read_checkpoint(path, keys: Sequence[str] = ("model", "config")) -> dict:
-    """The dict ``train.py`` saved at ``path``, holding at least ``keys``, read with
-    ``weights_only=True`` (never unpickles code). A missing path, a directory, a truncated,
-    corrupt or foreign file: one-line ``CheckpointError`` naming the path. torch's own message
-    is left out on purpose: for a foreign file it suggests ``weights_only=False``, which would
-    run the file's code."""
+    """The dict ``train.py`` saved at ``path``, holding at least ``keys``, read with ``weights_only=True``
+    (never unpickles code); anything else is a one-line ``CheckpointError`` naming the path. torch's own
+    message is left out: for a foreign file it suggests ``weights_only=False``, which would run its code."""
     path = _a_file(path, "checkpoint", CheckpointError)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -361,9 +272,9 @@ def read_checkpoint(path, keys: Sequence[str] = ("model", "config")) -> dict:
 
 
 def load_checkpoint(path, device: torch.device | str) -> tuple[SIGN, dict]:
-    """(SIGN.from_config(ckpt["config"]) with ckpt["model"] loaded, M's table included, on ``device``
-    in eval mode; the whole checkpoint dict). Every failure is a one-line ``CheckpointError``."""
-    ckpt = read_checkpoint(path)
+    """(SIGN rebuilt from the checkpoint's config and state dict, M's table included, on ``device`` in
+    eval mode; the checkpoint dict). Every failure is a one-line ``CheckpointError``."""
+    ckpt = read_checkpoint(path, keys=("model", "config", "args", "stage", "iteration", "class_names"))
     try:
         model = SIGN.from_config(ckpt["config"])
         model.load_state_dict(ckpt["model"])
@@ -374,54 +285,54 @@ def load_checkpoint(path, device: torch.device | str) -> tuple[SIGN, dict]:
 
 
 def choose_device(name: str | None) -> torch.device:
-    """``--device``: None picks cuda when available, else cpu. An unknown name, or cuda where
-    there is none, is a ValueError naming the flag (before any data is read)."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here (torch.cuda.is_available() is False); "
-                         f"use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    """``--device``: None picks cuda when available, else cpu; a name that is not cpu or one of this
+    machine's CUDA devices is a ValueError naming the flag. Nothing is allocated: under torchrun
+    each rank picks its own GPU afterwards."""
+    n = torch.cuda.device_count()
+    usable = ["cpu"] + ["cuda"] * (n > 0) + [f"cuda:{i}" for i in range(n)]
+    if name is not None and name not in usable:
+        raise ValueError(f"--device {name}: expected one of this machine's devices, {', '.join(usable)} "
+                         f"(--device cpu always works)")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-# ----------------------------------------------------------------------------- prediction panels
+# ----------------------------------------------------------------------------- pictures
 GAP, LEGEND_W, ROW, MIN_TILE = 4, 200, 14, 128  # pixels: spacing, legend width, text row, smallest tile
 
 
-def _legend(draw: ImageDraw.ImageDraw, x: int, title: str, present: Sequence[int], class_names: Sequence[str],
-            num_seen: int, colours: np.ndarray, notes: dict | None = None) -> None:
-    """A title and one row per class in ``present``: its colour, its name (+ ``notes[c]``), unseen in red."""
-    draw.text((x, 1), title, fill="black")
+def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], class_names: Sequence[str],
+           num_seen: int, colours: np.ndarray, notes: dict | None = None) -> Image.Image:
+    """The picture of both CLIs: ``tiles`` {title: (H, W, 3) uint8} side by side under their titles,
+    then a legend, ``heading`` and one row per class in ``present``: its colour, name and ``notes[c]``,
+    unseen classes marked "(unseen)" in red."""
+    h, w = next(iter(tiles.values())).shape[:2]
+    x = len(tiles) * (w + GAP) + GAP  # the legend's left edge
+    panel = Image.new("RGB", (x + LEGEND_W, ROW + max(h, len(present) * ROW) + GAP), "white")
+    draw = ImageDraw.Draw(panel)
+    for j, (title, tile) in enumerate(tiles.items()):
+        panel.paste(Image.fromarray(tile), (GAP + j * (w + GAP), ROW))
+        draw.text((GAP + j * (w + GAP), 1), title, fill="black")
+    draw.text((x, 1), heading, fill="black")
     for y, c in zip(range(ROW, ROW * (len(present) + 1), ROW), present):
         draw.rectangle([x, y + 1, x + 10, y + 11], fill=tuple(map(int, colours[c])), outline="black")
         draw.text((x + 14, y), class_names[c] + " (unseen)" * (c >= num_seen) + (notes or {}).get(c, ""),
                   fill="firebrick" if c >= num_seen else "black")
+    return panel
 
 
 @torch.inference_mode()
 def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Sequence[str], num_seen: int,
                 device: torch.device | str, palette: np.ndarray | None = None,
                 label_map: Tensor | None = None) -> list[Path]:
-    """Write the first ``num`` items as ``out_dir/<index>.png``: image (de-normalised by dataset.mean /
-    std) | ground truth (renumbered by ``label_map``) | prediction (argmax at the input size), in
-    ``data.label_colours`` of ``palette`` (default: dataset.palette), ignore black in the ground
-    truth (the prediction covers every pixel);
-    a legend lists the classes in either map, unseen ones marked "(unseen)" in red.
+    """The first ``num`` items as ``out_dir/<index>.png``: image (de-normalised) | ground truth
+    (renumbered by ``label_map``, ignore black) | prediction, in ``data.label_colours`` of ``palette``
+    (default: the dataset's), with a legend of the classes in either map; the model is left in eval mode.
     Tiles under MIN_TILE rows are upscaled by an integer factor (nearest), so small images stay legible."""
-    K, out_dir = len(class_names), Path(out_dir)
-    colours = data.label_colours(K, getattr(dataset, "palette", None) if palette is None else palette)  # (256, 3)
-    mean = torch.tensor(getattr(dataset, "mean", (0.0, 0.0, 0.0))).view(3, 1, 1)
-    std = torch.tensor(getattr(dataset, "std", (1.0, 1.0, 1.0))).view(3, 1, 1)
+    colours = data.label_colours(len(class_names), getattr(dataset, "palette", None) if palette is None
+                                 else palette)  # (256, 3)
+    mean, std = (torch.tensor(v).view(3, 1, 1) for v in (dataset.mean, dataset.std))
+    out_dir, paths = Path(out_dir), []
     out_dir.mkdir(parents=True, exist_ok=True)
-    was_training, paths = model.training, []
     model.eval()
     for i in range(min(num, len(dataset))):
         image, label = dataset[i]  # (3, H, W), (H, W)
@@ -429,47 +340,37 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
         pred = model(image[None].to(device)).argmax(1)[0].cpu().numpy()  # (H, W)
         rgb = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
         f = -(-MIN_TILE // label.shape[0])  # ceil: the smallest integer upscaling to >= MIN_TILE rows
-        tiles = [t.repeat(f, 0).repeat(f, 1) for t in (rgb, colours[label.numpy()], colours[pred])]  # (fH, fW, 3)
+        tiles = {title: t.repeat(f, 0).repeat(f, 1) for title, t in  # (fH, fW, 3) each
+                 (("image", rgb), ("ground truth", colours[label.numpy()]), ("prediction", colours[pred]))}
         present = sorted((set(label.unique().tolist()) - {IGNORE_INDEX}) | set(np.unique(pred).tolist()))
-        h, w = tiles[0].shape[:2]
-        x = 3 * (w + GAP) + GAP  # the legend's left edge
-        panel = Image.new("RGB", (x + LEGEND_W, ROW + max(h, len(present) * ROW) + GAP), "white")
-        draw = ImageDraw.Draw(panel)
-        for j, (tile, title) in enumerate(zip(tiles, ("image", "ground truth", "prediction"))):
-            panel.paste(Image.fromarray(tile), (GAP + j * (w + GAP), ROW))
-            draw.text((GAP + j * (w + GAP), 1), title, fill="black")
-        _legend(draw, x, "classes (GT or prediction)", present, class_names, num_seen, colours)
         paths.append(out_dir / f"{i:04d}.png")
-        panel.save(paths[-1])
-    model.train(was_training)
+        _panel(tiles, "classes (GT or prediction)", present, class_names, num_seen, colours).save(paths[-1])
     return paths
 
 
 def read_image(path) -> Tensor:
-    """An image file as (3, H, W) uint8 RGB; a missing file, a folder or a file that is not an
-    image is a ValueError naming it."""
+    """An image file as (3, H, W) uint8 RGB, or a ValueError naming it."""
     path = _a_file(path, "--image")
     try:
         with Image.open(path) as image:
-            rgb = np.asarray(image.convert("RGB"))  # decodes now, so a broken file fails here
+            return TF.pil_to_tensor(image.convert("RGB"))  # convert decodes: a broken file fails here
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"--image {path}: not a readable image ({type(e).__name__}: {e})") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
 
 @torch.inference_mode()
 def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: Sequence[str], num_seen: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str, size: int | None = None,
                    palette: np.ndarray | None = None) -> list[tuple[Path, dict[str, float]]]:
-    """For each image file ``out_dir/<stem>.png``: the image beside the prediction overlaid on it
-    (``draw_segmentation_masks``, colours of ``data.label_colours``) and a legend of the classes
-    present with their share of pixels, unseen ones marked. The image is normalised by ``mean`` /
+    """For each image file ``out_dir/<stem>.png``: the image | the prediction overlaid on it, with a
+    legend of the classes present and their share of pixels. The image is normalised by ``mean`` /
     ``std`` and predicted at its own size, or warped to ``size`` x ``size`` (``eval_res`` feature)
-    with the prediction resized back. Returns (file written, {class name: % of pixels})."""
+    with the prediction resized back; the model is left in eval mode. Returns (file written,
+    {class name: % of pixels})."""
     colours, out_dir = data.label_colours(len(class_names), palette), Path(out_dir)
     images = [read_image(p) for p in paths]  # every file is checked before any work
     out_dir.mkdir(parents=True, exist_ok=True)
-    was_training, results = model.training, []
+    results = []
     model.eval()
     for path, image in zip(paths, images):
         x = TF.normalize(image.float() / 255, mean, std)[None]  # (1, 3, H, W)
@@ -480,31 +381,11 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
         shares = {int(c): 100 * int(n) / pred.numel() for c, n in zip(present, counts)}
         overlay = draw_segmentation_masks(image, pred[None] == present[:, None, None], alpha=0.6,
                                           colors=[tuple(map(int, colours[c])) for c in present])
-        h, w = image.shape[-2:]
-        x0 = 2 * (w + GAP) + GAP  # the legend's left edge
-        panel = Image.new("RGB", (x0 + LEGEND_W, ROW + max(h, len(present) * ROW) + GAP), "white")
-        draw = ImageDraw.Draw(panel)
-        for j, (tile, title) in enumerate(((image, "image"), (overlay, "prediction"))):
-            panel.paste(Image.fromarray(tile.permute(1, 2, 0).numpy()), (GAP + j * (w + GAP), ROW))
-            draw.text((GAP + j * (w + GAP), 1), title, fill="black")
-        _legend(draw, x0, "classes predicted", present.tolist(), class_names, num_seen, colours,
-                {c: f" {v:.1f} %" for c, v in shares.items()})
+        tiles = {"image": image.permute(1, 2, 0).numpy(), "prediction": overlay.permute(1, 2, 0).numpy()}
         results.append((out_dir / f"{Path(path).stem}.png", {class_names[c]: v for c, v in shares.items()}))
-        panel.save(results[-1][0])
-    model.train(was_training)
+        _panel(tiles, "classes predicted", present.tolist(), class_names, num_seen, colours,
+               {c: f" {v:.1f} %" for c, v in shares.items()}).save(results[-1][0])
     return results
-
-
-def add_classes(args) -> int:
-    """``--add-classes``: ``python train.py --add-classes ...`` as a process, so that this module,
-    a reader of checkpoints, never imports the trainer whose Transfer Learning Step it runs."""
-    if args.save_as is None:
-        raise ValueError("--add-classes needs --save-as NEW.pt, the extended checkpoint to write")
-    command = [sys.executable, str(Path(__file__).with_name("train.py")), "--add-classes", *args.add_classes,
-               "--init-from", str(args.checkpoint), "--save-as", str(args.save_as)]
-    command += ["--embeddings", *args.embeddings] if args.embeddings else []
-    command += ["--device", args.device] if args.device else []
-    return subprocess.run(command).returncode
 
 
 # ----------------------------------------------------------------------------- what z carries
@@ -532,14 +413,12 @@ def _linear_probe(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, num_clas
 def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels: int = 40_000,
                       device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float | int]:
     """What the z that G receives in Training Step (G) carries (z = mu + sigma eps, SIM in training
-    mode), on the labelled seen pixels of the first ``num_images`` items of ``dataset`` at feature
-    resolution: ``mu2`` and ``sigma2``, the means of mu^2 and sigma^2 (the prior: 0 and 1); ``snr``,
-    the per-channel var(mu) / E[sigma^2] (median and max over channels): how much of z changes with
-    the pixel rather than with eps; ``probe_z``, the balanced accuracy of a linear probe for the seen
-    class from z samples, ``probe_noise``, the same probe on N(0, 1) noise of z's shape (chance), and
-    ``probe_mu``, on mu itself: the ceiling, since mu is a linear map of SIM's features at any scale,
-    so it says nothing about z by itself. Probes fit on the first half of the images and are scored
-    on the second half."""
+    mode), on the labelled seen pixels of the first ``num_images`` items at feature resolution:
+    ``mu2``, ``sigma2``, the means of mu^2 and sigma^2 (the prior: 0 and 1); ``snr``, the per-channel
+    var(mu) / E[sigma^2] (median, max): how much of z changes with the pixel rather than with eps;
+    balanced accuracies of linear probes for the seen class from z (``probe_z``), from N(0, 1) noise
+    of z's shape (``probe_noise``, chance) and from mu (``probe_mu``, the ceiling: mu is a linear map
+    of SIM's features at any scale). Probes fit on the first half of the images, score on the second."""
     if model.SIM is None:
         raise ValueError("latent_statistics: this model has no SIM, so G's latent is pure noise")
     was_training, n = model.training, min(num_images, len(dataset))
@@ -569,25 +448,37 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     fit, score = pick(~test), pick(test)
     noise = torch.randn(z.shape, generator=g)
     snr = mu.var(0) / var.mean(0)  # (L,): Var over pixels of mu_c, against the mean of sigma_c^2
+    probe = {f"probe_{k}": _linear_probe(v[fit], y[fit], v[score], y[score], model.num_seen)
+             for k, v in (("z", z), ("noise", noise), ("mu", mu))}
     return {"mu2": mu.pow(2).mean().item(), "sigma2": var.mean().item(), "snr_median": snr.median().item(),
-            "snr_max": snr.max().item(),
-            "probe_z": _linear_probe(z[fit], y[fit], z[score], y[score], model.num_seen),
-            "probe_noise": _linear_probe(noise[fit], y[fit], noise[score], y[score], model.num_seen),
-            "probe_mu": _linear_probe(mu[fit], y[fit], mu[score], y[score], model.num_seen),
-            "pixels": len(fit) + len(score)}
+            "snr_max": snr.max().item(), **probe, "pixels": len(fit) + len(score)}
 
 
 # ----------------------------------------------------------------------------- the paper's tables on shapes
 # Run folders root/<name>/seed<k>/metrics.json as ``python train.py --reproduce`` writes them
 # (train.EXPERIMENTS names them); the tables aggregate whatever runs they find.
 TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5's AST temperatures: runs sign-ast-T<T>
+# The paper's claims as paired comparisons: runs of two methods with the same seed share the
+# benchmark, the batch order and the test set, so the per-seed difference cancels what they share.
+# (claim, (run, stage) of A, (run, stage) of B, test size: "first" (training size) or "new", key)
+CLAIMS = [("SIGN > ZS3Net (Table 1)", ("sign", "transfer"), ("zs3net", "transfer"), "first", "harmonic_miou"),
+          ("SIGN + AST > SIGN (Table 1)", ("sign-ast-T2", "self_training"), ("sign", "transfer"), "first",
+           "harmonic_miou"),
+          ("RPE > APE at a new size (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "harmonic_miou"),
+          ("RPE > APE at a new size, sky/water (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new",
+           "sky+water"),
+          ("SIM helps seen classes (Table 4)", ("sign", "train"), ("zs3net", "train"), "first", "seen_miou"),
+          ("AST > ST (Fig. 5)", ("sign-ast-T2", "self_training"), ("sign-st", "self_training"), "first",
+           "harmonic_miou")]
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # Student's t, 97.5 % quantile, by degrees of freedom
+
+
 def read_metrics(run_dir: Path) -> dict:
     """A run folder's metrics.json, {} if it has none yet; a ValueError if it is not valid JSON."""
     path = run_dir / "metrics.json"
-    if not path.is_file():
-        return {}
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); expected train.py's metrics.json") from e
 
@@ -604,29 +495,21 @@ def collect_runs(root) -> dict[str, dict[int, dict]]:
 
 def mean_std(values: Sequence[float]) -> str:
     """'m ± s' with the sample standard deviation (n - 1); one value: 'm'; none: '–'."""
-    if not values:
-        return "–"
     v = np.asarray(values, dtype=float)
-    return f"{v.mean():.2f}" + (f" ± {v.std(ddof=1):.2f}" if len(v) > 1 else "")
+    return "–" if len(v) == 0 else f"{v.mean():.2f}" + (f" ± {v.std(ddof=1):.2f}" if len(v) > 1 else "")
 
 
 def _by_seed(runs: dict, name: str, stage: str, test: str, key: str) -> dict[int, float]:
     """{seed: value} for the seeds that have it; key is a metrics field, or class names joined by '+'
     ('sky+water': the mean IoU of the two, from seeds where both classes have an IoU)."""
-    out = {}
+    out, classes = {}, key.split("+")
     for seed, metrics in runs.get(name, {}).items():
         m = metrics.get(stage, {}).get(test)
-        if m is None:
-            continue
-        if key.endswith("_miou"):
+        if m and key.endswith("_miou"):
             out[seed] = m[key]
-        elif all(c in m["per_class"] for c in key.split("+")):
-            out[seed] = float(np.mean([m["per_class"][c] for c in key.split("+")]))
+        elif m and all(c in m["per_class"] for c in classes):
+            out[seed] = float(np.mean([m["per_class"][c] for c in classes]))
     return out
-
-
-def _values(runs: dict, name: str, stage: str, test: str, key: str) -> list[float]:
-    return list(_by_seed(runs, name, stage, test, key).values())
 
 
 def final_stage(runs: dict, name: str) -> str:
@@ -647,67 +530,49 @@ def _table(head: list[str], rows: list[list[str]]) -> str:
 
 
 def reproduction_tables(root) -> str:
-    """The five tables (Markdown, mean ± std over seeds) and the paired claims, from run folders."""
+    """Tables 1-4 and Fig. 5 (Markdown, mean ± std over seeds) and the paired claims, from run folders."""
     root, runs = Path(root), collect_runs(root)
     if not runs:
         raise ValueError(f"no run folders <name>/seed<k>/metrics.json under {root}")
     tests = sorted({t for r in runs.values() for m in r.values() for s in m.values() for t in s},
                    key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))  # "64" before "128"
-    seeds = sorted({s for r in runs.values() for s in r})
-    n = lambda name, stage: len(_values(runs, name, stage, tests[0], "seen_miou"))  # seeds that finished stage
+    n = lambda name, stage: len(_by_seed(runs, name, stage, tests[0], "seen_miou"))  # seeds that finished stage
 
     def cell(name, stage, t, key):  # a cell averaging fewer seeds than its row's "runs" says so
-        v = _values(runs, name, stage, t, key)
+        v = list(_by_seed(runs, name, stage, t, key).values())
         return mean_std(v) + (f" (n = {len(v)})" if len(v) != n(name, stage) else "")
 
+    def table(title, first, rows, stage, keys, sim_params=False):  # a row per run; stage None: the run's last
+        short = {"seen_miou": "seen", "unseen_miou": "unseen", "harmonic_miou": "H", "sky+water": "sky/water"}
+        head = [first, "runs"] + ["SIM parameters"] * sim_params + [f"{short[k]} {t}" for t in tests for k in keys]
+        body = [[label, str(n(name, stage or final_stage(runs, name)))] + [_sim_params(root, name)] * sim_params
+                + [cell(name, stage or final_stage(runs, name), t, k) for t in tests for k in keys]
+                for label, name in rows]
+        return [f"\n**{title[0]}** ({title[1]})\n", _table(head, body)]
+
     smh = ("seen_miou", "unseen_miou", "harmonic_miou")
-    out = [f"Seeds found: {seeds}. Cells: mean ± sample standard deviation over the seeds that finished the "
-           "row's stage (runs = how many).\n"]
-    rows = [("ZS3Net", "zs3net"), ("ZS3Net + ST", "zs3net-st"), ("CaGNet", "cagnet"), ("CaGNet + ST", "cagnet-st"),
-            ("SIGN", "sign"), ("SIGN + ST", "sign-st"), ("SIGN + AST (T = 2)", "sign-ast-T2")]
-    out += ["**Table 1** (seen / unseen / harmonic mIoU, %, per test size)\n", _table(
-        ["method", "runs"] + [f"{k} {t}" for t in tests for k in ("seen", "unseen", "H")],
-        [[label, str(n(name, final_stage(runs, name)))]
-         + [cell(name, final_stage(runs, name), t, k) for t in tests for k in smh]
-         for label, name in rows])]
     sims = [("conv", "sim-conv"), ("attention", "sim-attention"), ("self-attention", "sim-self-attention"),
             ("multihead", "sign")]
-    out += ["\n**Table 2** (SIM architecture, after the transfer step)\n", _table(
-        ["SIM", "runs", "SIM parameters"] + [f"H {t}" for t in tests],
-        [[label, str(n(name, "transfer")), _sim_params(root, name)]
-         + [cell(name, "transfer", t, "harmonic_miou") for t in tests] for label, name in sims])]
-    pes = [("none", "pe-none"), ("APE", "pe-ape"), ("APE + interp.", "pe-ape-interp"), ("RPE", "sign")]
-    out += ["\n**Table 3** (positional encoding, after the transfer step; sky/water = mean IoU of the two)\n",
-            _table(["PE", "runs"] + [f"{k} {t}" for t in tests for k in ("seen", "unseen", "H", "sky/water")],
-                   [[label, str(n(name, "transfer"))]
-                    + [cell(name, "transfer", t, k) for t in tests for k in smh + ("sky+water",)] for label, name in pes])]
+    out = [f"Seeds found: {sorted({s for r in runs.values() for s in r})}. Cells: mean ± sample standard "
+           "deviation over the seeds that finished the row's stage (runs = how many)."]
+    out += table(("Table 1", "seen / unseen / harmonic mIoU, %, per test size"), "method",
+                 [("ZS3Net", "zs3net"), ("ZS3Net + ST", "zs3net-st"), ("CaGNet", "cagnet"),
+                  ("CaGNet + ST", "cagnet-st"), ("SIGN", "sign"), ("SIGN + ST", "sign-st"),
+                  ("SIGN + AST (T = 2)", "sign-ast-T2")], None, smh)
+    out += table(("Table 2", "SIM architecture, after the transfer step"), "SIM", sims, "transfer",
+                 ("harmonic_miou",), sim_params=True)
+    out += table(("Table 3", "positional encoding, after the transfer step; sky/water = mean IoU of the two"), "PE",
+                 [("none", "pe-none"), ("APE", "pe-ape"), ("APE + interp.", "pe-ape-interp"), ("RPE", "sign")],
+                 "transfer", smh + ("sky+water",))
     out += ["\n**Table 4** (seen mIoU before the transfer step; runs: "
             + ", ".join(f"{label} {n(name, 'train')}" for label, name in [("w/o SIM", "zs3net")] + sims) + ")\n",
             _table(["test", "w/o SIM"] + [label for label, _ in sims],
                    [[t] + [cell(name, "train", t, "seen_miou") for name in ["zs3net"] + [nm for _, nm in sims]]
                     for t in tests])]
-    temps = [("ST", "sign-st")] + [(f"AST, T = {t:g}", f"sign-ast-T{t:g}") for t in TEMPERATURES]
-    out += ["\n**Fig. 5** (SIGN self-training: harmonic mIoU by temperature)\n", _table(
-        ["self-training", "runs"] + [f"H {t}" for t in tests],
-        [[label, str(n(name, "self_training"))] + [cell(name, "self_training", t, "harmonic_miou") for t in tests]
-         for label, name in temps])]
+    out += table(("Fig. 5", "SIGN self-training: harmonic mIoU by temperature"), "self-training",
+                 [("ST", "sign-st")] + [(f"AST, T = {t:g}", f"sign-ast-T{t:g}") for t in TEMPERATURES],
+                 "self_training", ("harmonic_miou",))
     return "\n".join(out + ["\n" + claims(runs, tests)])
-
-
-# The paper's claims as paired comparisons: runs of two methods with the same seed share the
-# benchmark, the batch order and the test set, so the per-seed difference cancels what they share.
-# (claim, (run, stage) of A, (run, stage) of B, test size: "first" (training size) or "new", key)
-CLAIMS = [("SIGN > ZS3Net (Table 1)", ("sign", "transfer"), ("zs3net", "transfer"), "first", "harmonic_miou"),
-          ("SIGN + AST > SIGN (Table 1)", ("sign-ast-T2", "self_training"), ("sign", "transfer"), "first",
-           "harmonic_miou"),
-          ("RPE > APE at a new size (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "harmonic_miou"),
-          ("RPE > APE at a new size, sky/water (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new",
-           "sky+water"),
-          ("SIM helps seen classes (Table 4)", ("sign", "train"), ("zs3net", "train"), "first", "seen_miou"),
-          ("AST > ST (Fig. 5)", ("sign-ast-T2", "self_training"), ("sign-st", "self_training"), "first",
-           "harmonic_miou")]
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # Student's t, 97.5 % quantile, by degrees of freedom
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
@@ -747,45 +612,6 @@ def claims(runs: dict, tests: Sequence[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
-def print_latent_statistics(model: SIGN, saved: dict, args, device) -> int:
-    """``--latent-stats``: ``latent_statistics`` on the checkpoint's training split, one line."""
-    name = args.dataset or saved.get("dataset", "shapes")
-    if name == "shapes":
-        train_set = data.Shapes("train", size=saved.get("crop_size", 64), num_images=args.latent_stats,
-                                layout=saved.get("layout", "uniform"))
-    else:
-        train_set = data.build_dataset(name, "train", root=args.data_root or saved.get("data_root"),
-                                       transform=data.eval_transform())
-    stats = latent_statistics(model, train_set, num_images=args.latent_stats, device=device)
-    print(f"latent z of {args.checkpoint} (alpha {saved.get('alpha')}, latent path "
-          f"{model.config.get('latent_path')}), {stats['pixels']} seen pixels of {args.latent_stats} {name} "
-          f"training images: mean mu^2 {stats['mu2']:.3g}, mean sigma^2 {stats['sigma2']:.4g}, SNR var(mu)/E[sigma^2] "
-          f"median {stats['snr_median']:.3g} max {stats['snr_max']:.3g}; linear probe of the seen class "
-          f"(balanced accuracy) from z {stats['probe_z']:.1f} %, from N(0, 1) noise {stats['probe_noise']:.1f} %, "
-          f"from mu {stats['probe_mu']:.1f} % (the ceiling)")
-    return 0
-
-
-def print_predictions(model: SIGN, ckpt: dict, args, device: torch.device) -> int:
-    """``--image``: ``predict_images`` with the checkpoint's classes, normalisation and resolution rule."""
-    saved = ckpt.get("args") or {}
-    kind = data.DATASETS[saved.get("dataset", "shapes")]
-    names = ckpt.get("class_names")
-    if names is None:  # written before checkpoints held their class names: the dataset's own list
-        names = test_sets(saved.get("dataset", "shapes"), root=saved.get("data_root"), num_images=1,
-                          sizes=[8] if kind is data.Shapes else None)
-        names = next(iter(names.values())).class_names
-    size = (saved.get("test_sizes") or [513])[0] if saved.get("eval_res") == "feature" else None
-    palette = data.Shapes("test", num_images=1).palette if kind is data.Shapes else None
-    out = args.out or args.checkpoint.parent / "predictions"
-    for path, shares in predict_images(model, args.image, out, class_names=names, num_seen=model.num_seen,
-                                       mean=kind.mean, std=kind.std, device=device, size=size, palette=palette):
-        top = sorted(shares.items(), key=lambda kv: -kv[1])
-        print(f"{path}: " + ", ".join(f"{n}{' (unseen)' * (names.index(n) >= model.num_seen)} {v:.1f} %"
-                                      for n, v in top))
-    return 0
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score a train.py checkpoint on its test sets and draw predictions; "
                                 "or tabulate the runs of 'python train.py --reproduce DIR'.")
@@ -811,11 +637,6 @@ def get_args_parser() -> argparse.ArgumentParser:
       "<checkpoint folder>/predictions)")
     a("--image", type=Path, nargs="+", metavar="PATH", help="instead of scoring: predict on these image files, "
       "any size, and write <out>/<stem>.png (image | prediction overlaid, legend) and the share of each class")
-    a("--add-classes", nargs="*", metavar="NAME", help="instead of scoring: append these class names (unseen) to M "
-      "and C and rerun the Transfer Learning Step, Eq. (10), E / SIM / G fixed; needs --save-as")
-    a("--embeddings", nargs="+", metavar="FILE", help="--add-classes on real data: the word2vec .bin and fastText "
-      ".vec files (default: the run's); shapes uses its own seeded vectors")
-    a("--save-as", type=Path, metavar="NEW.pt", help="--add-classes: the extended checkpoint to write")
     a("--latent-stats", type=int, nargs="?", const=400, metavar="IMAGES",
       help="instead of scoring: what SIM's z carries on the first IMAGES training images (default 400): "
            "mean mu^2 and sigma^2, per-channel SNR var(mu) / E[sigma^2], linear probes (latent_statistics)")
@@ -823,18 +644,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
-    if args.tables:
-        try:
-            tables = reproduction_tables(args.tables)
-        except (CheckpointError, ValueError) as e:
-            print(f"evaluate.py: error: {e}", file=sys.stderr)
-            return 2
-        (args.tables / "tables.md").write_text(tables + "\n")
-        print(tables + f"\n\nwritten to {args.tables / 'tables.md'}")
-        return 0
+    args = get_args_parser().parse_args(argv)
     try:
+        if args.tables:
+            tables = reproduction_tables(args.tables)
+            (args.tables / "tables.md").write_text(tables + "\n")
+            print(tables + f"\n\nwritten to {args.tables / 'tables.md'}")
+            return 0
         for flag, values, low in (("--save-predictions", [args.save_predictions], 0), ("--size", args.size, 8),
                                   ("--num-test", args.num_test, 1), ("--test-seed", [args.test_seed], 0),
                                   ("--latent-stats", [1 if args.latent_stats is None else args.latent_stats], 1)):
@@ -842,35 +658,49 @@ def main(argv=None) -> int:
                 raise ValueError(f"{flag} must be >= {low}, got {' '.join(map(str, values))}")
         if args.out and args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out {args.out} is a file; expected the folder for the panels")
-        if args.add_classes is not None:
-            return add_classes(args)
         device = choose_device(args.device)
         model, ckpt = load_checkpoint(args.checkpoint, device)
-        saved = ckpt.get("args") or {}
-        if args.image:
-            return print_predictions(model, ckpt, args, device)
-        dataset = args.dataset or saved.get("dataset", "shapes")
-        same = dataset == saved.get("dataset")  # the stored sizes belong to the stored dataset only
-        eval_res = args.eval_res or saved.get("eval_res", "full")
-        sets = test_sets(dataset, root=args.data_root or saved.get("data_root"), eval_res=eval_res,
-                         sizes=args.size or (saved.get("test_sizes") if same else None),
-                         num_images=args.num_test or (saved.get("num_test") if same else None),
-                         layout=saved.get("layout", "uniform"),  # runs saved before layouts existed: uniform
-                         seed=args.test_seed)
-        names, S = next(iter(sets.values())).class_names, next(iter(sets.values())).num_seen
-        mine = ckpt.get("class_names") or names[:model.config["num_classes"]]  # older checkpoints: the dataset's
-        if S != model.num_seen or len(mine) != model.config["num_classes"]:
-            raise CheckpointError(f"checkpoint {args.checkpoint} has {model.config['num_classes']} classes "
-                                  f"({model.num_seen} seen) but {dataset} has {len(names)} ({S} seen)")
-        names, label_map = scored_classes(mine, names, S)
-        if args.latent_stats:
-            return print_latent_statistics(model, saved, args, device)
-        print(f"evaluate: {args.checkpoint} (stage {ckpt.get('stage')}, iteration {ckpt.get('iteration')}); "
+        saved, S, out = ckpt["args"], model.num_seen, args.out or args.checkpoint.parent / "predictions"
+        if args.image:  # with the checkpoint's classes, normalisation and resolution rule
+            kind, names = data.DATASETS[saved["dataset"]], ckpt["class_names"]
+            for path, shares in predict_images(
+                    model, args.image, out, class_names=names, num_seen=S, mean=kind.mean, std=kind.std,
+                    device=device, size=saved["test_sizes"][0] if saved["eval_res"] == "feature" else None,
+                    palette=data.Shapes("test", num_images=1).palette if kind is data.Shapes else None):
+                top = sorted(shares.items(), key=lambda kv: -kv[1])
+                print(f"{path}: " + ", ".join(f"{n}{' (unseen)' * (names.index(n) >= S)} {v:.1f} %" for n, v in top))
+            return 0
+        dataset = args.dataset or saved["dataset"]
+        same = dataset == saved["dataset"]  # the stored sizes belong to the stored dataset only
+        eval_res = args.eval_res or saved["eval_res"]
+        sets = test_sets(dataset, root=args.data_root or saved["data_root"], eval_res=eval_res,
+                         sizes=args.size or (saved["test_sizes"] if same else None),
+                         num_images=args.num_test or (saved["num_test"] if same else None),
+                         layout=saved["layout"], seed=args.test_seed)
+        first = next(iter(sets.values()))
+        if first.num_seen != S:
+            raise CheckpointError(f"checkpoint {args.checkpoint} has {model.config['num_classes']} classes ({S} "
+                                  f"seen) but {dataset} has {len(first.class_names)} ({first.num_seen} seen)")
+        names, label_map = scored_classes(ckpt["class_names"], first.class_names, S)
+        if n := args.latent_stats:  # on the training split of the dataset scored
+            if dataset == "shapes":
+                train_set = data.Shapes("train", size=saved["crop_size"], num_images=n, layout=saved["layout"])
+            else:
+                train_set = data.build_dataset(dataset, "train", root=args.data_root or saved["data_root"],
+                                               transform=data.eval_transform())
+            z = latent_statistics(model, train_set, num_images=n, device=device)
+            print(f"latent z of {args.checkpoint} (alpha {saved['alpha']}, latent path {model.config['latent_path']}"
+                  f"), {z['pixels']} seen pixels of {n} {dataset} training images: mean mu^2 "
+                  f"{z['mu2']:.3g}, mean sigma^2 {z['sigma2']:.4g}, SNR var(mu)/E[sigma^2] median "
+                  f"{z['snr_median']:.3g} max {z['snr_max']:.3g}; linear probe of the seen class (balanced "
+                  f"accuracy) from z {z['probe_z']:.1f} %, from N(0, 1) noise {z['probe_noise']:.1f} %, from mu "
+                  f"{z['probe_mu']:.1f} % (the ceiling)")
+            return 0
+        print(f"evaluate: {args.checkpoint} (stage {ckpt['stage']}, iteration {ckpt['iteration']}); "
               f"dataset {dataset}, test sets {list(sets)}, eval_res {eval_res}, device {device}")
         evaluate_sets(model, sets, class_names=names, num_seen=S, device=device, eval_res=eval_res,
-                      batch_size=saved.get("batch_size", 16), workers=saved.get("workers", 0),
-                      title=str(ckpt.get("stage", "")), label_map=label_map)
-        out = args.out or args.checkpoint.parent / "predictions"
+                      batch_size=saved["batch_size"], workers=saved["workers"], title=ckpt["stage"],
+                      label_map=label_map)
         for name, ds in sets.items() if args.save_predictions > 0 else ():
             paths = save_panels(model, ds, out / name, args.save_predictions, class_names=names, num_seen=S,
                                 device=device, label_map=label_map)

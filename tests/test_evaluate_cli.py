@@ -17,22 +17,29 @@ SIZE = 32  # the tiny checkpoint's shapes test size
 TINY = dict(encoder="small", feat_dim=16, pe_dim=8, heads=2, hidden=16, small_width=8)
 
 
+NAMES = data.Shapes("test", size=SIZE, num_images=1).class_names
+
+
 def tiny_model() -> SIGN:
     torch.manual_seed(0)
-    names = data.Shapes("test", size=SIZE, num_images=1).class_names
-    return SIGN(data.shapes_embeddings(names), num_seen=16, **TINY)
+    return SIGN(data.shapes_embeddings(NAMES), num_seen=16, **TINY)
+
+
+def save(model: SIGN, path, class_names=NAMES, **args):
+    """A checkpoint in train.py's format: the keys it writes, the settings evaluate.py reads from its args."""
+    args = dict(dataset="shapes", data_root="data", test_sizes=[SIZE], eval_res="full", num_test=4, batch_size=4,
+                workers=0, crop_size=SIZE, layout="uniform", alpha=100.0) | args
+    torch.save({"model": model.state_dict(), "config": model.config, "args": args, "stage": "transfer",
+                "iteration": 3, "metrics": {}, "class_names": class_names, "optimizers": {}, "scaler": {},
+                "rng": torch.get_rng_state()}, path)
+    return path
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A checkpoint dict in train.py's format for a tiny, untrained shapes model."""
+    """A checkpoint for a tiny, untrained shapes model."""
     model = tiny_model()
-    args = dict(dataset="shapes", data_root="data", test_sizes=[SIZE], eval_res="full", num_test=4,
-                batch_size=4, workers=0, crop_size=SIZE)
-    path = tmp_path_factory.mktemp("run") / "checkpoint_transfer.pt"
-    torch.save({"model": model.state_dict(), "config": model.config, "args": args, "stage": "transfer",
-                "iteration": 3, "metrics": {}, "optimizers": {}, "scaler": {}, "rng": torch.get_rng_state()}, path)
-    return path, model
+    return save(model, tmp_path_factory.mktemp("run") / "checkpoint_transfer.pt"), model
 
 
 # ----------------------------------------------------------------------------- no model (metrics)
@@ -172,9 +179,7 @@ def test_panels_show_image_labels_in_class_colours_and_a_legend_marking_unseen_c
 def test_a_checkpoint_whose_split_differs_from_the_dataset_returns_2(tmp_path, capsys):
     torch.manual_seed(0)
     model = SIGN(torch.randn(20, 8), num_seen=15, **TINY)  # 20 classes like shapes, but 15 seen
-    path = tmp_path / "checkpoint_train.pt"
-    torch.save({"model": model.state_dict(), "config": model.config,
-                "args": dict(dataset="shapes", test_sizes=[SIZE], num_test=2)}, path)
+    path = save(model, tmp_path / "checkpoint_train.pt", num_test=2)
     assert evaluate.main(["--checkpoint", str(path), "--device", "cpu"]) == 2
     assert "20 classes (15 seen) but shapes has 20 (16 seen)" in capsys.readouterr().err
 
@@ -213,5 +218,5 @@ def test_main_scores_an_independently_drawn_test_set_of_the_size_asked_for(check
     real_test_sets = evaluate.test_sets
     monkeypatch.setattr(evaluate, "test_sets", lambda *a, **kw: drawn.append(kw) or real_test_sets(*a, **kw))
     assert evaluate.main(["--checkpoint", str(path), "--device", "cpu", "--test-seed", "7", "--num-test", "3"]) == 0
-    assert (drawn[0]["seed"], drawn[0]["num_images"], drawn[0]["layout"]) == (7, [3], "uniform")  # saved without one
+    assert (drawn[0]["seed"], drawn[0]["num_images"], drawn[0]["layout"]) == (7, [3], "uniform")  # the checkpoint's
     assert f"test set {SIZE}" in capsys.readouterr().out

@@ -43,8 +43,8 @@ def test_a_seen_only_stage_1_knows_no_unseen_name_vector_or_output(seen_only):
 def test_adding_the_unseen_names_grows_m_and_c_and_refits_c_alone(seen_only, tmp_path, capsys):
     old = train.read_checkpoint(seen_only / "checkpoint_train.pt")
     new_path = tmp_path / "added.pt"
-    assert evaluate.main(["--checkpoint", str(seen_only / "checkpoint_train.pt"), "--add-classes",
-                          *data.SHAPES_UNSEEN, "--save-as", str(new_path)]) == 0
+    assert train.main(["--add-classes", *data.SHAPES_UNSEEN, "--init-from", str(seen_only / "checkpoint_train.pt"),
+                       "--save-as", str(new_path)]) == 0
     new = train.read_checkpoint(new_path)
     assert new["class_names"] == old["class_names"] + data.SHAPES_UNSEEN and new["config"]["num_classes"] == 20
     table = new["model"]["M.table"]
