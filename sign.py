@@ -244,8 +244,8 @@ class SemanticMapping(nn.Module):
     """M: a frozen table of class embeddings (a buffer, not learnable); label 255 -> zeros."""
     def __init__(self, embeddings: Tensor):
         super().__init__()
-        self.num_classes = len(embeddings)  # K; the table's last row, zeros, is label 255's
-        self.register_buffer("table", torch.cat([embeddings, embeddings.new_zeros(1, embeddings.shape[1])]).float())
+        self.num_classes = len(embeddings)  # K
+        self.register_buffer("table", F.pad(embeddings, (0, 0, 0, 1)).float())  # (K + 1, e_dim): zeros for 255
 
     def rows(self, labels: Tensor) -> Tensor:
         """The table row of every pixel, (B, h, w): its class, or the zero row for 255."""
@@ -341,20 +341,18 @@ class SIGN(nn.Module):
     def first_classes(self, n: int) -> "SIGN":
         """A new SIGN that knows the first ``n`` classes only: M's and C's other rows dropped, every
         other weight this model's. Draws no random numbers."""
-        K = self.config["num_classes"]
         with torch.random.fork_rng(devices=[]):
             cut = SIGN.from_config({**self.config, "num_classes": n})
         state = self.state_dict()
-        state["M.table"] = torch.cat([state["M.table"][:n], state["M.table"][K:]])  # (n + 1, e_dim)
+        state["M.table"] = torch.cat([state["M.table"][:n], state["M.table"][-1:]])  # (n + 1, e_dim)
         state["C.weight"], state["C.bias"] = state["C.weight"][:n], state["C.bias"][:n]
         cut.load_state_dict(state)
         return cut.to(self.M.table.device)
 
     def with_classes(self, embeddings: Tensor) -> "SIGN":
-        """A new SIGN with one class appended per row of ``embeddings`` (n, e_dim): M's table gains
-        the rows, C one output per class, the rows a fresh model of the new size draws from the
-        global random stream; every other weight is this model's. Appended after the existing
-        classes, the new ones are unseen."""
+        """A new SIGN with one unseen class appended per row of ``embeddings`` (n, e_dim): M's table
+        gains the rows, C the outputs a fresh model of the new size draws from the global random
+        stream; every other weight is this model's."""
         K, n = self.config["num_classes"], len(embeddings)
         grown = SIGN.from_config({**self.config, "num_classes": K + n})
         state = self.state_dict()
@@ -467,10 +465,10 @@ def generator_loss(D: nn.Module, real: Tensor, fake: Tensor, labels: Tensor,
                    seen_classes: Sequence[int], *, beta: float = 50.0,
                    sigmas: Sequence[float] = DEFAULT_SIGMAS, max_per_class: int = 256
                    ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Eq. (8), Training Step (G): L_adv + beta L_MMD, for G only. L_adv is G's non-saturating
-    side of Eq. (7), BCE(D(f^), 1) = -log D(f^) over labelled pixels, D's parameters held fixed;
-    L_MMD is Eq. (5) over ``seen_classes`` between the real features (detached: E and SIM are
-    fixed) and the fake ones at the same pixels. Returns the total and {"adv", "mmd"} detached."""
+    """Eq. (8), Training Step (G): L_adv + beta L_MMD, for G only. L_adv, G's side of Eq. (7), is the
+    non-saturating -log D(f^) (log(1 - D(f^)) stalls while D wins) on labelled pixels, D held fixed;
+    L_MMD is Eq. (5) over ``seen_classes`` between the real features (detached: E and SIM fixed)
+    and the fake ones at the same pixels. Returns the total and {"adv", "mmd"} detached."""
     B, C, h, w = real.shape
     frozen_D = {name: p.detach() for name, p in D.named_parameters()}
     fake_logits = torch.func.functional_call(D, frozen_D, (fake,))  # (B, 1, h, w)
@@ -516,8 +514,7 @@ def main(argv=None) -> None:
     print(f"SIM parameters (F={args.feat_dim}, P={args.pe_dim}, L={L}, heads={args.heads}, pe=rpe), "
           "including the reparameterisation heads")
     print(f"{'architecture':<16}{'ours':>12}{'Table 2':>10}")
-    for arch in SIM_ARCHS:
-        # The gate has no parameters; only the side path allows L != F.
+    for arch in SIM_ARCHS:  # the gate has no parameters; only the side path allows L != F
         sim = SIM(args.feat_dim, arch=arch, pe_dim=args.pe_dim, latent_dim=L, heads=args.heads,
                   latent_path="gate" if L == args.feat_dim else "side")
         print(f"{arch:<16}{sum(p.numel() for p in sim.parameters()) / 1e6:>11.2f}M{TABLE2[arch]:>10}")
