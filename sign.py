@@ -2,17 +2,15 @@
 
 One small ``nn.Module`` per box of Fig. 2, then the losses as plain functions. Data flows
 image -> E -> SIM -> C (inference); M -> G -> D sit beside it for the generative steps.
+What this module changes versus the paper, and why: README, "Deviations from the paper".
 
 Reading order (Fig. 2, left to right)
     ASPP, DeepLabV2, SmallEncoder   E, the feature encoder (DeepLab-v2 or a small CPU CNN)
-    _Block, Reparameterize, SIM     Eq. (1): F_x, z = SIM(E(x) (+) PE); supp. Figs. 6-8;
-                                    F_x = h + h * sigmoid(z), the gate through which z is learnt
-    Classifier                      C: p = C(F_x)
+    _Block, SIM                     Eq. (1): F_x, z = SIM(E(x) (+) PE); supp. Figs. 6-8
     resize_labels, SemanticMapping  M: e = M(y), labels resized to the feature map
-    Generator, Discriminator        G: F^_x = G(e (+) z) (``from_table``: the same map, with
-                                    e = M(y) looked up rather than built);  D: one logit per pixel
-    SIGN                            all six; forward(x) = upsample(C(SIM(E(x)))); ``first_classes``
-                                    and ``with_classes`` cut and append classes of M and C
+    Generator                       G: F^_x = G(e (+) z), ``from_table`` without building e
+    SIGN                            all six, C and D plain per-pixel convs; forward(x) =
+                                    upsample(C(SIM(E(x)))); ``first_classes``, ``with_classes``
     kl_loss, prediction_loss        Eq. (2); Eqs. (3) and (9), optionally weighted per pixel
     sim_step_loss                   Eq. (4), Training Step (SIM): E, SIM, C
     discriminator_loss              Eq. (7), D's side
@@ -24,49 +22,16 @@ Symbol -> identifier (B batch, K classes, F feat_dim, P pe_dim, L latent_dim, h 
     E(x)               model.E(x)                     (B, F, h, w), h = ceil(H / output_stride)
     PE                 model.SIM.positional_encoding  (P, h, w), from rpe.py
     F_x, z             model.SIM(E(x)) -> F_x, z, mu, logvar  (B, F, h, w), (B, L, h, w)
-    h                  SIM's encoded features before the gate    (B, F, h, w)
+    h                  SIM's encoded features, F_x = h + h * sigmoid(z)  (B, F, h, w)
     mu, log sigma^2    mu, logvar
     e = M(y)           model.M(y, size)               (B, e_dim, h, w); label 255 -> 0
     F^_x = G(e (+) z)  model.generate(y, z)           (B, F, h, w)
     D(f), p = C(F_x)   model.D(f), model.C(F_x)       logits (B, 1, h, w), (B, K, h, w)
     alpha, beta        alpha = 100, beta = 50 (paper section 4.2)
     C^S, C^U           classes [0, num_seen) and [num_seen, K): seen first, then unseen
-
-Deliberate choices and changes versus the paper
-    * Fig. 8 gives no layer widths, so the four SIM blocks (``_Block``) are ours;
-      ``python sign.py --param-count`` prints their sizes beside Table 2's. The two
-      Transformer blocks start with zero residual branches (the identity).
-    * z has ``latent_dim`` channels, default F (as in the authors' release). log sigma^2 is a
-      plain 1x1 conv, without the lineage's ReLU forcing it >= 0.
-    * How z reaches the network. The paper: SIM "produces a space-aware stochastic latent
-      representation z" for G (Eq. 1, Fig. 2, supp. Fig. 6), a "context-aware and space-aware
-      prior" (Fig. 1c); it does not say whether F_x depends on z. If it does not
-      (``latent_path="side"``), Eqs. (4) and (8) never meet in z: its heads learn from the KL
-      term alone and fall to N(0, 1), so z carries nothing. The lineage (CaGNet's contextual
-      module; the authors' release, after its PE module) gates the features, h_att =
-      h * sigmoid(z), and passes h + h_att on; CaGNet wraps that sum in a sigmoid. We gate
-      (default ``latent_path="gate"``): F_x = h + h * sigmoid(z), z = mu + sigma * eps in training
-      and mu in eval, so Eq. (3) trains mu and log sigma^2. No outer sigmoid: F_x stays
-      unbounded like E(x) without SIM, which G's linear output layer and the MMD bandwidths
-      are built for, and C keeps a linear view of h. G still reads z detached (as in both
-      lineage codes), so Eq. (8) trains G alone.
-    * Eq. (3) sums over c in C^S, so ``sim_step_loss`` takes the softmax over the seen logits
-      only; the unseen rows of C learn only in Eq. (10), whose softmax runs over all K.
-    * Eq. (7) runs over labelled pixels only: an unlabelled pixel may be an unseen class
-      (label 255) that M gives no embedding, so it has no place in a seen-class real-vs-fake test.
-    * G's side of Eq. (7) is the non-saturating -log D(F^_x) (Goodfellow et al., sec. 3):
-      same fixed point as log(1 - D(F^_x)), but strong gradients while D wins.
-    * Mixed precision (``train.py --amp``): the networks run in float16 (CUDA) or bfloat16
-      (CPU), every loss in float32 (the CE's log-softmax, the KL's exp(log sigma^2), D's BCE,
-      the MMD's ||x||^2 + ||y||^2 - 2 x.y): each loses digits or overflows in 8-10 bits of
-      mantissa, and each is cheap next to the convolutions.
-    * Each loss detaches what its step holds fixed, so "Eq. (4) trains E, SIM, C; Eq. (7) D;
-      Eq. (8) G; Eq. (10) C" is enforced here and pinned by tests.
-    * The ResNet's BatchNorm is FrozenBatchNorm2d (buffers, frozen whatever ``.train()`` says).
-      torchvision refuses to dilate BasicBlock, so ResNet-18 is dilated by hand, by its
-      own rule for Bottleneck.
 """
 import argparse
+import inspect
 import math
 import os
 from collections.abc import Sequence
@@ -111,15 +76,17 @@ class DeepLabV2(nn.Module):
     def __init__(self, out_channels: int = 600, *, depth: int = 101, pretrained: bool = False):
         super().__init__()
         name = f"resnet{depth}"
-        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
         dilate = dict(replace_stride_with_dilation=[False, True, True]) if depth >= 50 else {}
-        try:
-            net = getattr(torchvision.models, name)(weights=weights, norm_layer=FrozenBatchNorm2d, **dilate)
-        except Exception as err:  # offline: name the file and where torchvision looks for it
-            file = os.path.basename(weights.url)
-            path = os.path.join(torch.hub.get_dir(), "checkpoints", file)
-            raise RuntimeError(f"DeepLabV2: could not load ImageNet weights for {name} ({err}). "
-                               f"Without internet, copy {file} ({weights.url}) to {path}") from err
+        net = getattr(torchvision.models, name)(norm_layer=FrozenBatchNorm2d, **dilate)
+        if pretrained:  # what torchvision's weights= does: the same random init, then the state dict
+            weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
+            try:
+                state = weights.get_state_dict(progress=True, check_hash=True)
+            except OSError as err:  # a failed download (urllib's URLError is an OSError)
+                path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+                raise RuntimeError(f"DeepLabV2: could not download ImageNet weights for {name} ({err}). "
+                                   f"Without internet, copy {weights.url} to {path}") from err
+            net.load_state_dict(state)
         if depth < 50:  # torchvision won't dilate BasicBlock: do it by its rule for Bottleneck,
             # stride 1, a stage's first block keeping the previous dilation, the others the new one
             for layer, previous, dilation in ((net.layer3, 1, 2), (net.layer4, 2, 4)):
@@ -189,18 +156,11 @@ class _Block(nn.Module):
                                                     v=nn.Linear(dim, dim), out=nn.Linear(dim, dim)))
             self.norm2 = nn.LayerNorm(dim)
             self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
-            # Both residual branches start at zero, so the block starts as the identity: trained
-            # from scratch, default-initialised global attention learns less steadily (README
-            # "Why SIM's Transformer blocks start as the identity").
+            # Both residual branches start at zero, so the block starts as the identity: default-
+            # initialised attention learns less steadily (README, "... start as the identity").
             for layer in (self.attention.out_proj if arch == "multihead" else self.attention["out"], self.mlp[-1]):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
-
-    def attend(self, t: Tensor) -> Tensor:  # (B, N, F) -> (B, N, F)
-        a = self.attention
-        if self.arch == "multihead":
-            return a(t, t, t, need_weights=False)[0]
-        return a.out(F.scaled_dot_product_attention(a.q(t), a.k(t), a.v(t)))
 
     def forward(self, h: Tensor) -> Tensor:  # (B, F, h, w)
         if self.arch == "conv":
@@ -210,29 +170,21 @@ class _Block(nn.Module):
             return h + self.fuse(torch.cat([c * torch.sigmoid(m(c)) for m in self.maps], 1))
         B, C, H, W = h.shape
         t = h.flatten(2).transpose(1, 2)  # (B, H*W, F)
-        t = t + self.attend(self.norm1(t))
+        n, a = self.norm1(t), self.attention
+        if self.arch == "multihead":
+            t = t + a(n, n, n, need_weights=False)[0]
+        else:
+            t = t + a.out(F.scaled_dot_product_attention(a.q(n), a.k(n), a.v(n)))
         t = t + self.mlp(self.norm2(t))
         return t.transpose(1, 2).reshape(B, C, H, W).contiguous()  # (B, F, h, w)
 
 
-class Reparameterize(nn.Module):
-    """Supp. Fig. 6: mu and log sigma^2 heads; z = mu + sigma * eps in training, mu in eval."""
-    def __init__(self, dim: int, latent_dim: int):
-        super().__init__()
-        self.mu, self.logvar = nn.Conv2d(dim, latent_dim, 1), nn.Conv2d(dim, latent_dim, 1)
-
-    def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        mu, logvar = self.mu(h), self.logvar(h)  # (B, L, h, w) each
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu
-        return z, mu, logvar
-
-
 class SIM(nn.Module):
-    """Spatial Information Module, Eq. (1): F_x, z = SIM(E(x) (+) PE). A 1x1 conv fuses
-    E(x) (+) PE back to F channels and a ``_Block`` follows, giving h; ``Reparameterize`` turns
-    h into z. ``latent_path="gate"``: F_x = h + h * sigmoid(z), so C's loss trains z's heads;
-    ``"side"``: F_x = h, z a side output that only G reads (the ablation of an inert z).
-    PE is recomputed at every call for the current h x w, so any input size works."""
+    """Spatial Information Module, Eq. (1): F_x, z = SIM(E(x) (+) PE). A 1x1 conv fuses E(x) (+) PE
+    back to F channels and a ``_Block`` gives h; 1x1 heads give mu and log sigma^2 (supp. Fig. 6),
+    z = mu + sigma * eps in training, mu in eval. ``latent_path="gate"``: F_x = h + h * sigmoid(z),
+    so C's loss trains z's heads; ``"side"``: F_x = h, z a side output only G reads (the ablation
+    of an inert z). PE is recomputed at every call for the current h x w: any input size works."""
     def __init__(self, dim: int, *, arch: str = "multihead", pe: str = "rpe", pe_dim: int = 600,
                  latent_dim: int = 600, heads: int = 8, pe_train_size: tuple[int, int] | None = None,
                  rpe_c: float = 512.0, rpe_endpoint: bool = False, latent_path: str = "gate"):
@@ -251,7 +203,9 @@ class SIM(nn.Module):
         self.rpe_c, self.rpe_endpoint = rpe_c, rpe_endpoint
         self.fuse = nn.Conv2d(dim + (pe_dim if pe != "none" else 0), dim, 1)
         self.block = _Block(dim, arch, heads)
-        self.reparameterize = Reparameterize(dim, latent_dim)
+        # plain convs, no ReLU on log sigma^2: sigma may fall below 1
+        self.reparameterize = nn.ModuleDict(dict(mu=nn.Conv2d(dim, latent_dim, 1),
+                                                 logvar=nn.Conv2d(dim, latent_dim, 1)))
 
     def positional_encoding(self, h: int, w: int, *, device=None, dtype=None) -> Tensor:
         """PE for an h x w feature map, (P, h, w), from rpe.py."""
@@ -270,19 +224,14 @@ class SIM(nn.Module):
             pe = self.positional_encoding(*f.shape[-2:], device=f.device, dtype=f.dtype)  # (P, h, w)
             f = torch.cat([f, pe.expand(B, -1, -1, -1)], 1)  # E(x) (+) PE, (B, F + P, h, w)
         h = self.block(self.fuse(f))  # encoded features, (B, F, h, w)
-        z, mu, logvar = self.reparameterize(h)  # Eq. (1), (B, L, h, w) each
+        mu, logvar = self.reparameterize.mu(h), self.reparameterize.logvar(h)  # (B, L, h, w) each
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu  # Eq. (1)
         # The gate is z's only route to C: through it Eq. (3) trains mu and log sigma^2.
         F_x = h + h * torch.sigmoid(z) if self.latent_path == "gate" else h  # Eq. (1), (B, F, h, w)
         return F_x, z, mu, logvar
 
 
-# ----------------------------------------------------------------------------- C, M, G, D
-class Classifier(nn.Conv2d):
-    """C: a 1x1 conv from F_x to K = seen + unseen logits."""
-    def __init__(self, dim: int, num_classes: int):
-        super().__init__(dim, num_classes, 1)
-
-
+# ----------------------------------------------------------------------------- M, G (C and D: in SIGN)
 def resize_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
     """Nearest-neighbour resize of a label map (B, H, W) -> (B, h, w). 'nearest' samples pixel
     (s*i, s*j) at stride s: the centre of feature (i, j)'s receptive field in a padded CNN."""
@@ -295,9 +244,8 @@ class SemanticMapping(nn.Module):
     """M: a frozen table of class embeddings (a buffer, not learnable); label 255 -> zeros."""
     def __init__(self, embeddings: Tensor):
         super().__init__()
-        K, e_dim = embeddings.shape
-        self.num_classes = K
-        self.register_buffer("table", torch.cat([embeddings, embeddings.new_zeros(1, e_dim)]).float())
+        self.num_classes = len(embeddings)  # K
+        self.register_buffer("table", F.pad(embeddings, (0, 0, 0, 1)).float())  # (K + 1, e_dim): zeros for 255
 
     def rows(self, labels: Tensor) -> Tensor:
         """The table row of every pixel, (B, h, w): its class, or the zero row for 255."""
@@ -328,12 +276,6 @@ class Generator(nn.Sequential):
         W_e, W_z = first.weight[:, :table.shape[1], 0, 0], first.weight[:, table.shape[1]:]
         e_part = F.embedding(rows, table.to(W_e.dtype) @ W_e.T).permute(0, 3, 1, 2)  # W_e M(y), (B, hidden, h, w)
         return last(act(e_part + F.conv2d(z, W_z, first.bias)))  # = self(cat([M(y), z], 1))
-
-
-class Discriminator(nn.Sequential):
-    """D: per pixel (1x1 convs), a feature -> one real/fake logit."""
-    def __init__(self, dim: int, hidden: int = 256):
-        super().__init__(nn.Conv2d(dim, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, 1, 1))
 
 
 # ----------------------------------------------------------------------------- SIGN
@@ -375,43 +317,42 @@ class SIGN(nn.Module):
             feat_dim, arch=sim, pe=pe, pe_dim=pe_dim, latent_dim=latent_dim, heads=heads,
             pe_train_size=self.feature_size(*train_size) if train_size else None,
             rpe_c=rpe_c, rpe_endpoint=rpe_endpoint, latent_path=latent_path)
-        self.C = Classifier(feat_dim, K)
+        self.C = nn.Conv2d(feat_dim, K, 1)  # C: F_x -> K = seen + unseen logits, per pixel
         self.M = SemanticMapping(embeddings)
         self.G = Generator(e_dim + latent_dim, feat_dim, hidden)
-        self.D = Discriminator(feat_dim, hidden)
+        # D: per pixel, a feature -> one real/fake logit
+        self.D = nn.Sequential(nn.Conv2d(feat_dim, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, 1, 1))
 
     @classmethod
     def from_config(cls, config: dict, embeddings: Tensor | None = None) -> "SIGN":
-        """Rebuild from ``config``; without ``embeddings`` M holds zeros until load_state_dict.
-        Never downloads: weights come from the checkpoint, so ``pretrained`` is ignored."""
-        cfg = dict(config)
+        """Rebuild from ``config`` (every key ``SIGN.config`` holds); without ``embeddings`` M holds
+        zeros until load_state_dict. Never downloads: weights come from the checkpoint."""
+        missing = {"num_classes", "embed_dim", *inspect.signature(cls).parameters} - {"embeddings", *config}
+        if missing:  # a constructor default would silently stand in for the saved value
+            raise ValueError(f"SIGN.from_config: config lacks {sorted(missing)}")
+        cfg = dict(config, pretrained=False)
         K, e_dim = cfg.pop("num_classes"), cfg.pop("embed_dim")
         embeddings = torch.zeros(K, e_dim) if embeddings is None else embeddings
         if tuple(embeddings.shape) != (K, e_dim):
             raise ValueError(f"SIGN.from_config: config expects embeddings ({K}, {e_dim}), "
                              f"got {tuple(embeddings.shape)}")
-        cfg["pretrained"] = False
-        cfg.setdefault("latent_path", "side")  # configs written without the key come from side-branch models
-        cfg["train_size"] = tuple(cfg["train_size"]) if cfg["train_size"] else None
         return cls(embeddings, **cfg)
 
     def first_classes(self, n: int) -> "SIGN":
         """A new SIGN that knows the first ``n`` classes only: M's and C's other rows dropped, every
         other weight this model's. Draws no random numbers."""
-        K = self.config["num_classes"]
         with torch.random.fork_rng(devices=[]):
             cut = SIGN.from_config({**self.config, "num_classes": n})
         state = self.state_dict()
-        state["M.table"] = torch.cat([state["M.table"][:n], state["M.table"][K:]])  # (n + 1, e_dim)
+        state["M.table"] = torch.cat([state["M.table"][:n], state["M.table"][-1:]])  # (n + 1, e_dim)
         state["C.weight"], state["C.bias"] = state["C.weight"][:n], state["C.bias"][:n]
         cut.load_state_dict(state)
         return cut.to(self.M.table.device)
 
     def with_classes(self, embeddings: Tensor) -> "SIGN":
-        """A new SIGN with one class appended per row of ``embeddings`` (n, e_dim): M's table gains
-        the rows, C one output per class, the rows a fresh model of the new size draws from the
-        global random stream; every other weight is this model's. Appended after the existing
-        classes, the new ones are unseen."""
+        """A new SIGN with one unseen class appended per row of ``embeddings`` (n, e_dim): M's table
+        gains the rows, C the outputs a fresh model of the new size draws from the global random
+        stream; every other weight is this model's."""
         K, n = self.config["num_classes"], len(embeddings)
         grown = SIGN.from_config({**self.config, "num_classes": K + n})
         state = self.state_dict()
@@ -453,7 +394,8 @@ class SIGN(nn.Module):
 
 # ----------------------------------------------------------------------------- losses
 def _full(t: Tensor) -> Tensor:
-    """float32 for a half-precision tensor (``--amp``), any other unchanged: the losses' precision."""
+    """float32 for a half-precision tensor (``--amp``), any other unchanged. Every loss runs in
+    float32: each loses digits or overflows in 8-10 bits of mantissa, and is cheap beside E."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
@@ -523,10 +465,10 @@ def generator_loss(D: nn.Module, real: Tensor, fake: Tensor, labels: Tensor,
                    seen_classes: Sequence[int], *, beta: float = 50.0,
                    sigmas: Sequence[float] = DEFAULT_SIGMAS, max_per_class: int = 256
                    ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Eq. (8), Training Step (G): L_adv + beta L_MMD, for G only. L_adv is G's non-saturating
-    side of Eq. (7), BCE(D(f^), 1) = -log D(f^) over labelled pixels, D's parameters held fixed;
-    L_MMD is Eq. (5) over ``seen_classes`` between the real features (detached: E and SIM are
-    fixed) and the fake ones at the same pixels. Returns the total and {"adv", "mmd"} detached."""
+    """Eq. (8), Training Step (G): L_adv + beta L_MMD, for G only. L_adv, G's side of Eq. (7), is the
+    non-saturating -log D(f^) (log(1 - D(f^)) stalls while D wins) on labelled pixels, D held fixed;
+    L_MMD is Eq. (5) over ``seen_classes`` between the real features (detached: E and SIM fixed)
+    and the fake ones at the same pixels. Returns the total and {"adv", "mmd"} detached."""
     B, C, h, w = real.shape
     frozen_D = {name: p.detach() for name, p in D.named_parameters()}
     fake_logits = torch.func.functional_call(D, frozen_D, (fake,))  # (B, 1, h, w)
@@ -572,8 +514,7 @@ def main(argv=None) -> None:
     print(f"SIM parameters (F={args.feat_dim}, P={args.pe_dim}, L={L}, heads={args.heads}, pe=rpe), "
           "including the reparameterisation heads")
     print(f"{'architecture':<16}{'ours':>12}{'Table 2':>10}")
-    for arch in SIM_ARCHS:
-        # The gate has no parameters; only the side path allows L != F.
+    for arch in SIM_ARCHS:  # the gate has no parameters; only the side path allows L != F
         sim = SIM(args.feat_dim, arch=arch, pe_dim=args.pe_dim, latent_dim=L, heads=args.heads,
                   latent_path="gate" if L == args.feat_dim else "side")
         print(f"{arch:<16}{sum(p.numel() for p in sim.parameters()) / 1e6:>11.2f}M{TABLE2[arch]:>10}")

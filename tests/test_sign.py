@@ -133,12 +133,10 @@ def test_on_the_side_path_eq3_never_reaches_z_so_only_the_kl_term_trains_its_hea
 
 
 @pytest.mark.sim
-def test_the_gate_needs_z_as_wide_as_the_features_and_configs_without_a_latent_path_are_side():
+def test_the_gate_needs_z_as_wide_as_the_features():
     with pytest.raises(ValueError, match="latent_dim must equal feat_dim"):
         SIM(16, latent_dim=8, pe="none")
     assert SIM(16, latent_dim=8, pe="none", latent_path="side")(torch.randn(1, 16, 3, 3))[1].shape[1] == 8
-    config = {k: v for k, v in tiny_model().config.items() if k != "latent_path"}
-    assert SIGN.from_config(config).SIM.latent_path == "side"
 
 
 @pytest.mark.sim
@@ -227,6 +225,16 @@ def test_pretrained_without_internet_names_the_file_and_torchvision_cache(monkey
 
 
 @pytest.mark.sim
+def test_pretrained_false_never_downloads_and_other_load_errors_pass_through(monkeypatch):
+    def broken(url, *args, **kwargs):
+        raise RuntimeError("invalid hash value")
+    monkeypatch.setattr("torchvision.models._api.load_state_dict_from_url", broken)
+    DeepLabV2(8, depth=18)  # pretrained=False: the loader is never called
+    with pytest.raises(RuntimeError, match="^invalid hash value$"):  # not reworded as "offline"
+        DeepLabV2(8, depth=18, pretrained=True)
+
+
+@pytest.mark.sim
 def test_eval_is_deterministic_with_z_equal_to_mu_and_accepts_any_size():
     model = tiny_model().eval()
     for H, W in [(32, 32), (45, 61), (17, 80)]:
@@ -290,8 +298,12 @@ def test_config_is_json_and_rebuilds_an_identical_model_from_a_state_dict():
     x = torch.randn(1, 3, 36, 44)
     assert torch.equal(rebuilt.eval()(x), model(x))
     assert torch.equal(rebuilt.M.table, model.M.table)
+    assert rebuilt.config == config  # the round trip is exact
     with pytest.raises(ValueError, match=r"\(6, 12\)"):
         SIGN.from_config(config, torch.zeros(3, 12))
+    # a key missing would let a constructor default stand in for the saved value
+    with pytest.raises(ValueError, match=r"lacks \['latent_path'\]"):
+        SIGN.from_config({k: v for k, v in config.items() if k != "latent_path"})
 
 
 @pytest.mark.sim
