@@ -603,8 +603,7 @@ def label_colours(num_classes: int, palette: np.ndarray | None = None) -> np.nda
     colours = np.zeros((256, 3), np.uint8)
     colours[:num_classes] = voc_palette(num_classes)
     if palette is not None:
-        n = min(len(palette), num_classes)
-        colours[:n] = np.asarray(palette)[:n]
+        colours[:min(len(palette), num_classes)] = np.asarray(palette)[:num_classes]
     return colours
 
 
