@@ -1,48 +1,27 @@
 """Datasets, the seen/unseen protocol, class embeddings (the table behind M) and `shapes`.
 
-Everything between files on disk (or nothing at all) and `(image, label)` tensors lives
-here; it imports none of the project's modules. Reading order:
+Everything between files on disk (or nothing at all) and `(image, label)` tensors; it imports
+none of the project's modules. Reading order:
 
-1. Class lists as data; `_split` orders classes and `_lut` maps raw label values to model
-   indices: seen classes first, then unseen, each in raw-id order; everything else -> 255.
-   Training splits set unseen pixels to 255 (images are kept); test splits keep them.
-2. `train_transform` (random scale 0.5-1.5, random crop padded with image 0 / label `PADDING`
-   = 254, horizontal flip, ImageNet normalisation) and `eval_transform` (own size, or warped).
-   Consumers treat `PADDING` as ignore; it exists so that padding is never pseudo-labelled.
+1. Class lists as data; `_split` orders classes: seen first, then unseen, each in raw-id order.
+2. `train_transform`, `eval_transform`, and `_Segmentation`, whose `lut` maps raw label values to
+   model indices (everything else -> 255; training splits set unseen pixels to 255, images kept).
 3. `VOC` (2012 + SBD), `Context33` (from the common 59-class PNGs), `COCOStuff` (164k).
 4. Class embeddings (paper section 4.2): `read_word2vec_binary`, `read_fasttext_vec`,
-   `class_embedding_table`, `load_class_embeddings`, `added_class_embeddings` (names added after
-   training), `shapes_embeddings`.
-5. `Shapes`, the built-in procedural zero-shot benchmark (PROTOCOL section 7): scene parameters
-   (`_shapes_scenes`, where layout "context" places things by their shape word with
-   `_place_things`), then `_render_shapes`.
-6. `build_dataset`, `voc_palette` and `label_colours` (the colours of every picture), `save_preview`,
-   `check_all` (every item of both splits), and the CLI `main`
-   (`python data.py --preview docs/shapes_samples.png` draws the README's picture;
-   `python data.py --dataset voc --data-root DIR --all` reads every file of a layout).
+   `class_embedding_table`, `load_class_embeddings`, `added_class_embeddings`, `shapes_embeddings`.
+5. `Shapes`, the built-in benchmark (PROTOCOL section 7): `_shapes_scenes`, then `_render_shapes`.
+6. `build_dataset`, `label_colours`, `save_preview`, `check_all` and the CLI `main`
+   (`python data.py --preview docs/shapes_samples.png`; `--dataset voc --data-root DIR --all`).
 
-Symbols: y (label map) -> `label`; e = M(y) -> a row of the class embedding table;
-seen / unseen classes -> model indices `range(num_seen)` / `range(num_seen, num_seen + num_unseen)`.
+Symbols: y (label map) -> `label`; e = M(y) -> a row of the class embedding table; seen / unseen
+classes -> model indices `range(num_seen)` / `range(num_seen, num_seen + num_unseen)`.
 
-Every dataset has `class_names` (model order), `num_seen`, `num_unseen`, `raw_ids` (raw id
-of each model index), `ignore_index = 255`, and `mean`, `std` for normalisation; items are
-`(image (3, H, W) float32, label (H, W) int64)`. Without a transform the image is scaled to
-[0, 1] and normalised with the dataset's mean/std, never resized: ImageNet's for the real
-datasets (the backbone's pretraining), Shapes' own pixel statistics for Shapes.
-
-Errors: `DatasetError` for files on disk (missing root, with the expected layout; missing
-list/image/label files; size mismatch; invalid label values; unreadable images);
-`EmbeddingError`, a `DatasetError`, for word vectors (missing words, wrong dimension,
-malformed files); `ValueError` for invalid arguments. Nothing is ever skipped silently.
-
-Deliberate choices versus the paper and its lineage:
-- Class names are words ("potted plant", "tv monitor", "dining table") because the
-  embedding table is built from them; spaces, underscores and hyphens split words, and a
-  word missing as written is looked up lower-case, Capitalised and UPPER-case.
-- Embedding halves are concatenated in the order the files are given (the paper: word2vec
-  then fastText; the lineage puts fastText first); the whole row is L2-normalised once.
-- Unseen classes follow raw-id order, not the order in which the papers list them.
-- VOC labels come from `SegmentationClass` where a file exists there, else `SegmentationClassAug`.
+Every dataset has `class_names` (model order), `num_seen`, `num_unseen`, `raw_ids` (raw id of each
+model index), `ignore_index = 255`, `mean`, `std`; items are `(image (3, H, W) float32, label (H, W)
+int64)`, without a transform normalised, never resized. Errors: `DatasetError` (files on disk),
+`EmbeddingError`, a `DatasetError` (word vectors), `ValueError` (arguments); nothing is skipped
+silently. Choices versus the paper (class names as words, embedding halves in the order given,
+unseen classes in raw-id order, not the papers' order): README "Datasets" and "Class embeddings".
 """
 import argparse
 import gzip
@@ -57,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as nnf
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -93,22 +72,20 @@ _RENAME_59 = {"table": "dining table", "pottedplant": "potted plant", "tvmonitor
 CONTEXT59_TO_33 = {v: CONTEXT33_CLASSES.index(_RENAME_59.get(n, n)) + 1 for v, n in enumerate(CONTEXT59_CLASSES, 1)
                    if _RENAME_59.get(n, n) in CONTEXT33_CLASSES}  # every other value -> unlabelled
 COCO_STUFF_CLASSES = (  # PNG values 0-181
-    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,street sign,"
-    "stop sign,parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,hat,backpack,"
-    "umbrella,shoe,eye glasses,handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,"
-    "baseball glove,skateboard,surfboard,tennis racket,bottle,plate,wine glass,cup,fork,knife,spoon,bowl,"
-    "banana,apple,sandwich,orange,broccoli,carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,"
-    "mirror,dining table,window,desk,toilet,door,tv,laptop,mouse,remote,keyboard,cell phone,microwave,"
-    "oven,toaster,sink,refrigerator,blender,book,clock,vase,scissors,teddy bear,hair drier,toothbrush,"
-    "hair brush,banner,blanket,branch,bridge,building-other,bush,cabinet,cage,cardboard,carpet,"
-    "ceiling-other,ceiling-tile,cloth,clothes,clouds,counter,cupboard,curtain,desk-stuff,dirt,door-stuff,"
-    "fence,floor-marble,floor-other,floor-stone,floor-tile,floor-wood,flower,fog,food-other,fruit,"
-    "furniture-other,grass,gravel,ground-other,hill,house,leaves,light,mat,metal,mirror-stuff,moss,"
-    "mountain,mud,napkin,net,paper,pavement,pillow,plant-other,plastic,platform,playingfield,railing,"
-    "railroad,river,road,rock,roof,rug,salad,sand,sea,shelf,sky-other,skyscraper,snow,solid-other,stairs,"
-    "stone,straw,structural-other,table,tent,textile-other,towel,tree,vegetable,wall-brick,wall-concrete,"
-    "wall-other,wall-panel,wall-stone,wall-tile,wall-wood,water-other,waterdrops,window-blind,"
-    "window-other,wood").split(",")
+    "person,bicycle,car,motorcycle,airplane,bus,train,truck,boat,traffic light,fire hydrant,street sign,stop sign,"
+    "parking meter,bench,bird,cat,dog,horse,sheep,cow,elephant,bear,zebra,giraffe,hat,backpack,umbrella,shoe,"
+    "eye glasses,handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,"
+    "surfboard,tennis racket,bottle,plate,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,"
+    "carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,mirror,dining table,window,desk,toilet,door,tv,"
+    "laptop,mouse,remote,keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,blender,book,clock,vase,"
+    "scissors,teddy bear,hair drier,toothbrush,hair brush,banner,blanket,branch,bridge,building-other,bush,cabinet,"
+    "cage,cardboard,carpet,ceiling-other,ceiling-tile,cloth,clothes,clouds,counter,cupboard,curtain,desk-stuff,dirt,"
+    "door-stuff,fence,floor-marble,floor-other,floor-stone,floor-tile,floor-wood,flower,fog,food-other,fruit,"
+    "furniture-other,grass,gravel,ground-other,hill,house,leaves,light,mat,metal,mirror-stuff,moss,mountain,mud,"
+    "napkin,net,paper,pavement,pillow,plant-other,plastic,platform,playingfield,railing,railroad,river,road,rock,"
+    "roof,rug,salad,sand,sea,shelf,sky-other,skyscraper,snow,solid-other,stairs,stone,straw,structural-other,table,"
+    "tent,textile-other,towel,tree,vegetable,wall-brick,wall-concrete,wall-other,wall-panel,wall-stone,wall-tile,"
+    "wall-wood,water-other,waterdrops,window-blind,window-other,wood").split(",")
 COCO_STUFF_ABSENT = [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]  # ids that never occur -> 255
 COCO_STUFF_UNSEEN = ["frisbee", "skateboard", "cardboard", "carrot", "scissors", "suitcase", "giraffe",
                      "cow", "road", "wall-concrete", "tree", "grass", "river", "clouds", "playingfield"]
@@ -121,16 +98,6 @@ def _split(names: dict[int, str], unseen: list[str]) -> tuple[list[str], list[in
     num_seen = len(raw_ids)
     raw_ids += [r for r in sorted(names) if names[r] in unseen]
     return [names[r] for r in raw_ids], raw_ids, num_seen
-
-
-def _lut(num_values: int, value_to_raw: dict[int, int], raw_ids: list[int], num_seen: int, train: bool):
-    """(256,) file value -> model index; 255 for ignored values, -1 for invalid ones."""
-    lut = np.full(256, -1, dtype=np.int64)
-    lut[:num_values] = lut[IGNORE] = IGNORE
-    for value, raw in value_to_raw.items():
-        index = raw_ids.index(raw)
-        lut[value] = IGNORE if train and index >= num_seen else index  # unseen: ignored in training
-    return lut
 
 
 # ------------------------------------------------------------------ 2. transforms
@@ -168,8 +135,21 @@ def eval_transform(size: int | None = None, *, mean=IMAGENET_MEAN, std=IMAGENET_
 
 
 class _Segmentation(torch.utils.data.Dataset):
+    """What every dataset shares. A subclass names its classes `raw_names` ({raw id: name}), its
+    `unseen` ones and `num_values` (label values 0..num_values - 1 and 255 are valid)."""
     ignore_index = IGNORE
-    mean, std = IMAGENET_MEAN, IMAGENET_STD  # pass these to train_transform / eval_transform
+    mean, std = IMAGENET_MEAN, IMAGENET_STD  # the backbone's pretraining; pass these to the transforms
+    value_to_raw = None  # {label value: raw id} where the two differ (Context)
+
+    def __init__(self, split: str, transform):
+        self.split, self.transform = split, transform
+        self.class_names, self.raw_ids, self.num_seen = _split(self.raw_names, self.unseen)
+        self.num_unseen = len(self.class_names) - self.num_seen
+        self.lut = np.full(256, -1, dtype=np.int64)  # (256,) label value -> model index; -1: invalid
+        self.lut[:self.num_values] = self.lut[IGNORE] = IGNORE
+        for value, raw in (self.value_to_raw or {r: r for r in self.raw_names}).items():
+            index = self.raw_ids.index(raw)
+            self.lut[value] = IGNORE if split == "train" and index >= self.num_seen else index  # unseen: ignored
 
     def _finish(self, image: torch.Tensor, label: torch.Tensor):
         """uint8 image (3, H, W) and label (H, W) -> transformed plain tensors."""
@@ -179,31 +159,6 @@ class _Segmentation(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------ 3. real datasets
-LAYOUTS = {
-    "VOC": """VOCdevkit/VOC2012/
-    JPEGImages/<id>.jpg
-    SegmentationClassAug/<id>.png      (train_aug labels: grayscale 0-20, 255)
-    SegmentationClass/<id>.png         (official palette labels; used where present)
-    ImageSets/Segmentation/train_aug.txt, val.txt""",
-    "Context33": """VOCdevkit/VOC2010/
-    JPEGImages/<id>.jpg
-    SegmentationClassContext/<id>.png  (59-class labels: 0 unlabelled, 1-59)
-    ImageSets/SegmentationContext/train.txt, val.txt""",
-    "COCOStuff": """coco_stuff164k/
-    images/train2017/<id>.jpg, images/val2017/<id>.jpg
-    annotations/train2017/<id>.png, annotations/val2017/<id>.png  (stuffthingmaps: 0-181, 255)"""}
-
-
-def _find_root(name: str, root, subdirs: list[str], needs: list[str]) -> Path:
-    """The first root/<subdir> that holds every folder in `needs`."""
-    tried = [Path(root) / s for s in subdirs]
-    for folder in tried:
-        if all((folder / n).is_dir() for n in needs):
-            return folder
-    raise DatasetError(f"{name}: no dataset found under {root} (looked in {', '.join(map(str, tried))}).\n"
-                       f"Expected layout under --data-root:\n{LAYOUTS[name]}\nSee README section 'Datasets'.")
-
-
 def _read_list(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"missing list file {path}")
@@ -218,23 +173,31 @@ def _split_name(split: str, names: dict[str, str]) -> str:
 
 
 class _LabelledFiles(_Segmentation):
-    """JPEG images with PNG labels of raw values, mapped to model indices by `self.lut`."""
+    """JPEG images with PNG labels of raw values; a subclass finds the (image, label) `pairs` and
+    states its `layout` under --data-root."""
 
-    def __init__(self, name, pairs, source, names, unseen, value_to_raw, num_values, split, transform):
-        self.name, self.pairs, self.split, self.transform = name, pairs, split, transform
-        self.class_names, self.raw_ids, self.num_seen = _split(names, unseen)
-        self.num_unseen = len(self.class_names) - self.num_seen
-        self.lut = _lut(num_values, value_to_raw, self.raw_ids, self.num_seen, split == "train")
-        self.valid = f"0-{num_values - 1} and 255"
+    def __init__(self, pairs: list[tuple[Path, Path]], source: str, split: str, transform):
+        super().__init__(split, transform)
+        self.name, self.pairs = type(self).__name__, pairs
         if not pairs:
-            raise DatasetError(f"{name}: {source} lists no images")
+            raise DatasetError(f"{self.name}: {source} lists no images")
         listing = {}  # one directory listing per folder, so 118k files are checked in a second
         for folder in {p.parent for pair in pairs for p in pair}:
             listing[folder] = {q.name for q in folder.iterdir()} if folder.is_dir() else set()
         missing = [str(p) for pair in pairs for p in pair if p.name not in listing[p.parent]]
         if missing:
-            raise DatasetError(f"{name}: {len(missing)} file(s) named by {source} do not exist, e.g.\n  "
+            raise DatasetError(f"{self.name}: {len(missing)} file(s) named by {source} do not exist, e.g.\n  "
                                + "\n  ".join(missing[:10]))
+
+    @classmethod
+    def _find_root(cls, root, subdirs: list[str], needs: list[str]) -> Path:
+        """The first root/<subdir> that holds every folder in `needs`."""
+        tried = [Path(root) / s for s in subdirs]
+        for folder in tried:
+            if all((folder / n).is_dir() for n in needs):
+                return folder
+        raise DatasetError(f"{cls.__name__}: no dataset found under {root} (looked in {', '.join(map(str, tried))})."
+                           f"\nExpected layout under --data-root:\n{cls.layout}\nSee README section 'Datasets'.")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -244,7 +207,7 @@ class _LabelledFiles(_Segmentation):
             image = Image.open(path)
             image.load()  # decode now, so a corrupt file fails here, naming itself
             return image
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for a corrupt file
             raise DatasetError(f"{self.name}: cannot read {path}: {e}") from e
 
     def __getitem__(self, i: int):
@@ -262,49 +225,59 @@ class _LabelledFiles(_Segmentation):
         bad = (raw > 255) | (label < 0)
         if bad.any():
             raise DatasetError(f"{self.name}: label {label_path} holds invalid values "
-                               f"{np.unique(raw[bad]).tolist()} (valid: {self.valid})")
+                               f"{np.unique(raw[bad]).tolist()} (valid: 0-{self.num_values - 1} and 255)")
         return self._finish(image, torch.from_numpy(label))
 
 
 class VOC(_LabelledFiles):
     """Pascal VOC 2012 + SBD: train = `train_aug` (10,582), test = `val` (1,449); background -> 255."""
+    raw_names, unseen, num_values = dict(enumerate(VOC_CLASSES, 1)), VOC_UNSEEN, 21
+    layout = """VOCdevkit/VOC2012/
+    JPEGImages/<id>.jpg
+    SegmentationClassAug/<id>.png      (train_aug labels: grayscale 0-20, 255)
+    SegmentationClass/<id>.png         (official palette labels; used where present)
+    ImageSets/Segmentation/train_aug.txt, val.txt"""
 
     def __init__(self, root, split: str, transform=None):
         lst = _split_name(split, {"train": "train_aug", "train_aug": "train_aug", "test": "val", "val": "val"})
-        top = _find_root("VOC", root, ["", "VOCdevkit/VOC2012", "VOC2012"], ["JPEGImages", "ImageSets/Segmentation"])
+        top = self._find_root(root, ["", "VOCdevkit/VOC2012", "VOC2012"], ["JPEGImages", "ImageSets/Segmentation"])
         official = {p.name for p in (top / "SegmentationClass").glob("*.png")}
-        ids = _read_list(top / "ImageSets/Segmentation" / f"{lst}.txt")
         pairs = [(top / "JPEGImages" / f"{i}.jpg",
                   top / ("SegmentationClass" if f"{i}.png" in official else "SegmentationClassAug") / f"{i}.png")
-                 for i in ids]
-        names = dict(enumerate(VOC_CLASSES, 1))
-        super().__init__("VOC", pairs, f"{lst}.txt", names, VOC_UNSEEN, {r: r for r in names}, 21,
-                         "train" if lst == "train_aug" else "test", transform)
+                 for i in _read_list(top / "ImageSets/Segmentation" / f"{lst}.txt")]
+        super().__init__(pairs, f"{lst}.txt", "train" if lst == "train_aug" else "test", transform)
 
 
 class Context33(_LabelledFiles):
     """Pascal Context, 33 classes: train 4,998, test = `val` 5,105; read from the 59-class PNGs."""
+    raw_names, unseen, num_values = dict(enumerate(CONTEXT33_CLASSES, 1)), CONTEXT33_UNSEEN, 60
+    value_to_raw = CONTEXT59_TO_33
+    layout = """VOCdevkit/VOC2010/
+    JPEGImages/<id>.jpg
+    SegmentationClassContext/<id>.png  (59-class labels: 0 unlabelled, 1-59)
+    ImageSets/SegmentationContext/train.txt, val.txt"""
 
     def __init__(self, root, split: str, transform=None):
         lst = _split_name(split, {"train": "train", "test": "val"})
-        top = _find_root("Context33", root, ["", "VOCdevkit/VOC2010", "VOC2010"],
-                         ["JPEGImages", "SegmentationClassContext"])
+        top = self._find_root(root, ["", "VOCdevkit/VOC2010", "VOC2010"], ["JPEGImages", "SegmentationClassContext"])
         pairs = [(top / "JPEGImages" / f"{i}.jpg", top / "SegmentationClassContext" / f"{i}.png")
                  for i in _read_list(top / "ImageSets/SegmentationContext" / f"{lst}.txt")]
-        super().__init__("Context33", pairs, f"{lst}.txt", dict(enumerate(CONTEXT33_CLASSES, 1)), CONTEXT33_UNSEEN,
-                         CONTEXT59_TO_33, 60, split, transform)
+        super().__init__(pairs, f"{lst}.txt", split, transform)
 
 
 class COCOStuff(_LabelledFiles):
     """COCO-Stuff 164k, 171 classes: train = train2017 (118,287), test = val2017 (5,000)."""
+    raw_names = {r: n for r, n in enumerate(COCO_STUFF_CLASSES) if r not in COCO_STUFF_ABSENT}
+    unseen, num_values = COCO_STUFF_UNSEEN, 182
+    layout = """coco_stuff164k/
+    images/train2017/<id>.jpg, images/val2017/<id>.jpg
+    annotations/train2017/<id>.png, annotations/val2017/<id>.png  (stuffthingmaps: 0-181, 255)"""
 
     def __init__(self, root, split: str, transform=None):
         sub = _split_name(split, {"train": "train2017", "test": "val2017"})
-        top = _find_root("COCOStuff", root, ["", "coco_stuff164k"], [f"images/{sub}", f"annotations/{sub}"])
+        top = self._find_root(root, ["", "coco_stuff164k"], [f"images/{sub}", f"annotations/{sub}"])
         pairs = [(p, top / "annotations" / sub / f"{p.stem}.png") for p in sorted((top / "images" / sub).glob("*.jpg"))]
-        names = {r: n for r, n in enumerate(COCO_STUFF_CLASSES) if r not in COCO_STUFF_ABSENT}
-        super().__init__("COCOStuff", pairs, f"images/{sub}", names, COCO_STUFF_UNSEEN, {r: r for r in names}, 182,
-                         split, transform)
+        super().__init__(pairs, f"images/{sub}", split, transform)
 
 
 # ------------------------------------------------------------------ 4. class embeddings (M)
@@ -366,10 +339,8 @@ def read_fasttext_vec(path, words=None) -> dict[str, np.ndarray]:
 
 
 def class_embedding_table(class_names: list[str], sources: list, *, source_names=None) -> torch.Tensor:
-    """(C, D_1 + D_2 + ...): e_c = normalise(mean_w v_1(w) (+) mean_w v_2(w) (+) ...).
-
-    `sources` are word -> vector mappings; w runs over the words of class c's name.
-    """
+    """(C, D_1 + D_2 + ...): e_c = normalise(mean_w v_1(w) (+) mean_w v_2(w) (+) ...), w over the
+    words of class c's name; `sources` are word -> vector mappings."""
     source_names = source_names or [f"source {s}" for s in range(len(sources))]
     rows, missing = [], []
     for name in class_names:
@@ -382,9 +353,6 @@ def class_embedding_table(class_names: list[str], sources: list, *, source_names
         rows.append(halves)
     if missing:
         raise EmbeddingError(f"{len(missing)} class word(s) missing from the word vectors:\n  " + "\n  ".join(missing))
-    uneven = [n for s, n in enumerate(source_names) if len({len(h[s]) for h in rows}) > 1]
-    if uneven:
-        raise EmbeddingError(f"vectors of different lengths in {', '.join(uneven)}")
     table = np.stack([np.concatenate(h) for h in rows])  # (C, D)
     table /= np.linalg.norm(table, axis=1, keepdims=True).clip(min=1e-12)  # an all-zero row stays 0, not NaN
     return torch.from_numpy(table).float()
@@ -398,10 +366,7 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def _table_rows(table: np.ndarray, path: Path, num_classes: int, raw_ids, order: str) -> np.ndarray:
-    """A precomputed table's rows in model order. Model order: one row per class, in `class_names`
-    order. Raw-id order: one row per class by ascending raw id, or one row per raw value
-    0..max(raw_ids), whose rows for values that are not classes (VOC background, Context's
-    unlabelled, COCO-Stuff's 11 absent ids) go unused."""
+    """A precomputed table's rows in model order; both row orders: README "Class embeddings"."""
     if order not in ("raw", "model"):
         raise ValueError(f"load_class_embeddings: order must be 'raw' or 'model', got {order!r}")
     if order == "raw" and raw_ids is None:
@@ -423,17 +388,13 @@ def _table_rows(table: np.ndarray, path: Path, num_classes: int, raw_ids, order:
 
 def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_ids=None, order: str = "raw",
                           cache: bool = True) -> torch.Tensor:
-    """The (C, dim) table for `class_names`, from word-vector files or one precomputed `.npy`.
-
-    Word-vector files (word2vec `.bin`, fastText `.vec`, either may be `.gz`) give one half
-    each, in the given order; the built table is cached as `<first file>.<hash>.npy`. A `.npy`
-    table is in `order`: "model" (`class_names` order) or "raw" (by the dataset's `raw_ids`, the raw
-    id of each class; see `_table_rows`). Word-vector files are read by name: no order to choose.
-    """
+    """The (C, dim) table for `class_names`: from word-vector files (word2vec `.bin`, fastText `.vec`,
+    either may be `.gz`; one half each, cached as `<first file>.<hash>.npy`), or from one `.npy`
+    table in `order` "raw" (by the dataset's `raw_ids`) or "model" (`class_names` order)."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if len(paths) == 1 and paths[0].suffix == ".npy":
-        table_path, table = paths[0], _load_npy(paths[0])
-        table = _table_rows(table, table_path, len(class_names), raw_ids, order)
+        table_path = paths[0]
+        table = _table_rows(_load_npy(table_path), table_path, len(class_names), raw_ids, order)
     else:
         key = json.dumps([class_names, [(p.name, p.stat().st_size if p.is_file() else 0) for p in paths]])
         table_path = paths[0].with_name(f"{paths[0].name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy")
@@ -459,10 +420,8 @@ def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_
 
 
 def added_class_embeddings(dataset: str, names: list[str], paths=None, *, dim: int = 600) -> torch.Tensor:
-    """M's rows for class names added after training, by the rules of training: for ``shapes``
-    the benchmark's seeded vectors, whose vocabulary is the words of its class names; else the
-    word2vec / fastText files ``paths`` (multi-word mean, case fallback, one L2 normalisation).
-    A word missing from the vectors is an EmbeddingError naming it."""
+    """M's rows for class names added after training, by the rules of training: for ``shapes`` its
+    seeded vectors (vocabulary: the words of its class names), else the word-vector files ``paths``."""
     if dataset == "shapes":
         if paths:
             raise EmbeddingError("--embeddings: shapes makes its own seeded word vectors; the flag is for voc, "
@@ -510,12 +469,9 @@ _SHAPES_PALETTE = np.array([(150, 200, 255), (20, 60, 200), (40, 140, 40), (230,
 
 
 def _shapes_scenes(n: int, seed: int, split: str, layout: str = "context") -> dict[str, np.ndarray]:
-    """Scene parameters in relative coordinates: they do not depend on the render size.
-
-    Each parameter has its own random stream, so the first k scenes are the same for any n >= k,
-    and ``layout="uniform"`` draws exactly the scenes of the benchmark's first version.
-    ``"context"`` then moves each centre's height into the thing's band (``_place_things``).
-    """
+    """Scene parameters in relative coordinates: they do not depend on the render size. Each
+    parameter has its own random stream, so the first k scenes are the same for any n >= k, and
+    ``layout="uniform"`` draws exactly the scenes of the benchmark's first version."""
     if layout not in SHAPES_LAYOUTS:
         raise ValueError(f"Shapes: layout must be one of {SHAPES_LAYOUTS}, got {layout!r}")
     rng = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, split == "test"]).spawn(10)]
@@ -529,21 +485,13 @@ def _shapes_scenes(n: int, seed: int, split: str, layout: str = "context") -> di
               "count": rng[5].integers(1, 4, n),  # things 0..count-1 are drawn, in order
               "centre": rng[6].uniform(0.1, 0.9, (n, 3, 2)),  # (y, x) / image size
               "radius": rng[7].uniform(6, 13, (n, 3)) / 64}  # radius in pixels / base_size
-    if layout == "context":
-        scenes["centre"][..., 0] = _place_things(scenes, rng[8].random((n, 3)), rng[9].random((n, 3)))
+    if layout == "context":  # a thing's centre height: uniform in its own band, or in the other one
+        flies = np.isin(thing % 4, SHAPES_FLY)  # (n, 3); colour (thing // 4) plays no part
+        above = flies == (rng[8].random((n, 3)) < SHAPES_OWN_BAND)
+        horizon, r = scenes["horizon"][:, None], scenes["radius"]
+        low, high = np.where(above, 0.1, horizon + r), np.where(above, horizon - r, 0.9)  # clear of the horizon
+        scenes["centre"][..., 0] = low + (high - low) * rng[9].random((n, 3))
     return scenes
-
-
-def _place_things(scenes: dict, band_draw: np.ndarray, height_draw: np.ndarray) -> np.ndarray:
-    """Layout ``context`` (PROTOCOL section 7): circle and cross things fly, square and triangle
-    things stand. A thing's centre lies in its own band (above the horizon if it flies, below
-    if it stands) with probability ``SHAPES_OWN_BAND``, else in the other; within the band it
-    is uniform, kept clear of the horizon by the thing's radius. Returns the centre heights (n, 3)."""
-    flies = np.isin(scenes["thing"] % 4, SHAPES_FLY)  # (n, 3); colour (thing // 4) plays no part
-    above = flies == (band_draw < SHAPES_OWN_BAND)
-    horizon, r = scenes["horizon"][:, None], scenes["radius"]
-    low, high = np.where(above, 0.1, horizon + r), np.where(above, horizon - r, 0.9)  # band limits
-    return low + (high - low) * height_draw
 
 
 def _render_shapes(scenes: dict, size: int, base_size: int, noise: float, generator: torch.Generator):
@@ -584,29 +532,23 @@ def _render_shapes(scenes: dict, size: int, base_size: int, noise: float, genera
 
 
 class Shapes(_Segmentation):
-    """The built-in zero-shot benchmark: 4 stuff and 16 thing classes, 4 of the things unseen.
-
-    Scenes come from `seed` (train and test draw different scenes) in relative coordinates
-    and are rendered once, at `size`; `layout` says where things stand: "context" (circle and
-    cross things above the horizon, square and triangle things below, each with probability
-    0.8) or "uniform" (anywhere); things are 6-13 px in radius at `base_size` and keep
-    that pixel size at any `size`. `images` (N, 3, S, S) uint8, `labels` (N, S, S) uint8
-    (model indices, 255 ignore) and `scenes` (the parameters) hold the whole split.
-    """
+    """The built-in zero-shot benchmark (README "The built-in benchmark `shapes`"): scenes from
+    `seed` and `layout`, rendered once at `size`, things keeping their pixel size at `base_size`.
+    `images` (N, 3, S, S) uint8, `labels` (N, S, S) uint8 (model indices, 255 ignore) and
+    `scenes` (the parameters) hold the whole split."""
+    raw_names, unseen, num_values = dict(enumerate(SHAPES_RAW)), SHAPES_UNSEEN, 20
     # Pixel statistics of the default training set, so normalised images are ~zero-mean, unit-std
     # (ImageNet's statistics would leave the blue channel at mean 1.2).
     mean, std = (0.50, 0.64, 0.69), (0.20, 0.13, 0.28)
 
     def __init__(self, split: str, *, size: int = 64, num_images: int | None = None, seed: int = 0,
                  transform=None, base_size: int = 64, noise: float = 0.04, layout: str = "context"):
-        self.split = _split_name(split, {"train": "train", "test": "test"})
+        split = _split_name(split, {"train": "train", "test": "test"})
         if size < 8 or base_size < 8 or (num_images is not None and num_images < 1):
             raise ValueError(f"Shapes: need size, base_size >= 8 and num_images >= 1; got {size}, {base_size}, "
                              f"{num_images}")
-        self.size, self.transform, names = size, transform, dict(enumerate(SHAPES_RAW))
-        self.class_names, self.raw_ids, self.num_seen = _split(names, SHAPES_UNSEEN)
-        self.num_unseen, self.palette = len(SHAPES_UNSEEN), _SHAPES_PALETTE[self.raw_ids]
-        lut = torch.from_numpy(_lut(20, {r: r for r in names}, self.raw_ids, self.num_seen, split == "train"))
+        super().__init__(split, transform)
+        self.size, self.palette = size, _SHAPES_PALETTE[self.raw_ids]
         n = num_images if num_images is not None else (2000 if split == "train" else 300)
         self.layout, self.scenes = layout, _shapes_scenes(n, seed, split, layout)
         noise_seed = np.random.SeedSequence([seed, split == "test", size]).generate_state(1)[0]
@@ -614,7 +556,8 @@ class Shapes(_Segmentation):
         chunks = [_render_shapes({k: v[i:i + 256] for k, v in self.scenes.items()}, size, base_size, noise, g)
                   for i in range(0, n, 256)]  # chunks bound the memory of the (n, 3, S, S) masks
         self.images = torch.cat([c[0] for c in chunks])  # (N, 3, S, S) uint8
-        self.labels = lut[torch.cat([c[1] for c in chunks]).long()].to(torch.uint8)  # (N, S, S)
+        labels = torch.cat([c[1] for c in chunks]).long()  # (N, S, S) raw ids
+        self.labels = torch.from_numpy(self.lut)[labels].to(torch.uint8)  # (N, S, S) model indices
 
     def __len__(self) -> int:
         return len(self.images)
@@ -634,10 +577,7 @@ class Shapes(_Segmentation):
 # ------------------------------------------------------------------ 6. factory, preview, CLI
 DATASETS = {"voc": VOC, "context": Context33, "cocostuff": COCOStuff, "shapes": Shapes}
 # (classes, unseen classes) of each benchmark, for what needs no files (train.py --benchmark)
-CLASS_COUNTS = {"voc": (len(VOC_CLASSES), len(VOC_UNSEEN)),
-                "context": (len(CONTEXT33_CLASSES), len(CONTEXT33_UNSEEN)),
-                "cocostuff": (len(COCO_STUFF_CLASSES) - len(COCO_STUFF_ABSENT), len(COCO_STUFF_UNSEEN)),
-                "shapes": (len(SHAPES_RAW), len(SHAPES_UNSEEN))}
+CLASS_COUNTS = {name: (len(cls.raw_names), len(cls.unseen)) for name, cls in DATASETS.items()}
 
 
 def build_dataset(name: str, split: str, *, root=None, **kwargs):
@@ -663,8 +603,7 @@ def label_colours(num_classes: int, palette: np.ndarray | None = None) -> np.nda
     colours = np.zeros((256, 3), np.uint8)
     colours[:num_classes] = voc_palette(num_classes)
     if palette is not None:
-        n = min(len(palette), num_classes)
-        colours[:n] = np.asarray(palette)[:n]
+        colours[:min(len(palette), num_classes)] = np.asarray(palette)[:num_classes]
     return colours
 
 
@@ -718,26 +657,23 @@ def check_all(name: str, root, **kwargs) -> list[str]:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    for flag, value, low in (("--size", args.size, 8), ("--num-samples", args.num_samples, 1),
-                             ("--seed", args.seed, 0)):
-        if value < low:
-            print(f"data.py: error: {flag} must be >= {low}, got {value}", file=sys.stderr)
-            return 2
-    if args.preview and args.preview.suffix.lower() not in Image.registered_extensions():
-        print(f"data.py: error: --preview {args.preview}: expected an image file name such as preview.png",
-              file=sys.stderr)
-        return 2
-    shapes = {"size": args.size, "seed": args.seed, "num_images": max(args.num_samples, 1), "layout": args.layout}
+    kwargs = {"size": args.size, "seed": args.seed, "num_images": args.num_samples, "layout": args.layout} \
+        if args.dataset == "shapes" else {}
     try:
-        dataset = build_dataset(args.dataset, args.split, root=args.data_root,
-                                **(shapes if args.dataset == "shapes" else {}))
+        for flag, value, low in (("--size", args.size, 8), ("--num-samples", args.num_samples, 1),
+                                 ("--seed", args.seed, 0)):
+            if value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if args.preview and args.preview.suffix.lower() not in Image.registered_extensions():
+            raise ValueError(f"--preview {args.preview}: expected an image file name such as preview.png")
+        dataset = build_dataset(args.dataset, args.split, root=args.data_root, **kwargs)
         print(f"{args.dataset} {args.split}: {len(dataset)} images; {dataset.num_seen} seen classes: "
               f"{', '.join(dataset.class_names[:dataset.num_seen])}; {dataset.num_unseen} unseen: "
               f"{', '.join(dataset.class_names[dataset.num_seen:])}")
         image, label = dataset[0]  # reading one item surfaces format errors now
         print(f"item 0: image {tuple(image.shape)}, label {tuple(label.shape)}")
         if args.all:
-            bad = check_all(args.dataset, args.data_root, **(shapes if args.dataset == "shapes" else {}))
+            bad = check_all(args.dataset, args.data_root, **kwargs)
             for line in bad:
                 print(f"data.py: bad {line}", file=sys.stderr)
             print(f"{len(bad)} bad item(s)" if bad else "every item of both splits reads")

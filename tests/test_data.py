@@ -190,6 +190,13 @@ def test_every_raw_value_maps_as_the_naive_per_pixel_rule_says(real_datasets, na
             assert got == MODEL_ORDER[name].index(RAW_NAMES[name][v])
 
 
+def test_class_counts_need_no_files_and_match_the_readers(real_datasets):
+    assert data.CLASS_COUNTS == {"voc": (20, 5), "context": (33, 4), "cocostuff": (171, 15), "shapes": (20, 4)}
+    for name, key in [("voc", "voc"), ("context", "context"), ("cocostuff", "coco")]:
+        ds = real_datasets[key, "test"]
+        assert (len(ds.class_names), ds.num_unseen) == data.CLASS_COUNTS[name]
+
+
 def test_seen_classes_precede_unseen_in_raw_order():
     voc = dict(enumerate(data.VOC_CLASSES, 1))
     _, raw_ids, num_seen = data._split(voc, data.VOC_UNSEEN)
