@@ -158,8 +158,7 @@ def test_reproduce_refuses_the_flags_it_sets_itself_and_unknown_experiments(tmp_
     assert "--reproduce sets ['--seed'] itself" in capsys.readouterr().err
     assert train.main(["--reproduce", str(tmp_path), "--experiments", "sign", "nonsense"]) == 2
     assert "--experiments: unknown ['nonsense']" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.main(["--reproduce", str(tmp_path), "--lr", "fast"])  # a bad train.py flag, before any run
+    assert train.main(["--reproduce", str(tmp_path), "--lr", "fast"]) == 2  # a bad train.py flag, before any run
     assert "--lr: invalid float value" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -222,11 +221,10 @@ def test_reproduce_runs_every_baseline_and_fills_every_table(tmp_path, capsys):
 
 
 @pytest.mark.tables
-def test_a_run_folder_written_before_a_flag_existed_still_counts_as_the_same_settings(tmp_path):
-    args = train.resolve(train.get_args_parser().parse_args(["--seed", "0", "--out", str(tmp_path)]))
-    old = {k: v for k, v in vars(args).items() if k not in ("seen_only", "add_classes", "save_as", "benchmark")}
-    (tmp_path / "config.json").write_text(json.dumps(old))
-    train._check_same_settings(tmp_path, args)  # the new flags' defaults are what the old code did
-    (tmp_path / "config.json").write_text(json.dumps({**old, "alpha": 3.0}))
-    with pytest.raises(ValueError, match="alpha"):
-        train._check_same_settings(tmp_path, args)
+def test_a_run_folder_made_with_other_settings_is_refused_naming_the_setting(tmp_path):
+    argv = ["--iters", "2", "--seed", "0", "--out", str(tmp_path / "sign" / "seed0"), "--quiet"]
+    args = train.resolve(train.get_args_parser().parse_args(argv))
+    (tmp_path / "sign" / "seed0").mkdir(parents=True)
+    (tmp_path / "sign" / "seed0" / "config.json").write_text(json.dumps({**vars(args), "alpha": 3.0}))
+    with pytest.raises(ValueError, match="alpha: 3.0 there"):
+        train.reproduce(tmp_path, [0], ["--iters", "2"], names=["sign"])

@@ -100,11 +100,10 @@ def test_one_batch_is_overfitted_by_the_eq4_step():
     model = SIGN(data.shapes_embeddings(ds.class_names), num_seen=ds.num_seen, encoder="small", feat_dim=16,
                  pe_dim=8, heads=2, hidden=16, small_width=8).train()
     args = train.resolve(train.get_args_parser().parse_args([]))
-    run = train.argparse.Namespace(args=args, scaler=torch.amp.GradScaler("cpu", enabled=False),
-                                   autocast=lambda: torch.autocast("cpu", enabled=False))
+    run = train.Run(args, torch.device("cpu"), model)
     opt = torch.optim.Adam([p for m in (model.E, model.SIM, model.C) for p in m.parameters()], lr=3e-3)
     history = [training_loss for training_loss in
-               (train.training_step_sim(model, x, y, opt, run)[2]["sim"].item() for _ in range(60))]
+               (train.training_step_sim(run, x, y, opt)[2]["sim"].item() for _ in range(60))]
     assert history[-1] < 0.3 * history[0], history[::10]
 
 
@@ -174,7 +173,7 @@ def test_real_data_without_embeddings_is_refused_with_a_clear_message(tmp_path, 
 def test_the_voc_preset_trains_new_layers_at_10x_biases_at_20x_without_decay_and_poly_keeps_the_ratios():
     args = train.resolve(train.get_args_parser().parse_args(["--dataset", "voc"]))
     model = SIGN(torch.randn(20, 600), num_seen=15, encoder="resnet101", pretrained=False)
-    opt = train.make_optimizer(args.optimizer, train.sim_step_groups(model, args.lr_mult), args.lr)
+    opt = train.make_optimizers(model, args, transfer=False)["sim"]
     assert isinstance(opt, torch.optim.SGD) and args.lr == 2.5e-4
     ids = [{id(p) for p in g["params"]} for g in opt.param_groups]
     new = [model.E.aspp, model.SIM, model.C]
@@ -184,11 +183,15 @@ def test_the_voc_preset_trains_new_layers_at_10x_biases_at_20x_without_decay_and
     # backbone, new weights, new biases
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([2.5e-4, 2.5e-3, 5e-3], rel=1e-12)
     assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 5e-4, 0.0]
-    train.set_poly_lr(opt, args.lr, 30000, args.iters)
+    poly = train.poly_schedule(opt, args.iters)
+    opt.step()  # no gradients: changes nothing, and the schedule may follow
+    poly.last_epoch = 29999
+    poly.step()  # iteration 30000 of 40000
     lrs = [g["lr"] for g in opt.param_groups]
     assert lrs[0] == pytest.approx(2.5e-4 * 0.25 ** 0.9) and lrs[1] / lrs[0] == pytest.approx(10)
     assert lrs[2] / lrs[0] == pytest.approx(20)
-    single = train.make_optimizer("sgd", train.sim_step_groups(model, 1.0), args.lr)  # --lr-mult 1
+    args.lr_mult = 1.0
+    single = train.make_optimizers(model, args, transfer=False)["sim"]  # --lr-mult 1
     assert len(single.param_groups) == 1 and single.param_groups[0]["weight_decay"] == 5e-4
     assert train.resolve(train.get_args_parser().parse_args([])).lr_mult == 1.0  # shapes: one Adam group
 
@@ -202,8 +205,8 @@ def test_a_crop_into_padding_gets_no_pseudo_label_there_while_unlabelled_image_p
     from test_data import make_voc
     make_voc(tmp_path)
     dataset = data.VOC(tmp_path, "train", transform=data.train_transform(32, scale=(1.0, 1.0)))
-    run = argparse.Namespace(args=argparse.Namespace(batch_size=2, seed=0, workers=0), device=torch.device("cpu"))
-    x, y, padding = next(train.batch_stream(dataset, run, "self_training", 0))
+    args = argparse.Namespace(batch_size=2, seed=0, workers=0)
+    x, y, padding = next(train.batch_stream(dataset, args, "self_training", 0, torch.device("cpu")))
     assert padding.sum() == 2 * (32 * 32 - 6 * 8) and (y[padding] == 255).all()
     inside = (y == 255) & ~padding  # background, unseen and void pixels of the images
     assert inside.any()
