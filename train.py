@@ -540,8 +540,11 @@ def restore(run: Run, resume: dict | None) -> None:
         run.model.load_state_dict(resume["model"])
         run.metrics = resume["metrics"]
         torch.set_rng_state(resume["rng"])
-    if run.rank or not (resume and run.args.resume):
-        return log.unlink(missing_ok=True) if run.rank == 0 else None
+    if run.rank:
+        return
+    if not (resume and run.args.resume):
+        log.unlink(missing_ok=True)
+        return
     at, kept, dropped = (STAGES.index(resume["stage"]), resume["iteration"]), [], 0
     for line in log.read_text().splitlines() if log.exists() else []:
         try:  # a run killed while appending leaves a half-written last line
@@ -727,6 +730,10 @@ def check_settings(args: argparse.Namespace) -> None:
                             f"--resume {out}, or choose another folder")
 
 
+STAGE_LENGTH = {"train": "iters", "transfer": "transfer_iters", "self_training": "self_training_iters",
+                "self_training_transfer": "transfer_iters"}
+
+
 def settings(argv: Sequence[str]) -> tuple[argparse.Namespace, dict | None]:
     """The run's settings, checked, and the checkpoint it starts from (None: from scratch):
     --init-from's end of a stage, or --resume's newest intact checkpoint with the run's own settings."""
@@ -751,10 +758,6 @@ def settings(argv: Sequence[str]) -> tuple[argparse.Namespace, dict | None]:
     args = resolve(args)
     check_settings(args)
     return args, resume
-
-
-STAGE_LENGTH = {"train": "iters", "transfer": "transfer_iters", "self_training": "self_training_iters",
-                "self_training_transfer": "transfer_iters"}
 
 
 def intact_checkpoint(run_dir: Path) -> dict:
