@@ -1,8 +1,8 @@
 """Train SIGN (Cheng et al., ICCV 2021): the paper's algorithm first, then the run around it.
 
 ``python train.py`` runs the whole method on the built-in ``shapes`` benchmark on a CPU in minutes;
-``python train.py --dataset voc --data-root DIR --embeddings w2v.bin ft.vec`` runs it on Pascal VOC
-with the paper's settings, and ``torchrun --nproc_per_node N train.py ...`` on N GPUs.
+``python train.py --dataset voc --data-root DIR --embeddings w2v.bin ft.vec`` runs it with the
+paper's settings, and ``torchrun --nproc_per_node N train.py ...`` on N GPUs.
 
 Reading order (the paper's sections 3.2 and 3.4, then the plumbing)
     training_step_sim    Training Step (SIM), Eq. (4): E, SIM and C on real seen labels
@@ -11,13 +11,8 @@ Reading order (the paper's sections 3.2 and 3.4, then the plumbing)
     transfer_step        Transfer Learning Step, Eqs. (9)-(10): C on real and synthetic features
     teach                self-training: the frozen teacher's pseudo-labels, weighted by Eq. (17)
     train_all            the stages: train (SIM and G jointly), transfer, self_training, transfer again
-    Run, StepNets        what a run holds; what each step trains (DistributedDataParallel wraps these)
-    make_optimizers      the paper's SGD and Adam, DeepLab-v2's learning-rate groups, the poly schedule
-    batch_stream, run_stage       one stage's loop: seeded batches, progress bar, losses.jsonl
-    save_checkpoint, ...          checkpoints, written atomically
-    get_args_parser, settings     the flags (each help names the paper's value) and their checks
-    main, run_main                the run, its errors and interruptions, torchrun
-    benchmark, add_classes_main, reproduce_main   --benchmark, --add-classes, --reproduce
+    Run, make_optimizers, run_stage, save_checkpoint, get_args_parser, main: the run around them
+    benchmark, add_classes_main, reproduce: --benchmark, --add-classes, --reproduce
 
 Symbols: x image, y label map (255 = ignore), F_x = SIM's features, z SIM's latent,
 F^_x = G(M(y) (+) z) synthetic features, alpha / beta the loss weights of Eqs. (4) / (8),
@@ -31,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -50,6 +46,7 @@ from tqdm import tqdm
 import data
 import evaluate
 from ast_weights import pseudo_labels
+from mmd import DEFAULT_SIGMAS
 from sign import SIGN, discriminator_loss, generator_loss, resize_labels, sim_step_loss, transfer_loss
 
 PRESETS = {  # defaults per dataset; every flag below can override them
@@ -68,6 +65,8 @@ PRESETS["context"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_it
 PRESETS["cocostuff"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 STAGES = ("train", "transfer", "self_training", "self_training_transfer")
 EVALUATED_AS = {"train": "train", "transfer": "transfer", "self_training_transfer": "self_training"}
+STAGE_LENGTH = {"train": "iters", "transfer": "transfer_iters", "self_training": "self_training_iters",
+                "self_training_transfer": "transfer_iters"}
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -240,8 +239,7 @@ class Segmenter(nn.Module):
 
 
 class Synthesis(nn.Module):
-    """M and G, what Eq. (8) trains: (y, z) -> F^_x = G(M(y) (+) z). z is detached: SIM learns
-    from Eq. (4) alone."""
+    """M and G, what Eq. (8) trains: (y, z) -> F^_x = G(M(y) (+) z); z detached (SIM learns from Eq. 4)."""
     def __init__(self, model: SIGN):
         super().__init__()
         self.M, self.G = model.M, model.G
@@ -252,8 +250,7 @@ class Synthesis(nn.Module):
 
 @dataclass
 class StepNets:
-    """The networks one step trains, each behind one module: E + SIM + C for Eq. (4), M + G for
-    Eq. (8), D for Eq. (7), C alone for Eq. (10)."""
+    """What each step trains: E + SIM + C for Eq. (4), M + G for Eq. (8), D for Eq. (7), C for Eq. (10)."""
     sim: nn.Module
     G: nn.Module
     D: nn.Module
@@ -261,10 +258,9 @@ class StepNets:
 
 
 def step_networks(model: SIGN, world: int = 1, *, transfer: bool = False) -> StepNets:
-    """With ``world`` > 1 the networks the stage trains are wrapped in DistributedDataParallel,
-    which averages exactly their gradients over the ranks. The detaches in sign.py's losses still
-    decide which network a loss reaches (D's side of Eq. 8 is called unwrapped, its weights
-    detached), so a wrapper only ever averages gradients its own step computed."""
+    """With ``world`` > 1 the networks the stage trains are wrapped in DistributedDataParallel, which
+    averages exactly their gradients; the detaches in sign.py's losses decide which network a loss
+    reaches (D's side of Eq. 8 is called unwrapped), so a wrapper averages only its own step's gradients."""
     def wrap(module: nn.Module, trained: bool) -> nn.Module:
         return DistributedDataParallel(module) if world > 1 and trained else module
     return StepNets(sim=wrap(Segmenter(model), not transfer), G=wrap(Synthesis(model), not transfer),
@@ -307,50 +303,34 @@ class Run:
 
 
 # ----------------------------------------------------------------------------- optimisers
-def param_groups(backbone: Sequence[nn.Module | None], new: Sequence[nn.Module | None],
-                 lr_mult: float) -> list[dict]:
-    """DeepLab-v2's learning-rate groups: the ``backbone`` at the base rate; the layers trained
-    from scratch (``new``) at ``lr_mult`` times it for weights and twice that for biases, which
-    get no weight decay. ``lr_mult = 1`` gives one group. Each group carries its ``lr_mult``."""
-    def named(modules):
-        return [(n, p) for m in modules if m is not None for n, p in m.named_parameters() if p.requires_grad]
-    base = [p for _, p in named(backbone)]
-    if lr_mult == 1:
-        return [dict(params=base + [p for _, p in named(new)], lr_mult=1.0)]
-    groups = [dict(params=base, lr_mult=1.0),
-              dict(params=[p for n, p in named(new) if not n.endswith("bias")], lr_mult=lr_mult),
-              dict(params=[p for n, p in named(new) if n.endswith("bias")], lr_mult=2 * lr_mult,
-                   weight_decay=0.0)]
-    return [g for g in groups if g["params"]]
-
-
-def make_optimizer(kind: str, groups: list[dict], lr: float) -> torch.optim.Optimizer:
-    """The paper's SGD (section 4.2) or Adam, which trains the small benchmark encoder from scratch
-    faster, over ``param_groups``; each group starts at ``lr`` times its multiplier."""
-    groups = [dict(g, lr=lr * g["lr_mult"]) for g in groups]
-    if kind == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
-    return torch.optim.Adam(groups, lr=lr)
-
-
 def make_optimizers(model: SIGN, args, *, transfer: bool) -> dict[str, torch.optim.Optimizer]:
-    """A stage's optimisers. Transfer steps: C's alone, with E, SIM and G fixed in eval mode (z = mu).
-    Otherwise E + SIM + C, where the ResNet body (all of the small encoder) is the backbone and
-    ASPP, SIM and C are trained from scratch; and G and D with the paper's Adam."""
+    """A stage's optimisers. Transfer steps: C's alone, E, SIM and G fixed in eval mode (z = mu).
+    Otherwise E + SIM + C, and G and D with the paper's Adam. E + SIM + C (or C) take the paper's SGD
+    (section 4.2), or Adam, which trains the small encoder from scratch faster, in DeepLab-v2's groups:
+    the backbone (the ResNet body, all of the small encoder) at the base rate, the new layers (ASPP,
+    SIM, C) at ``lr_mult`` times it for weights, twice that for biases without weight decay."""
     model.train(not transfer)
+    parts = ([], [model.C]) if transfer else ([getattr(model.E, "body", model.E)],
+                                              [getattr(model.E, "aspp", None), model.SIM, model.C])
+    base, new = ([(n, p) for m in ms if m is not None for n, p in m.named_parameters() if p.requires_grad]
+                 for ms in parts)
+    groups = [dict(params=[p for _, p in base + new], lr_mult=1.0)] if args.lr_mult == 1 else [
+        dict(params=[p for _, p in base], lr_mult=1.0),
+        dict(params=[p for n, p in new if not n.endswith("bias")], lr_mult=args.lr_mult),
+        dict(params=[p for n, p in new if n.endswith("bias")], lr_mult=2 * args.lr_mult, weight_decay=0.0)]
+    lr = args.lr_transfer if transfer else args.lr
+    groups = [dict(g, lr=lr * g["lr_mult"]) for g in groups if g["params"]]
+    first = (torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4) if args.optimizer == "sgd"
+             else torch.optim.Adam(groups, lr=lr))
     if transfer:
-        return {"c": make_optimizer(args.optimizer, param_groups([], [model.C], args.lr_mult), args.lr_transfer)}
-    groups = param_groups([getattr(model.E, "body", model.E)], [getattr(model.E, "aspp", None), model.SIM, model.C],
-                          args.lr_mult)
-    return {"sim": make_optimizer(args.optimizer, groups, args.lr),
-            "g": torch.optim.Adam(model.G.parameters(), lr=args.lr_g),
+        return {"c": first}
+    return {"sim": first, "g": torch.optim.Adam(model.G.parameters(), lr=args.lr_g),
             "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
 
 
 def poly_schedule(optimizer: torch.optim.Optimizer, total: int, start: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """DeepLab's poly schedule (paper section 4.2): every group at its first rate x (1 - i / total)^0.9,
-    from iteration ``start``. LambdaLR computes that product in closed form (PolynomialLR multiplies
-    step by step, whose rounding would make a resumed run differ from an uninterrupted one)."""
+    """DeepLab's poly schedule (section 4.2), every group at its first rate x (1 - i / total)^0.9 from
+    ``start``, in closed form: PolynomialLR's step-by-step product would make a resumed run differ."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 - i / max(total, 1)) ** 0.9,
                                              last_epoch=start - 1)
 
@@ -365,16 +345,14 @@ def iteration_seed(seed: int, stage: str, iteration: int) -> int:
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """A seed of its own for every rank (rank 0 keeps ``seed``): the rank in a slot of its own,
-    so that rank r never reuses another iteration's seed (seeds differ by 1 per iteration)."""
+    """Each rank's own seed (rank 0 keeps ``seed``), far from every other iteration's seed."""
     return (seed + rank * 0x9E3779B97F4A7C15) % 2**63
 
 
 def batch_stream(dataset, args, stage: str, start: int, device: torch.device, rank: int = 0, world: int = 1):
-    """Endless training batches (x, y, padding); the order of epoch e is a permutation seeded by
-    (seed, stage, e), so the stream can restart at any iteration ``start`` and a resumed run
-    replays exactly the batches it would have drawn. Every rank takes its slice of each global
-    batch. ``padding`` (B, H, W) marks the random crop's padding, which becomes ignore (255) in y."""
+    """Endless training batches (x, y, padding). Epoch e's order is a permutation seeded by (seed,
+    stage, e), so a resumed run replays exactly the batches it would have drawn; each rank takes its
+    slice of every global batch. ``padding`` (B, H, W) marks the crop's padding, ignore (255) in y."""
     B = args.batch_size
     per_epoch = len(dataset) // B
     if per_epoch == 0:
@@ -387,8 +365,7 @@ def batch_stream(dataset, args, stage: str, start: int, device: torch.device, ra
         order = order[:, rank * B // world:(rank + 1) * B // world]  # this rank's slice of every global batch
         if rank:  # the loader's augmentation seeds come from g: each rank its own
             g = torch.Generator().manual_seed(rank_seed(seed, rank))
-        # The loader has its own generator: creating its iterator draws a seed, which must not
-        # come from (and shift) the global stream that this iteration's noise is drawn from.
+        # The loader's own generator: its iterator draws a seed, which must not shift the global stream
         loader = DataLoader(dataset, batch_sampler=order[it % per_epoch:].tolist(), generator=g,
                             num_workers=args.workers, pin_memory=device.type == "cuda")
         for x, y in loader:
@@ -400,9 +377,8 @@ def batch_stream(dataset, args, stage: str, start: int, device: torch.device, ra
 
 
 def run_stage(run: Run, stage: str, total: int, step, poly, start: int = 0, save=None) -> None:
-    """Iterations ``start..total-1`` of one stage: reseed (each rank its own noise), fetch a batch,
-    ``step(x, y, padding) -> losses``, stop on a non-finite loss, follow the poly schedule, log,
-    checkpoint every --save-every."""
+    """Iterations ``start..total-1`` of a stage: reseed, ``step(x, y, padding) -> losses``, stop on a
+    non-finite loss, follow the poly schedule, log to losses.jsonl, ``save`` every --save-every."""
     args = run.args
     batches = batch_stream(run.train_set, args, stage, start, run.device, run.rank, run.world)
     bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=args.quiet or run.rank > 0)
@@ -425,8 +401,7 @@ def run_stage(run: Run, stage: str, total: int, step, poly, start: int = 0, save
 
 
 def check_finite(run: Run, logs: dict[str, torch.Tensor]) -> None:
-    """Stop before anything is saved when a loss is NaN or inf, on any rank: through the averaged
-    gradients, one rank's NaN reaches every rank's weights."""
+    """Stop when a loss is NaN or inf on any rank: through the averaged gradients, it reaches all."""
     bad = next((k for k, v in logs.items() if not torch.isfinite(v).all()), None)
     if run.world > 1:
         everywhere = torch.tensor(float(bad is None), device=run.device)
@@ -438,7 +413,7 @@ def check_finite(run: Run, logs: dict[str, torch.Tensor]) -> None:
 
 
 def same_weights_on_every_rank(model: nn.Module) -> None:
-    """After a torchrun: every rank must hold the weights rank 0 saved (DDP keeps them in step)."""
+    """After a torchrun, every rank must hold the weights rank 0 saved (DDP keeps them in step)."""
     flat = torch.cat([p.detach().double().flatten() for p in model.parameters()])
     check = torch.stack([flat.sum(), (flat * flat).sum(), (flat * torch.arange(len(flat), device=flat.device)).sum()])
     gathered = [torch.zeros_like(check) for _ in range(dist.get_world_size())]
@@ -449,7 +424,7 @@ def same_weights_on_every_rank(model: nn.Module) -> None:
         print(f"DDP: the {len(gathered)} ranks hold identical weights (checksum {gathered[0][0].item():.6f})")
 
 
-# ----------------------------------------------------------------------------- the data, scoring a stage, checkpoints
+# ----------------------------------------------------------------------------- data, scores, checkpoints
 def build_data(args, tests: bool = True):
     """Training set, test sets by name (None with ``tests=False``), and the class-embedding table behind M."""
     tests = evaluate.test_sets(args.dataset, root=args.data_root, sizes=args.test_sizes, eval_res=args.eval_res,
@@ -467,7 +442,7 @@ def build_data(args, tests: bool = True):
 
 
 def evaluate_stage(run: Run, stage: str) -> None:
-    """Score every test set (tables printed), record the results in metrics.json."""
+    """Score every test set (tables printed) into metrics.json."""
     run.at = f"evaluating after stage {stage}"
     run.metrics[stage] = evaluate.evaluate_sets(
         run.model, run.tests, class_names=run.train_set.class_names, num_seen=run.model.num_seen, device=run.device,
@@ -477,20 +452,14 @@ def evaluate_stage(run: Run, stage: str) -> None:
 
 
 def write_metrics(run: Run) -> None:
-    """metrics.json, atomically: a reader (``evaluate.py --tables``) never sees half a file. Rank 0 alone."""
+    """metrics.json (``evaluate.py --tables`` never reads half a file); rank 0 alone."""
     if run.rank == 0:
-        (run.out / "metrics.json.tmp").write_text(json.dumps(run.metrics, indent=2))
-        os.replace(run.out / "metrics.json.tmp", run.out / "metrics.json")
-
-
-class CheckpointWriteError(OSError):
-    """torch.save failed (a full disk, most often); the temporary file is gone, older checkpoints intact."""
+        write_atomically(run.out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(run.metrics, indent=2)))
 
 
 def save_checkpoint(run: Run, stage: str, iteration: int, optimizers: dict, path: Path | None = None) -> None:
-    """Everything needed to continue or evaluate, written atomically (temporary file, rename) to
-    ``path`` (default ``checkpoint_<stage>.pt`` in the run folder): a failed or interrupted
-    write removes its temporary file and leaves the previous checkpoint. Rank 0 alone writes."""
+    """Everything needed to continue or evaluate, to ``path`` (default: ``checkpoint_<stage>.pt`` in
+    the run folder). Rank 0 alone."""
     if run.rank:
         return
     state = {"model": run.model.state_dict(), "config": run.model.config, "args": vars(run.args),
@@ -499,23 +468,33 @@ def save_checkpoint(run: Run, stage: str, iteration: int, optimizers: dict, path
              "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
              "scaler": run.scaler.state_dict(), "rng": torch.get_rng_state()}
     path = path or run.out / f"checkpoint_{stage}.pt"
-    tmp = path.with_name(path.name + ".tmp")
     run.at = f"writing {path.name} at stage {stage}, iteration {iteration}"
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, most often); the previous version is intact."""
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp)``, then rename it to ``path``: a reader never sees half a file, and a failed or
+    interrupted write removes its temporary file and leaves the previous ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(state, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, KeyboardInterrupt):
+        if not isinstance(err, Exception):  # Ctrl-C
             raise
-        free = shutil.disk_usage(path.parent).free
+        free = shutil.disk_usage(path.parent).free  # torch.save reports a full disk without an errno
         why = ("no space left on the device" if getattr(err, "errno", None) == errno.ENOSPC or free < 2**20
                else f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
-        raise CheckpointWriteError(f"cannot write {path}: {why} ({free / 2**20:.0f} MiB free)") from err
+        raise WriteError(f"cannot write {path}: {why} ({free / 2**20:.0f} MiB free)") from err
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoint files, newest first by stage order (a stage's file is rewritten in place)."""
+    """The run's checkpoint files, the latest stage first."""
     return [p for p in (run_dir / f"checkpoint_{s}.pt" for s in reversed(STAGES)) if p.is_file()]
 
 
@@ -527,14 +506,13 @@ def resumable(out: Path) -> str:
 
 
 def read_checkpoint(path: Path) -> dict:
-    """A checkpoint this module wrote, with what continuing from it needs (``evaluate.read_checkpoint``)."""
+    """A checkpoint this module wrote, with what continuing from it needs."""
     return evaluate.read_checkpoint(path, keys=("model", "config", "args", "stage", "iteration", "metrics"))
 
 
 def restore(run: Run, resume: dict | None) -> None:
-    """The weights, metrics and random state of the checkpoint the run starts from. --resume also
-    cuts ``losses.jsonl`` back to the checkpoint (the iterations logged after it run again); a new
-    run starts an empty log."""
+    """The weights, metrics and random state the run starts from. --resume cuts ``losses.jsonl``
+    back to the checkpoint (later iterations run again); a new run starts an empty log."""
     log = run.out / "losses.jsonl"
     if resume:
         run.model.load_state_dict(resume["model"])
@@ -586,7 +564,7 @@ finite_non_negative = ranged(float, lambda v: v >= 0, "a finite number >= 0")
 unit_interval = ranged(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 DEFAULTS = dict(dataset="shapes", data_root="data", layout="context", embeddings_order="raw", seed=0, amp=False,
                 quiet=False, seen_only=False, sim="multihead", latent_path="gate", pe="rpe", self_training="ast",
-                keep=0.75, eval_res="full", log_every=10, save_every=0)
+                keep=0.75, eval_res="full", log_every=10, save_every=0, mmd_sigmas=list(DEFAULT_SIGMAS))
 
 
 def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
@@ -597,44 +575,34 @@ def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
     a = p.add_argument
     a("--dataset", choices=sorted(PRESETS), help="default: shapes, the built-in benchmark")
     a("--data-root", help="folder holding the dataset (README 'Datasets'); default: data")
-    a("--layout", choices=data.SHAPES_LAYOUTS, help="shapes: context, circles and crosses mostly above the "
-      "horizon, squares and triangles below (default; README 'The built-in benchmark'), or uniform, anywhere")
-    a("--embeddings", nargs="+", help="word2vec .bin and fastText .vec files (paper: both, 600-d), or one "
-      ".npy table; shapes makes its own seeded vectors")
-    a("--embeddings-order", choices=["raw", "model"], help="row order of a .npy table: raw, ascending raw label "
-      "id (default; README 'Class embeddings'), or model, the dataset's class_names order (seen, then unseen)")
+    a("--layout", choices=data.SHAPES_LAYOUTS, help="shapes scenes: context (default) or uniform (README)")
+    a("--embeddings", nargs="+", help="word2vec .bin and fastText .vec files (paper: both, 600-d), or a .npy table")
+    a("--embeddings-order", choices=["raw", "model"], help="a .npy table's rows: by raw label id (default) or in "
+      "class_names order (seen, then unseen)")
     a("--out", help="run folder; default runs/<dataset>-<timestamp>")
-    a("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint, with its settings")
-    a("--init-from", metavar="CHECKPOINT", help="start after the stage this end-of-stage checkpoint of another "
-      "run finished (e.g. runs/x/checkpoint_transfer.pt to try self-training settings); settings from these flags")
-    a("--seen-only", action="store_true", help="stage 1 alone, the unseen classes absent from M and C: a model "
-      "that knows no unseen name, for --add-classes (README 'Your own classes')")
-    a("--add-classes", nargs="*", metavar="NAME", help="with --init-from CK and --save-as NEW.pt: append these "
-      "classes (unseen) to M and C and rerun the Transfer Learning Step, Eq. (10)")
+    a("--resume", metavar="RUN_DIR", help="continue that run from its last checkpoint, with its settings")
+    a("--init-from", metavar="CHECKPOINT", help="start after the stage this end-of-stage checkpoint finished")
+    a("--seen-only", action="store_true", help="stage 1 alone, no unseen class in M and C (for --add-classes)")
+    a("--add-classes", nargs="*", metavar="NAME", help="with --init-from CK and --save-as NEW.pt: add these "
+      "(unseen) classes to M and C and rerun the Transfer Learning Step, Eq. (10)")
     a("--save-as", metavar="NEW.pt", help="--add-classes: the checkpoint to write")
-    a("--benchmark", type=positive_int, nargs="?", const=20, metavar="ITERS", help="instead of training: time "
-      "ITERS (default 20) iterations of the SIGN step (Eq. 4 + Eqs. 7-8) and of a plain DeepLab-v2 step "
-      "(E -> C -> cross-entropy) on random tensors of the preset's size; print img/s, the ratio, peak memory")
+    a("--benchmark", type=positive_int, nargs="?", const=20, metavar="ITERS", help="instead of training, time "
+      "ITERS (20) SIGN steps (Eq. 4 + Eqs. 7-8) against DeepLab-v2 steps on random tensors: img/s, memory")
     a("--seed", type=int, help="default: 0")
     a("--device", help="default: cuda if available, else cpu")
-    a("--amp", action=argparse.BooleanOptionalAction, help="mixed precision: float16 autocast with a GradScaler "
-      "on CUDA, bfloat16 autocast on the CPU; the losses stay float32; default: off")
+    a("--amp", action=argparse.BooleanOptionalAction, help="autocast: float16 with a GradScaler on CUDA, "
+      "bfloat16 on the CPU; the losses stay float32; default: off")
     a("--quiet", action="store_true", help="no progress bars")
     m = p.add_argument_group("model (paper section 3; defaults: the paper's best)").add_argument
-    m("--sim", choices=["none", "conv", "attention", "self-attention", "multihead"],
-      help="SIM architecture (Table 2); default and paper's best: multihead; none = no SIM")
-    m("--latent-path", choices=["gate", "side"], help="how SIM's z reaches F_x: gate, F_x = h + h * sigmoid(z), "
-      "so C's loss trains z (default; the lineage), or side, F_x = h and z read by G alone")
-    m("--latent", choices=["sim", "noise"], help="G's latent in Training Step (G): SIM's z (default with a SIM; "
-      "paper) or N(0, 1) noise (ZS3Net; the only choice with --sim none)")
-    m("--pe", choices=["none", "ape", "ape-interp", "rpe"], help="positional encoding (Table 3); default: rpe")
-    m("--backbone", choices=["resnet101", "resnet50", "resnet18", "small"],
-      help="E; shapes: small, real data and paper: resnet101 (DeepLab-v2)")
-    m("--pretrained", action=argparse.BooleanOptionalAction,
-      help="ImageNet weights for the ResNet; default: on for real data (paper), off for shapes")
+    m("--sim", choices=["none", "conv", "attention", "self-attention", "multihead"], help="SIM (Table 2); none: no SIM")
+    m("--latent-path", choices=["gate", "side"], help="z reaches F_x as F_x = h + h * sigmoid(z) (gate; default) "
+      "or only G reads it (side)")
+    m("--latent", choices=["sim", "noise"], help="G's latent: SIM's z (paper) or N(0, 1) noise (ZS3Net; --sim none)")
+    m("--pe", choices=["none", "ape", "ape-interp", "rpe"], help="positional encoding (Table 3)")
+    m("--backbone", choices=["resnet101", "resnet50", "resnet18", "small"], help="E; paper: resnet101 (DeepLab-v2)")
+    m("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights; default: on for real data")
     for name, typ, what in [("feat-dim", positive_int, "feature channels F (paper: 600)"),
-                            ("pe-dim", int, "PE channels (paper: 600)"),
-                            ("small-width", int, "channels of the small CNN encoder"),
+                            ("pe-dim", int, "PE channels (paper: 600)"), ("small-width", int, "small CNN's channels"),
                             ("heads", positive_int, "attention heads (paper: not stated)"),
                             ("hidden", positive_int, "G / D hidden width")]:
         key = name.replace("-", "_")
@@ -651,22 +619,16 @@ def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
             ("workers", count, "-"), ("lr-mult", finite_positive, "1; lineage (DeepLab-v2): 10, biases 20")]:
         key = name.replace("-", "_")
         o(f"--{name}", type=typ, help=f"default: {PRESETS['shapes'][key]} / {PRESETS['voc'][key]}; paper: {paper}")
-    o("--optimizer", choices=["sgd", "adam"], help="for E, SIM, C (and C in the transfer step); default: adam / "
-      "sgd; paper: SGD, momentum 0.9, weight decay 5e-4")
-    o("--self-training", choices=["none", "st", "ast"], help="stage 3: annealed self-training (ast, Eq. 17; "
-      "default, the paper's SIGN + AST), ZS3Net's top-75%% (st), or none")
-    o("--keep", type=ranged(float, lambda v: 0 < v <= 1, "in (0, 1]"),
-      help="fraction ST keeps per unseen class; default and ZS3Net: 0.75")
-    o("--mmd-sigmas", type=finite_positive, nargs="+",
-      help="MMD kernel bandwidths; default: mmd.DEFAULT_SIGMAS; paper: 1 (README 'Deviations')")
+    o("--optimizer", choices=["sgd", "adam"], help="for E, SIM, C; default: adam / sgd (paper: SGD, momentum 0.9)")
+    o("--self-training", choices=["none", "st", "ast"], help="stage 3: AST, Eq. (17) (default), ZS3Net's ST, none")
+    o("--keep", type=ranged(float, lambda v: 0 < v <= 1, "in (0, 1]"), help="ST: fraction kept per class; 0.75")
+    o("--mmd-sigmas", type=finite_positive, nargs="+", help="MMD bandwidths; paper: 1 (README 'Deviations')")
     e = p.add_argument_group("evaluation and logging").add_argument
-    e("--test-sizes", type=image_size, nargs="+", help="shapes: test image sizes (default 64 128); real data: "
-      "the warp size of --eval-res feature (default 513)")
-    e("--eval-res", choices=["full", "feature"],
-      help="score at the label's resolution (default) or the lineage's feature resolution")
+    e("--test-sizes", type=image_size, nargs="+", help="shapes: test image sizes (64 128); real data: the warp "
+      "size of --eval-res feature (513)")
+    e("--eval-res", choices=["full", "feature"], help="score at the label's resolution (default) or the feature's")
     e("--num-train", type=positive_int, help="shapes training images; default: 2000")
-    e("--num-test", type=positive_int, nargs="+", help="shapes test images, one count for every test size or one "
-      "per size; default: 2000 300")
+    e("--num-test", type=positive_int, nargs="+", help="shapes test images, one count or one per size; 2000 300")
     e("--log-every", type=positive_int, help="default: 10")
     e("--save-every", type=count, help="also checkpoint every N iterations; default: 0 (per stage)")
     if not given_only:
@@ -683,39 +645,31 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         args.pretrained = args.dataset != "shapes"
     if args.latent is None:
         args.latent = "noise" if args.sim == "none" else "sim"
-    if args.mmd_sigmas is None:
-        from mmd import DEFAULT_SIGMAS
-        args.mmd_sigmas = list(DEFAULT_SIGMAS)
     if args.out is None:
         args.out = f"runs/{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     return args
 
 
 def check_settings(args: argparse.Namespace) -> None:
-    """The rules that tie flags together (each flag's own range is its ``type=``), checked before
-    data is built or anything trained: a ``SettingsError`` naming the flag and what it must be."""
-    def need(ok: bool, flag: str, rule: str) -> None:
+    """The rules that tie flags together (each flag's own range is its ``type=``), checked before any
+    work: a ``SettingsError`` naming the flag and what it must be."""
+    w, shapes = args.small_width, args.dataset == "shapes"
+    for ok, flag, rule in [
+            (args.pe == "none" or (args.pe_dim >= 4 and args.pe_dim % 4 == 0), "pe-dim",
+             "a positive multiple of 4 (sin and cos along two axes)"),
+            (args.sim != "multihead" or args.feat_dim % args.heads == 0, "heads", f"a divisor of --feat-dim "
+             f"{args.feat_dim}"),
+            (args.sim != "none" or args.latent == "noise", "latent",
+             "noise with --sim none (no SIM makes z: use --latent noise)"),
+            (args.backbone != "small" or (w >= 2 and all(c % min(8, c) == 0 for c in (w // 2, w))), "small-width",
+             "an even number up to 8 or a multiple of 16"),  # GroupNorm: min(8, c) groups divide c
+            (not shapes or args.num_train is None or args.num_train >= args.batch_size, "num-train",
+             f">= --batch-size ({args.batch_size})"),
+            (not shapes or len(args.num_test) in (1, len(args.test_sizes)), "num-test",
+             f"one count for all test sizes or one per size ({len(args.test_sizes)})"),
+            (not (shapes and args.embeddings), "embeddings", "left out for shapes, which makes its own vectors")]:
         if not ok:
             raise SettingsError(f"--{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
-    if args.pe != "none":
-        need(args.pe_dim >= 4 and args.pe_dim % 4 == 0, "pe-dim", "a positive multiple of 4 (sin and cos "
-             "along two axes)")
-    if args.sim == "multihead":
-        need(args.feat_dim % args.heads == 0, "heads", f"a divisor of --feat-dim {args.feat_dim}")
-    if args.sim == "none" and args.latent == "sim":
-        raise SettingsError("--latent sim needs a SIM to produce z; with --sim none use --latent noise")
-    if args.backbone == "small":  # GroupNorm: min(8, c) groups must divide c at widths w / 2 and w
-        w = args.small_width
-        need(w >= 2 and all(c % min(8, c) == 0 for c in (w // 2, w)), "small-width",
-             "an even number up to 8 or a multiple of 16")
-    if args.dataset == "shapes":
-        need(args.num_train is None or args.num_train >= args.batch_size, "num-train",
-             f">= --batch-size ({args.batch_size})")
-        need(len(args.num_test) in (1, len(args.test_sizes)), "num-test",
-             f"one count for all test sizes or one per size ({len(args.test_sizes)})")
-        if args.embeddings:
-            raise SettingsError("--embeddings: shapes makes its own seeded word vectors; the flag is for voc, "
-                                "context and cocostuff")
     for path in args.embeddings or ():
         if not Path(path).is_file():
             raise SettingsError(f"--embeddings {path}: no such file")
@@ -728,10 +682,6 @@ def check_settings(args: argparse.Namespace) -> None:
     if not args.resume and (saved := checkpoints(out)):
         raise SettingsError(f"--out {out} already holds a run ({saved[0].name}); continue it with "
                             f"--resume {out}, or choose another folder")
-
-
-STAGE_LENGTH = {"train": "iters", "transfer": "transfer_iters", "self_training": "self_training_iters",
-                "self_training_transfer": "transfer_iters"}
 
 
 def settings(argv: Sequence[str]) -> tuple[argparse.Namespace, dict | None]:
@@ -748,10 +698,9 @@ def settings(argv: Sequence[str]) -> tuple[argparse.Namespace, dict | None]:
                                 f"{resume['iteration']} of {total} (a --save-every checkpoint), not at the end of "
                                 f"a stage; continue that run with --resume {Path(args.init_from).parent}")
     if args.resume:
-        if extra := sorted(set(vars(get_args_parser(given_only=True).parse_args(argv))) - {"resume", "device", "quiet"}):
+        if extra := given(argv, {"resume", "device", "quiet"}):
             raise SettingsError(f"--resume {args.resume} continues that run with its saved settings; drop "
-                                f"{', '.join('--' + k.replace('_', '-') for k in extra)} (only --device and "
-                                f"--quiet may be given)")
+                                f"{extra} (only --device and --quiet may be given)")
         resume = intact_checkpoint(Path(args.resume))
         args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "out": args.resume,
                                      "device": args.device or resume["args"]["device"], "quiet": args.quiet})
@@ -760,12 +709,16 @@ def settings(argv: Sequence[str]) -> tuple[argparse.Namespace, dict | None]:
     return args, resume
 
 
+def given(argv: Sequence[str], allowed: set[str]) -> str:
+    """The flags written in ``argv`` other than ``allowed``, as '--a, --b'."""
+    written = vars(get_args_parser(given_only=True).parse_args(argv))
+    return ", ".join("--" + k.replace("_", "-") for k in sorted(set(written) - allowed))
+
+
 def intact_checkpoint(run_dir: Path) -> dict:
-    """--resume: the newest checkpoint of the run that reads; an unreadable newer one is named."""
-    if not run_dir.is_dir():
-        raise SettingsError(f"--resume {run_dir}: no such run folder")
-    if not (saved := checkpoints(run_dir)):
-        raise SettingsError(f"--resume {run_dir}: no checkpoint_<stage>.pt in that folder")
+    """--resume: the run's newest checkpoint that reads; an unreadable newer one is named."""
+    if not (saved := checkpoints(run_dir) if run_dir.is_dir() else []):
+        raise SettingsError(f"--resume {run_dir}: no run folder with a checkpoint_<stage>.pt")
     for path in saved:
         try:
             ckpt = read_checkpoint(path)
@@ -857,22 +810,21 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
     except KeyboardInterrupt:
         print(f"\ninterrupted: {run.at if run else 'building the data'}; {resumable(out)}", file=sys.stderr)
         return 130
-    except (data.DatasetError, CheckpointWriteError, ValueError) as err:
+    except (data.DatasetError, WriteError, ValueError) as err:
         if run and type(err) is ValueError:
             raise  # from inside the training loop a ValueError is a bug: keep its traceback
         return fail(err, f" ({run.at}; {resumable(out)})" if run else "")
 
 
-# The flag behind each SIGN.config key; the others follow from the dataset and --embeddings.
 CONFIG_FLAGS = {"encoder": "backbone", "feat_dim": "feat-dim", "sim": "sim", "pe": "pe", "pe_dim": "pe-dim",
                 "latent_dim": "feat-dim", "heads": "heads", "hidden": "hidden", "train_size": "crop-size",
-                "small_width": "small-width", "latent_path": "latent-path"}
+                "small_width": "small-width", "latent_path": "latent-path"}  # the flag behind a SIGN.config key
 
 
 def architecture_differences(saved: dict, built: dict) -> str:
-    """'--flag A in the checkpoint, --flag B in this run' for each architecture setting in which
-    two SIGN configs differ (``pretrained`` only says where the first weights came from,
-    ``train_size`` matters to ``pe="ape-interp"`` alone); '' when they agree."""
+    """'--flag A in the checkpoint, --flag B in this run' for each architecture setting in which two
+    SIGN configs differ ('' if none); ``pretrained`` says only where the first weights came from,
+    ``train_size`` matters to ``pe="ape-interp"`` alone."""
     ignored = {"pretrained"} | ({"train_size"} if built["pe"] != "ape-interp" else set())
 
     def shown(key, value):
@@ -884,13 +836,12 @@ def architecture_differences(saved: dict, built: dict) -> str:
 
 # ----------------------------------------------------------------------------- --benchmark
 def benchmark(args, device: torch.device, warmup: int = 3) -> int:
-    """The SIGN step (Eq. 4, then Eqs. 7-8) against a plain DeepLab-v2 step (the same E without SIM,
-    C, cross-entropy: Eq. 4 with no SIM is exactly that) on random images and seen labels of the
-    preset's batch and crop, interleaved so that both see the same machine state. No dataset and
-    random weights. Peak memory: CUDA's max_memory_allocated per step, or the process's peak RSS."""
+    """The SIGN step (Eq. 4, then Eqs. 7-8) against a plain DeepLab-v2 step (E, C, cross-entropy: Eq. 4
+    without SIM) on random images and seen labels of the preset's size, with random weights, interleaved
+    so that both see the same machine state. Peak memory: CUDA's per step, or the process's peak RSS."""
     import resource
     K, U = data.CLASS_COUNTS[args.dataset]
-    S, B, H = K - U, args.batch_size, args.crop_size
+    S, B, H, cuda = K - U, args.batch_size, args.crop_size, device.type == "cuda"
     torch.manual_seed(args.seed)
     table = F.normalize(torch.randn(K, 600), dim=1)  # stands in for the word vectors
     steps = {}
@@ -903,28 +854,25 @@ def benchmark(args, device: torch.device, warmup: int = 3) -> int:
             if run.model.SIM is not None:
                 training_step_g(run, F_x, z if args.latent == "sim" else None, y, opts["g"], opts["d"])
         steps[name] = (step, [], [])
-    cuda = device.type == "cuda"
     x, y = torch.randn(B, 3, H, H, device=device), torch.randint(0, S, (B, H, H), device=device)
+    sync = torch.cuda.synchronize if cuda else lambda: None
     for i in tqdm(range(warmup + args.benchmark), desc="benchmark", disable=args.quiet):
         for step, times, peaks in steps.values():
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-                torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             step(x, y)
-            if cuda:
-                torch.cuda.synchronize()
+            sync()
             if i >= warmup:
                 times.append(time.perf_counter() - start)
                 peaks.append(torch.cuda.max_memory_allocated(device) if cuda else 0)
     print(f"benchmark: {args.dataset} preset, {args.backbone}, batch {B}, crop {H}, {device} "
           f"({torch.get_num_threads()} threads), {args.amp_dtype}, {args.benchmark} iterations after {warmup} warm-up")
-    seconds = {}
     for name, (_, times, peaks) in steps.items():
-        seconds[name] = sum(times) / len(times)
-        memory = f", peak {max(peaks) / 2**30:.2f} GiB allocated" if cuda else ""
-        print(f"  {name:32s} {B / seconds[name]:8.2f} img/s  {seconds[name]:.3f} s/iteration{memory}")
-    sign_s, plain_s = seconds.values()
+        seconds, memory = statistics.fmean(times), f", peak {max(peaks) / 2**30:.2f} GiB allocated" if cuda else ""
+        print(f"  {name:32s} {B / seconds:8.2f} img/s  {seconds:.3f} s/iteration{memory}")
+    sign_s, plain_s = (statistics.fmean(times) for _, times, _ in steps.values())
     print(f"  ratio SIGN / DeepLab-v2 step time: {sign_s / plain_s:.2f}")
     if not cuda:  # ru_maxrss is in KiB on Linux
         print(f"  peak RSS of the process (both models): "
@@ -934,28 +882,24 @@ def benchmark(args, device: torch.device, warmup: int = 3) -> int:
 
 # ----------------------------------------------------------------------------- --add-classes
 def add_classes_main(argv: Sequence[str]) -> int:
-    """``--add-classes NAME ... --init-from CK --save-as NEW.pt [--embeddings F ...]``: M gains a row
-    and C an output per name (``SIGN.with_classes``), then the Transfer Learning Step (Eq. 10)
-    runs with the checkpoint's own settings and batches, G synthesising the new classes with the
-    checkpoint's unseen ones; E, SIM and G stay fixed. The new classes count as unseen."""
+    """``--add-classes NAME ... --init-from CK --save-as NEW.pt [--embeddings F ...]``: M gains a row and
+    C an output per name (``SIGN.with_classes``), then the Transfer Learning Step (Eq. 10) runs with the
+    checkpoint's settings and batches, E, SIM and G fixed. The new classes count as unseen."""
     start = time.perf_counter()
     try:
         args = get_args_parser().parse_args(argv)
-        allowed = {"add_classes", "init_from", "save_as", "embeddings", "device", "quiet"}
-        if extra := sorted(set(vars(get_args_parser(given_only=True).parse_args(argv))) - allowed):
-            raise SettingsError(f"--add-classes runs with the checkpoint's settings; drop "
-                                f"{', '.join('--' + k.replace('_', '-') for k in extra)}")
-        if not args.add_classes or not args.init_from or not args.save_as:
+        if extra := given(argv, {"add_classes", "init_from", "save_as", "embeddings", "device", "quiet"}):
+            raise SettingsError(f"--add-classes runs with the checkpoint's settings; drop {extra}")
+        if not (args.add_classes and args.init_from and args.save_as):
             raise SettingsError("--add-classes needs one class name or more, --init-from CHECKPOINT and "
                                 "--save-as NEW.pt")
         ckpt = read_checkpoint(Path(args.init_from))
-        # its own settings, in float32 (--amp's autocast is for the long stages of a run)
-        saved = argparse.Namespace(**{**ckpt["args"], "quiet": args.quiet, "amp": False})
+        saved = argparse.Namespace(**{**ckpt["args"], "quiet": args.quiet, "amp": False})  # its settings, float32
         device = evaluate.choose_device(args.device)
         train_set, _, _ = build_data(saved, tests=False)
         names, lowered = ckpt["class_names"], [n.lower() for n in args.add_classes]
-        clash = [n for n in args.add_classes if n.lower() in {m.lower() for m in names}]
-        if clash := clash + sorted({n for n, low in zip(args.add_classes, lowered) if lowered.count(low) > 1}):
+        if clash := [n for n, low in zip(args.add_classes, lowered)
+                     if low in {m.lower() for m in names} or lowered.count(low) > 1]:
             raise SettingsError(f"--add-classes: {', '.join(map(repr, clash))} already in the checkpoint's classes "
                                 f"or given twice; it has {', '.join(names)}")
         rows = data.added_class_embeddings(saved.dataset, args.add_classes, args.embeddings or saved.embeddings,
@@ -980,7 +924,7 @@ def add_classes_main(argv: Sequence[str]) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- --reproduce: the paper's tables on shapes
+# ----------------------------------------------------------------------------- --reproduce: the tables on shapes
 # name -> (train.py flags, the run whose end-of-transfer checkpoint it starts from). A run that
 # only adds self-training starts from its base run's checkpoint_transfer.pt instead of retraining.
 BASELINES = {"zs3net": ["--sim", "none", "--latent", "noise"],  # no SIM, z ~ N(0, 1): ZS3Net
@@ -1001,12 +945,10 @@ RESERVED = ("--seed", "--out", "--resume", "--init-from", "--self-training", "--
 def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, names: Sequence[str] | None = None,
               jobs: int = 1) -> list[str]:
     """Every run of EXPERIMENTS (or of ``names`` and their base runs) for every seed, as
-    ``root/<name>/seed<k>``: ``jobs`` ``python train.py`` processes at a time (two on two cores,
-    one thread each, beat one run on two threads; a failing run cannot take the others down),
-    each logging to ``train.log``; base runs first, then the runs that start from them. A run whose
-    metrics.json holds its final stage is kept, one with a checkpoint resumes, but only if its
-    config.json matches these settings (else a ValueError names the differences). Returns the
-    folders of the runs that failed."""
+    ``root/<name>/seed<k>``: ``jobs`` ``python train.py`` processes at a time (on two cores two runs of
+    one thread each beat one of two; a failing run takes no other down), logging to ``train.log``; base
+    runs first. A finished run is kept, an interrupted one resumes, if its config.json matches these
+    settings (else a ValueError names the differences). Returns the folders of the runs that failed."""
     root = Path(root).resolve()  # absolute: --init-from paths are stored in config.json
     if reserved := [a for a in train_args if a.split("=")[0] in RESERVED]:
         raise ValueError(f"--reproduce sets {reserved} itself; remove them")
@@ -1022,7 +964,8 @@ def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, nam
         if base:
             argv += ["--init-from", str(root / base / f"seed{seed}" / "checkpoint_transfer.pt")]
         if (out / "config.json").is_file():
-            saved, expected = json.loads((out / "config.json").read_text()), vars(resolve(get_args_parser().parse_args(argv)))
+            saved = json.loads((out / "config.json").read_text())
+            expected = vars(resolve(get_args_parser().parse_args(argv)))
             if differ := {k: (saved.get(k), v) for k, v in expected.items()
                           if k not in ("out", "resume", "init_from", "device", "quiet") and saved.get(k) != v}:
                 raise ValueError(f"run {out} was made with other settings ("
@@ -1058,20 +1001,19 @@ def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, nam
 def reproduce_main(argv: list[str]) -> int:
     """``python train.py --reproduce DIR [--seeds ...] [--experiments ...] [--jobs N] [train.py flags]``:
     the runs, then ``DIR/tables.md`` (``evaluate.reproduction_tables``), and the wall time."""
-    p = argparse.ArgumentParser(prog="train.py --reproduce", allow_abbrev=False,  # --seed must not mean --seeds
-                                description="Run the paper's experiments on shapes (train.EXPERIMENTS) and "
-                                "tabulate them; other flags go to every run.")
+    p = Parser(prog="train.py --reproduce", allow_abbrev=False,  # --seed must not mean --seeds
+               description="Run the paper's experiments on shapes (train.EXPERIMENTS) and tabulate them; other "
+               "flags go to every run.")
     p.add_argument("--reproduce", type=Path, required=True, metavar="DIR", help="run folders DIR/<name>/seed<k>")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
     p.add_argument("--experiments", nargs="+", metavar="NAME", help="only these runs (and the runs they start "
                    f"from); 'claimed' = {' '.join(CLAIMED)}; default: all of train.EXPERIMENTS")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1),
                    help="runs at a time; default: 2 on two or more cores, else 1")
-    args, train_args = p.parse_known_args(argv)
-    names = None if args.experiments is None else [
-        n for e in args.experiments for n in (CLAIMED if e == "claimed" else [e])]
     start = time.perf_counter()
     try:
+        args, train_args = p.parse_known_args(argv)
+        names = args.experiments and [n for e in args.experiments for n in (CLAIMED if e == "claimed" else [e])]
         if args.reproduce.exists() and not args.reproduce.is_dir():
             raise ValueError(f"--reproduce {args.reproduce} is a file; expected the folder of the runs")
         # a bad flag or value fails here, once, before any run starts
