@@ -10,23 +10,23 @@ none of the project's modules. Reading order:
 4. Class embeddings (paper section 4.2): `read_word2vec_binary`, `read_fasttext_vec`,
    `class_embedding_table`, `load_class_embeddings`, `added_class_embeddings`, `shapes_embeddings`.
 5. `Shapes`, the built-in benchmark (PROTOCOL section 7): `_shapes_scenes`, then `_render_shapes`.
-6. `build_dataset`, `label_colours`, `save_preview`, `check_all` and the CLI `main`
-   (`python data.py --preview docs/shapes_samples.png`; `--dataset voc --data-root DIR --all`).
+6. `build_dataset`, `label_colours`, `save_preview` and the CLI `main` (`python data.py --preview
+   docs/shapes_samples.png`; `--dataset voc --data-root DIR --all`).
 
 Symbols: y (label map) -> `label`; e = M(y) -> a row of the class embedding table; seen / unseen
 classes -> model indices `range(num_seen)` / `range(num_seen, num_seen + num_unseen)`.
 
 Every dataset has `class_names` (model order), `num_seen`, `num_unseen`, `raw_ids` (raw id of each
 model index), `ignore_index = 255`, `mean`, `std`; items are `(image (3, H, W) float32, label (H, W)
-int64)`, without a transform normalised, never resized. Errors: `DatasetError` (files on disk),
-`EmbeddingError`, a `DatasetError` (word vectors), `ValueError` (arguments); nothing is skipped
-silently. Choices versus the paper (class names as words, embedding halves in the order given,
-unseen classes in raw-id order, not the papers' order): README "Datasets" and "Class embeddings".
+int64)`, without a transform normalised, never resized. Errors: `DatasetError` (files on disk; its
+subclass `EmbeddingError`: word vectors), `ValueError` (arguments); nothing is skipped silently.
+Choices versus the paper: README "Datasets" and "Class embeddings".
 """
 import argparse
 import gzip
 import hashlib
 import json
+import os
 import re
 import sys
 import warnings
@@ -94,10 +94,8 @@ COCO_STUFF_UNSEEN = ["frisbee", "skateboard", "cardboard", "carrot", "scissors",
 def _split(names: dict[int, str], unseen: list[str]) -> tuple[list[str], list[int], int]:
     """{raw id: name} -> (class_names, raw_ids, num_seen): seen first, then unseen."""
     assert set(unseen) <= set(names.values()), "an unseen class is not among the classes"
-    raw_ids = [r for r in sorted(names) if names[r] not in unseen]
-    num_seen = len(raw_ids)
-    raw_ids += [r for r in sorted(names) if names[r] in unseen]
-    return [names[r] for r in raw_ids], raw_ids, num_seen
+    raw_ids = sorted(sorted(names), key=lambda r: names[r] in unseen)  # a stable sort: seen first
+    return [names[r] for r in raw_ids], raw_ids, sum(n not in unseen for n in names.values())
 
 
 # ------------------------------------------------------------------ 2. transforms
@@ -116,22 +114,19 @@ class RandomScale(v2.Transform):
         return F.resize(inpt, params["size"], antialias=True)  # tv_tensors.Mask always uses nearest
 
 
-def _to_float(mean, std):
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]  # images only; labels stay integer
-
-
 def train_transform(crop_size: int, *, scale: tuple[float, float] = (0.5, 1.5), mean=IMAGENET_MEAN,
                     std=IMAGENET_STD) -> v2.Compose:
     """The lineage's augmentation; crops smaller than `crop_size` are padded with image 0 and
     label `PADDING`, so self-training can tell padding from unlabelled pixels of the image."""
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: PADDING}
     return v2.Compose([RandomScale(scale), v2.RandomCrop(crop_size, pad_if_needed=True, fill=fill),
-                       v2.RandomHorizontalFlip()] + _to_float(mean, std))
+                       v2.RandomHorizontalFlip(), eval_transform(mean=mean, std=std)])
 
 
 def eval_transform(size: int | None = None, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
     """The whole image at its own size; with `size`, image and label warped to size x size."""
-    return v2.Compose(([v2.Resize((size, size), antialias=True)] if size else []) + _to_float(mean, std))
+    return v2.Compose(([v2.Resize((size, size), antialias=True)] if size else [])  # images only, labels stay integer:
+                      + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 class _Segmentation(torch.utils.data.Dataset):
@@ -181,9 +176,8 @@ class _LabelledFiles(_Segmentation):
         self.name, self.pairs = type(self).__name__, pairs
         if not pairs:
             raise DatasetError(f"{self.name}: {source} lists no images")
-        listing = {}  # one directory listing per folder, so 118k files are checked in a second
-        for folder in {p.parent for pair in pairs for p in pair}:
-            listing[folder] = {q.name for q in folder.iterdir()} if folder.is_dir() else set()
+        # One directory listing per folder, so 118k files are checked in a second.
+        listing = {f: set(os.listdir(f)) if f.is_dir() else set() for f in {p.parent for pair in pairs for p in pair}}
         missing = [str(p) for pair in pairs for p in pair if p.name not in listing[p.parent]]
         if missing:
             raise DatasetError(f"{self.name}: {len(missing)} file(s) named by {source} do not exist, e.g.\n  "
@@ -304,13 +298,10 @@ def read_word2vec_binary(path, words=None) -> dict[str, np.ndarray]:
             raise EmbeddingError(f"{path}: not a word2vec binary file (header {header!r})")
         n, d = map(int, header)
         for i in range(n):
-            space = buf.find(b" ", pos)
-            while space < 0 or len(buf) < space + 1 + 4 * d:  # 1 MiB at a time: the file is 3.6 GB
-                chunk = f.read(1 << 20)
-                if not chunk:
+            while (space := buf.find(b" ", pos)) < 0 or len(buf) < space + 1 + 4 * d:  # the file is 3.6 GB:
+                if not (chunk := f.read(1 << 20)):  # read it 1 MiB at a time
                     raise EmbeddingError(f"{path}: truncated after {i} of {n} words")
                 buf, pos = buf[pos:] + chunk, 0
-                space = buf.find(b" ")
             word = buf[pos:space].lstrip(b"\n").decode("utf-8", "replace")  # some writers end vectors with \n
             if wanted is None or word in wanted:
                 vectors[word] = np.frombuffer(buf, "<f4", d, space + 1).copy()
@@ -342,18 +333,15 @@ def class_embedding_table(class_names: list[str], sources: list, *, source_names
     """(C, D_1 + D_2 + ...): e_c = normalise(mean_w v_1(w) (+) mean_w v_2(w) (+) ...), w over the
     words of class c's name; `sources` are word -> vector mappings."""
     source_names = source_names or [f"source {s}" for s in range(len(sources))]
-    rows, missing = [], []
-    for name in class_names:
-        halves = []
-        for src, src_name in zip(sources, source_names):
-            found = {w: next((src[v] for v in _variants(w) if v in src), None) for w in _words(name)}
-            missing += [f"class {name!r}: word {w!r} not in {src_name}" for w, v in found.items() if v is None]
-            vecs = [np.asarray(v, np.float64) for v in found.values() if v is not None]
-            halves.append(np.mean(vecs, axis=0) if vecs else None)
-        rows.append(halves)
+    # found[c][s]: {word of class c: its vector in source s (the first spelling found), or None}
+    found = [[{w: next((src[v] for v in _variants(w) if v in src), None) for w in _words(name)} for src in sources]
+             for name in class_names]
+    missing = [f"class {name!r}: word {w!r} not in {s}" for name, halves in zip(class_names, found)
+               for s, words in zip(source_names, halves) for w, v in words.items() if v is None]
     if missing:
         raise EmbeddingError(f"{len(missing)} class word(s) missing from the word vectors:\n  " + "\n  ".join(missing))
-    table = np.stack([np.concatenate(h) for h in rows])  # (C, D)
+    table = np.stack([np.concatenate([np.mean([np.asarray(v, np.float64) for v in words.values()], axis=0)
+                                      for words in halves]) for halves in found])  # (C, D)
     table /= np.linalg.norm(table, axis=1, keepdims=True).clip(min=1e-12)  # an all-zero row stays 0, not NaN
     return torch.from_numpy(table).float()
 
@@ -372,15 +360,11 @@ def _table_rows(table: np.ndarray, path: Path, num_classes: int, raw_ids, order:
     if order == "raw" and raw_ids is None:
         raise ValueError(f"load_class_embeddings: order='raw' needs raw_ids (the dataset's raw id of each class) "
                          f"to read {path}; or pass order='model'")
-    rows = table.shape[0] if table.ndim == 2 else None
-    if order == "raw" and rows == len(raw_ids):
-        ranked = sorted(raw_ids)
-        return table[[ranked.index(r) for r in raw_ids]]
-    if order == "raw" and rows == max(raw_ids) + 1:
-        return table[list(raw_ids)]
+    rows, d = table.shape if table.ndim == 2 else (None, "D")
     if order == "model" and rows == num_classes:
         return table
-    d = table.shape[1] if table.ndim == 2 else "D"
+    if order == "raw" and rows in (len(raw_ids), max(raw_ids) + 1):  # a row per class, or per raw value 0..max
+        return table[[sorted(raw_ids).index(r) for r in raw_ids] if rows == len(raw_ids) else list(raw_ids)]
     raw = f"({len(raw_ids)}, {d}) or ({max(raw_ids) + 1}, {d})" if raw_ids is not None else "(no raw ids given)"
     raise EmbeddingError(f"{path}: shape {table.shape} fits neither row order: raw-id order (--embeddings-order "
                          f"raw) expects shape {raw}, model order (--embeddings-order model) ({num_classes}, {d})")
@@ -555,9 +539,8 @@ class Shapes(_Segmentation):
         g = torch.Generator().manual_seed(int(noise_seed))  # noise, unlike the scenes, depends on size
         chunks = [_render_shapes({k: v[i:i + 256] for k, v in self.scenes.items()}, size, base_size, noise, g)
                   for i in range(0, n, 256)]  # chunks bound the memory of the (n, 3, S, S) masks
-        self.images = torch.cat([c[0] for c in chunks])  # (N, 3, S, S) uint8
-        labels = torch.cat([c[1] for c in chunks]).long()  # (N, S, S) raw ids
-        self.labels = torch.from_numpy(self.lut)[labels].to(torch.uint8)  # (N, S, S) model indices
+        self.images, labels = map(torch.cat, zip(*chunks))  # (N, 3, S, S) uint8, (N, S, S) raw ids
+        self.labels = torch.from_numpy(self.lut)[labels.long()].to(torch.uint8)  # (N, S, S) model indices
 
     def __len__(self) -> int:
         return len(self.images)
@@ -566,12 +549,8 @@ class Shapes(_Segmentation):
         return self._finish(self.images[i], self.labels[i])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """What a DataLoader fetches for a batch: without a transform, normalised as one tensor
-        (the same values as ``__getitem__``, in one call instead of B); with one, item by item."""
-        if self.transform is not None:
-            return [self[i] for i in indices]
-        images = v2.Compose(_to_float(self.mean, self.std))(self.images[indices])  # (B, 3, S, S) float32
-        return list(zip(images, self.labels[indices].long()))
+        """A DataLoader's batch: without a transform, normalised in one call (the values of B calls)."""
+        return [self[i] for i in indices] if self.transform is not None else list(zip(*self[indices]))
 
 
 # ------------------------------------------------------------------ 6. factory, preview, CLI
@@ -589,19 +568,14 @@ def build_dataset(name: str, split: str, *, root=None, **kwargs):
     return Shapes(split, **kwargs) if name == "shapes" else DATASETS[name](root, split, **kwargs)
 
 
-def voc_palette(K: int) -> np.ndarray:
-    """(K, 3) uint8: VOC's colour map (bit b of k + 1 goes to channel b % 3, bit 7 - b // 3),
-    shifted by one so that no class is black; black is ignore (255)."""
-    bits = (np.arange(1, K + 1)[:, None, None] >> np.arange(24).reshape(8, 3)) & 1  # (K, 8, 3)
-    return (bits << (7 - np.arange(8))[:, None]).sum(1).astype(np.uint8)  # (K, 3)
-
-
 def label_colours(num_classes: int, palette: np.ndarray | None = None) -> np.ndarray:
     """The colour of every label id, (256, 3) uint8, for every picture this program draws: a
-    dataset's own ``palette`` for its classes, ``voc_palette`` for the rest (all classes of a
-    dataset without one, classes added after training), 255 (ignore) black."""
+    dataset's own ``palette`` for its classes, VOC's colour map for the rest (all classes of a
+    dataset without one, classes added after training), 255 (ignore) black. VOC's map, shifted by
+    one so that no class is black: bit b of k + 1 goes to channel b % 3, bit 7 - b // 3."""
+    bits = (np.arange(1, num_classes + 1)[:, None, None] >> np.arange(24).reshape(8, 3)) & 1  # (K, 8, 3)
     colours = np.zeros((256, 3), np.uint8)
-    colours[:num_classes] = voc_palette(num_classes)
+    colours[:num_classes] = (bits << (7 - np.arange(8))[:, None]).sum(1)  # (K, 3)
     if palette is not None:
         colours[:min(len(palette), num_classes)] = np.asarray(palette)[:num_classes]
     return colours
@@ -642,19 +616,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_all(name: str, root, **kwargs) -> list[str]:
-    """Read every item of both splits of a dataset; the one-line errors of the items that fail."""
-    bad = []
-    for split in ("train", "test"):
-        dataset = build_dataset(name, split, root=root, **kwargs)
-        for i in tqdm(range(len(dataset)), desc=f"{name} {split}", dynamic_ncols=True):
-            try:
-                dataset[i]
-            except DatasetError as e:
-                bad.append(f"{split} item {i}: {e}")
-    return bad
-
-
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     kwargs = {"size": args.size, "seed": args.seed, "num_images": args.num_samples, "layout": args.layout} \
@@ -672,11 +633,17 @@ def main(argv=None) -> int:
               f"{', '.join(dataset.class_names[dataset.num_seen:])}")
         image, label = dataset[0]  # reading one item surfaces format errors now
         print(f"item 0: image {tuple(image.shape)}, label {tuple(label.shape)}")
-        if args.all:
-            bad = check_all(args.dataset, args.data_root, **kwargs)
-            for line in bad:
-                print(f"data.py: bad {line}", file=sys.stderr)
-            print(f"{len(bad)} bad item(s)" if bad else "every item of both splits reads")
+        if args.all:  # read every item of both splits, naming each that fails
+            bad = 0
+            for split in ("train", "test"):
+                ds = build_dataset(args.dataset, split, root=args.data_root, **kwargs)
+                for i in tqdm(range(len(ds)), desc=f"{args.dataset} {split}", dynamic_ncols=True):
+                    try:
+                        ds[i]
+                    except DatasetError as e:
+                        bad += 1
+                        tqdm.write(f"data.py: bad {split} item {i}: {e}", file=sys.stderr)
+            print(f"{bad} bad item(s)" if bad else "every item of both splits reads")
             if bad:
                 return 1
         if args.preview:
