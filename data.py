@@ -3,9 +3,10 @@
 Everything between files on disk (or nothing at all) and `(image, label)` tensors; it imports
 none of the project's modules. Reading order:
 
-1. Class lists as data; `_split` orders classes: seen first, then unseen, each in raw-id order.
-2. `train_transform`, `eval_transform`, and `_Segmentation`, whose `lut` maps raw label values to
-   model indices (everything else -> 255; training splits set unseen pixels to 255, images kept).
+1. Class lists as data.
+2. `train_transform`, `eval_transform`, and `_Segmentation`, which orders classes (seen first, then
+   unseen, each in raw-id order) and whose `lut` maps raw label values to model indices
+   (everything else -> 255; training splits set unseen pixels to 255, images kept).
 3. `VOC` (2012 + SBD), `Context33` (from the common 59-class PNGs), `COCOStuff` (164k).
 4. Class embeddings (paper section 4.2): `read_word2vec_binary`, `read_fasttext_vec`,
    `class_embedding_table`, `load_class_embeddings`, `added_class_embeddings`, `shapes_embeddings`.
@@ -91,13 +92,6 @@ COCO_STUFF_UNSEEN = ["frisbee", "skateboard", "cardboard", "carrot", "scissors",
                      "cow", "road", "wall-concrete", "tree", "grass", "river", "clouds", "playingfield"]
 
 
-def _split(names: dict[int, str], unseen: list[str]) -> tuple[list[str], list[int], int]:
-    """{raw id: name} -> (class_names, raw_ids, num_seen): seen first, then unseen."""
-    assert set(unseen) <= set(names.values()), "an unseen class is not among the classes"
-    raw_ids = sorted(sorted(names), key=lambda r: names[r] in unseen)  # a stable sort: seen first
-    return [names[r] for r in raw_ids], raw_ids, sum(n not in unseen for n in names.values())
-
-
 # ------------------------------------------------------------------ 2. transforms
 class RandomScale(v2.Transform):
     """Resize image and label by one factor s ~ U(scale); labels are resized nearest."""
@@ -131,20 +125,27 @@ def eval_transform(size: int | None = None, *, mean=IMAGENET_MEAN, std=IMAGENET_
 
 class _Segmentation(torch.utils.data.Dataset):
     """What every dataset shares. A subclass names its classes `raw_names` ({raw id: name}), its
-    `unseen` ones and `num_values` (label values 0..num_values - 1 and 255 are valid)."""
+    `unseen` ones, `num_values` (label values 0..num_values - 1 and 255 are valid) and its `splits`
+    ({split: its name on disk}; every split but the training one is a test split)."""
     ignore_index = IGNORE
     mean, std = IMAGENET_MEAN, IMAGENET_STD  # the backbone's pretraining; pass these to the transforms
     value_to_raw = None  # {label value: raw id} where the two differ (Context)
+    splits = {"train": "train", "test": "test"}
 
     def __init__(self, split: str, transform):
-        self.split, self.transform = split, transform
-        self.class_names, self.raw_ids, self.num_seen = _split(self.raw_names, self.unseen)
-        self.num_unseen = len(self.class_names) - self.num_seen
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; expected one of {sorted(self.splits)}")
+        self.split, self.transform = "train" if self.splits[split] == self.splits["train"] else "test", transform
+        assert set(self.unseen) <= set(self.raw_names.values()), "an unseen class is not among the classes"
+        # Model order: seen classes first, then unseen, each in raw-id order (a stable sort).
+        self.raw_ids = sorted(sorted(self.raw_names), key=lambda r: self.raw_names[r] in self.unseen)
+        self.class_names = [self.raw_names[r] for r in self.raw_ids]
+        self.num_seen, self.num_unseen = len(self.raw_ids) - len(self.unseen), len(self.unseen)
         self.lut = np.full(256, -1, dtype=np.int64)  # (256,) label value -> model index; -1: invalid
         self.lut[:self.num_values] = self.lut[IGNORE] = IGNORE
         for value, raw in (self.value_to_raw or {r: r for r in self.raw_names}).items():
-            index = self.raw_ids.index(raw)
-            self.lut[value] = IGNORE if split == "train" and index >= self.num_seen else index  # unseen: ignored
+            index = self.raw_ids.index(raw)  # unseen classes are ignored in training
+            self.lut[value] = IGNORE if self.split == "train" and index >= self.num_seen else index
 
     def _finish(self, image: torch.Tensor, label: torch.Tensor):
         """uint8 image (3, H, W) and label (H, W) -> transformed plain tensors."""
@@ -161,37 +162,27 @@ def _read_list(path: Path) -> list[str]:
     return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
 
 
-def _split_name(split: str, names: dict[str, str]) -> str:
-    if split not in names:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(names)}")
-    return names[split]
-
-
 class _LabelledFiles(_Segmentation):
-    """JPEG images with PNG labels of raw values; a subclass finds the (image, label) `pairs` and
-    states its `layout` under --data-root."""
+    """JPEG images with PNG labels of raw values, under the first of `tops` (in --data-root) that
+    holds every folder in `needs` ({}: the split's name on disk); `_pairs` lists (image, label)."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], source: str, split: str, transform):
+    def __init__(self, root, split: str, transform=None):
         super().__init__(split, transform)
-        self.name, self.pairs = type(self).__name__, pairs
-        if not pairs:
+        self.name, disk = type(self).__name__, self.splits[split]
+        tried = [Path(root) / t for t in self.tops]
+        top = next((t for t in tried if all((t / n.format(disk)).is_dir() for n in self.needs)), None)
+        if top is None:
+            raise DatasetError(f"{self.name}: no dataset found under {root} (looked in {', '.join(map(str, tried))})."
+                               f"\nExpected under --data-root: {self.layout}; see README section 'Datasets'.")
+        self.pairs, source = self._pairs(top, disk)
+        if not self.pairs:
             raise DatasetError(f"{self.name}: {source} lists no images")
         # One directory listing per folder, so 118k files are checked in a second.
-        listing = {f: set(os.listdir(f)) if f.is_dir() else set() for f in {p.parent for pair in pairs for p in pair}}
-        missing = [str(p) for pair in pairs for p in pair if p.name not in listing[p.parent]]
+        listing = {f: set(os.listdir(f)) if f.is_dir() else set() for f in {p.parent for ps in self.pairs for p in ps}}
+        missing = [str(p) for pair in self.pairs for p in pair if p.name not in listing[p.parent]]
         if missing:
             raise DatasetError(f"{self.name}: {len(missing)} file(s) named by {source} do not exist, e.g.\n  "
                                + "\n  ".join(missing[:10]))
-
-    @classmethod
-    def _find_root(cls, root, subdirs: list[str], needs: list[str]) -> Path:
-        """The first root/<subdir> that holds every folder in `needs`."""
-        tried = [Path(root) / s for s in subdirs]
-        for folder in tried:
-            if all((folder / n).is_dir() for n in needs):
-                return folder
-        raise DatasetError(f"{cls.__name__}: no dataset found under {root} (looked in {', '.join(map(str, tried))})."
-                           f"\nExpected layout under --data-root:\n{cls.layout}\nSee README section 'Datasets'.")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -226,52 +217,39 @@ class _LabelledFiles(_Segmentation):
 class VOC(_LabelledFiles):
     """Pascal VOC 2012 + SBD: train = `train_aug` (10,582), test = `val` (1,449); background -> 255."""
     raw_names, unseen, num_values = dict(enumerate(VOC_CLASSES, 1)), VOC_UNSEEN, 21
-    layout = """VOCdevkit/VOC2012/
-    JPEGImages/<id>.jpg
-    SegmentationClassAug/<id>.png      (train_aug labels: grayscale 0-20, 255)
-    SegmentationClass/<id>.png         (official palette labels; used where present)
-    ImageSets/Segmentation/train_aug.txt, val.txt"""
+    splits = {"train": "train_aug", "train_aug": "train_aug", "test": "val", "val": "val"}
+    tops, needs = ["", "VOCdevkit/VOC2012", "VOC2012"], ["JPEGImages", "ImageSets/Segmentation"]
+    layout = "VOCdevkit/VOC2012/{JPEGImages, SegmentationClassAug, SegmentationClass, ImageSets/Segmentation}"
 
-    def __init__(self, root, split: str, transform=None):
-        lst = _split_name(split, {"train": "train_aug", "train_aug": "train_aug", "test": "val", "val": "val"})
-        top = self._find_root(root, ["", "VOCdevkit/VOC2012", "VOC2012"], ["JPEGImages", "ImageSets/Segmentation"])
-        official = {p.name for p in (top / "SegmentationClass").glob("*.png")}
-        pairs = [(top / "JPEGImages" / f"{i}.jpg",
-                  top / ("SegmentationClass" if f"{i}.png" in official else "SegmentationClassAug") / f"{i}.png")
-                 for i in _read_list(top / "ImageSets/Segmentation" / f"{lst}.txt")]
-        super().__init__(pairs, f"{lst}.txt", "train" if lst == "train_aug" else "test", transform)
+    def _pairs(self, top: Path, lst: str) -> tuple[list[tuple[Path, Path]], str]:
+        official = {p.name for p in (top / "SegmentationClass").glob("*.png")}  # used where present
+        return [(top / "JPEGImages" / f"{i}.jpg",
+                 top / ("SegmentationClass" if f"{i}.png" in official else "SegmentationClassAug") / f"{i}.png")
+                for i in _read_list(top / "ImageSets/Segmentation" / f"{lst}.txt")], f"{lst}.txt"
 
 
 class Context33(_LabelledFiles):
     """Pascal Context, 33 classes: train 4,998, test = `val` 5,105; read from the 59-class PNGs."""
     raw_names, unseen, num_values = dict(enumerate(CONTEXT33_CLASSES, 1)), CONTEXT33_UNSEEN, 60
-    value_to_raw = CONTEXT59_TO_33
-    layout = """VOCdevkit/VOC2010/
-    JPEGImages/<id>.jpg
-    SegmentationClassContext/<id>.png  (59-class labels: 0 unlabelled, 1-59)
-    ImageSets/SegmentationContext/train.txt, val.txt"""
+    value_to_raw, splits = CONTEXT59_TO_33, {"train": "train", "test": "val"}
+    tops, needs = ["", "VOCdevkit/VOC2010", "VOC2010"], ["JPEGImages", "SegmentationClassContext"]
+    layout = "VOCdevkit/VOC2010/{JPEGImages, SegmentationClassContext, ImageSets/SegmentationContext}"
 
-    def __init__(self, root, split: str, transform=None):
-        lst = _split_name(split, {"train": "train", "test": "val"})
-        top = self._find_root(root, ["", "VOCdevkit/VOC2010", "VOC2010"], ["JPEGImages", "SegmentationClassContext"])
-        pairs = [(top / "JPEGImages" / f"{i}.jpg", top / "SegmentationClassContext" / f"{i}.png")
-                 for i in _read_list(top / "ImageSets/SegmentationContext" / f"{lst}.txt")]
-        super().__init__(pairs, f"{lst}.txt", split, transform)
+    def _pairs(self, top: Path, lst: str) -> tuple[list[tuple[Path, Path]], str]:
+        return [(top / "JPEGImages" / f"{i}.jpg", top / "SegmentationClassContext" / f"{i}.png")
+                for i in _read_list(top / "ImageSets/SegmentationContext" / f"{lst}.txt")], f"{lst}.txt"
 
 
 class COCOStuff(_LabelledFiles):
     """COCO-Stuff 164k, 171 classes: train = train2017 (118,287), test = val2017 (5,000)."""
     raw_names = {r: n for r, n in enumerate(COCO_STUFF_CLASSES) if r not in COCO_STUFF_ABSENT}
-    unseen, num_values = COCO_STUFF_UNSEEN, 182
-    layout = """coco_stuff164k/
-    images/train2017/<id>.jpg, images/val2017/<id>.jpg
-    annotations/train2017/<id>.png, annotations/val2017/<id>.png  (stuffthingmaps: 0-181, 255)"""
+    unseen, num_values, splits = COCO_STUFF_UNSEEN, 182, {"train": "train2017", "test": "val2017"}
+    tops, needs = ["", "coco_stuff164k"], ["images/{}", "annotations/{}"]
+    layout = "coco_stuff164k/{images, annotations (the stuffthingmaps PNGs)}/{train2017, val2017}"
 
-    def __init__(self, root, split: str, transform=None):
-        sub = _split_name(split, {"train": "train2017", "test": "val2017"})
-        top = self._find_root(root, ["", "coco_stuff164k"], [f"images/{sub}", f"annotations/{sub}"])
-        pairs = [(p, top / "annotations" / sub / f"{p.stem}.png") for p in sorted((top / "images" / sub).glob("*.jpg"))]
-        super().__init__(pairs, f"images/{sub}", split, transform)
+    def _pairs(self, top: Path, sub: str) -> tuple[list[tuple[Path, Path]], str]:
+        images = sorted((top / "images" / sub).glob("*.jpg"))
+        return [(p, top / "annotations" / sub / f"{p.stem}.png") for p in images], f"images/{sub}"
 
 
 # ------------------------------------------------------------------ 4. class embeddings (M)
@@ -389,9 +367,8 @@ def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_
             sources = [(read_fasttext_vec if ".vec" in p.suffixes else read_word2vec_binary)(p, wanted) for p in paths]
             table = class_embedding_table(class_names, sources, source_names=[p.name for p in paths]).numpy()
             if table.shape[1] != dim:
-                raise EmbeddingError(f"{' + '.join(p.name for p in paths)} give "
-                                     f"{' + '.join(str(len(next(iter(s.values())))) for s in sources)} = "
-                                     f"{table.shape[1]}-d class embeddings, expected {dim}-d")
+                widths = " + ".join(f"{p.name} {len(next(iter(s.values())))}" for p, s in zip(paths, sources))
+                raise EmbeddingError(f"{widths} = {table.shape[1]}-d class embeddings, expected {dim}-d")
             if cache:
                 try:
                     np.save(table_path, table)
@@ -427,13 +404,10 @@ def shapes_embeddings(class_names: list[str], *, seed: int = 0, dim: int = 600) 
     """Two seeded pseudo-random unit vectors per word stand in for word2vec and fastText."""
     if dim % 2:
         raise ValueError(f"shapes_embeddings: dim must be even (two halves), got {dim}")
-
-    def vector(source: int, word: str) -> np.ndarray:
-        v = np.random.default_rng([seed, source, zlib.crc32(word.encode())]).standard_normal(dim // 2)
-        return v / np.linalg.norm(v)
-
     words = {w for n in class_names for w in _words(n)}
-    sources = [{w: vector(s, w) for w in words} for s in range(2)]
+    draws = [{w: np.random.default_rng([seed, s, zlib.crc32(w.encode())]).standard_normal(dim // 2) for w in words}
+             for s in range(2)]  # (dim / 2,) per word and source
+    sources = [{w: v / np.linalg.norm(v) for w, v in source.items()} for source in draws]
     return class_embedding_table(class_names, sources, source_names=["shapes-word2vec", "shapes-fasttext"])
 
 
@@ -516,10 +490,9 @@ def _render_shapes(scenes: dict, size: int, base_size: int, noise: float, genera
 
 
 class Shapes(_Segmentation):
-    """The built-in zero-shot benchmark (README "The built-in benchmark `shapes`"): scenes from
-    `seed` and `layout`, rendered once at `size`, things keeping their pixel size at `base_size`.
-    `images` (N, 3, S, S) uint8, `labels` (N, S, S) uint8 (model indices, 255 ignore) and
-    `scenes` (the parameters) hold the whole split."""
+    """The built-in benchmark (README "The built-in benchmark `shapes`"): the `scenes` of `seed` and
+    `layout`, rendered once at `size` (things keep their pixel size at `base_size`) into `images`
+    (N, 3, S, S) uint8 and `labels` (N, S, S) uint8 (model indices, 255 ignore)."""
     raw_names, unseen, num_values = dict(enumerate(SHAPES_RAW)), SHAPES_UNSEEN, 20
     # Pixel statistics of the default training set, so normalised images are ~zero-mean, unit-std
     # (ImageNet's statistics would leave the blue channel at mean 1.2).
@@ -527,7 +500,6 @@ class Shapes(_Segmentation):
 
     def __init__(self, split: str, *, size: int = 64, num_images: int | None = None, seed: int = 0,
                  transform=None, base_size: int = 64, noise: float = 0.04, layout: str = "context"):
-        split = _split_name(split, {"train": "train", "test": "test"})
         if size < 8 or base_size < 8 or (num_images is not None and num_images < 1):
             raise ValueError(f"Shapes: need size, base_size >= 8 and num_images >= 1; got {size}, {base_size}, "
                              f"{num_images}")
@@ -569,10 +541,9 @@ def build_dataset(name: str, split: str, *, root=None, **kwargs):
 
 
 def label_colours(num_classes: int, palette: np.ndarray | None = None) -> np.ndarray:
-    """The colour of every label id, (256, 3) uint8, for every picture this program draws: a
-    dataset's own ``palette`` for its classes, VOC's colour map for the rest (all classes of a
-    dataset without one, classes added after training), 255 (ignore) black. VOC's map, shifted by
-    one so that no class is black: bit b of k + 1 goes to channel b % 3, bit 7 - b // 3."""
+    """(256, 3) uint8, the colour of every label id in every picture drawn: a dataset's ``palette``
+    for its classes, else (and for classes added after training) VOC's colour map shifted by one so
+    no class is black (bit b of k + 1 goes to channel b % 3, bit 7 - b // 3); 255 (ignore) black."""
     bits = (np.arange(1, num_classes + 1)[:, None, None] >> np.arange(24).reshape(8, 3)) & 1  # (K, 8, 3)
     colours = np.zeros((256, 3), np.uint8)
     colours[:num_classes] = (bits << (7 - np.arange(8))[:, None]).sum(1)  # (K, 3)
@@ -602,13 +573,11 @@ def save_preview(dataset, path, *, num: int = 8, cols: int = 2, size: int | None
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Check that a dataset loads; optionally draw a few samples.")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="shapes", help="dataset (default: shapes)")
-    p.add_argument("--data-root", type=Path, default=Path("data"),
-                   help="folder holding the real datasets (default: data; layout in README 'Datasets')")
+    p.add_argument("--data-root", type=Path, default=Path("data"), help="real datasets' folder (default: data)")
     p.add_argument("--split", choices=["train", "test"], default="train", help="split (default: train)")
     p.add_argument("--size", type=int, default=64, help="shapes render size and preview tile size (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="shapes scene seed (default: 0)")
-    p.add_argument("--layout", choices=SHAPES_LAYOUTS, default="context", help="shapes: where things stand "
-                   "(default: context)")
+    p.add_argument("--layout", choices=SHAPES_LAYOUTS, default="context", help="shapes layout (default: context)")
     p.add_argument("--preview", type=Path, help="write a PNG grid of samples (image | label) to this file")
     p.add_argument("--num-samples", type=int, default=8, help="samples in the preview (default: 8)")
     p.add_argument("--all", action="store_true", help="read every item of both splits (a progress bar), list "
