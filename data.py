@@ -1,12 +1,10 @@
-"""Datasets, the seen/unseen protocol, class embeddings (the table behind M) and `shapes`.
-
-Everything between files on disk (or nothing at all) and `(image, label)` tensors; it imports
-none of the project's modules. Reading order:
+"""Datasets, the seen/unseen protocol, class embeddings (the table behind M) and `shapes`: all that
+lies between files on disk (or nothing at all) and `(image, label)` tensors. Reading order:
 
 1. Class lists as data.
-2. `train_transform`, `eval_transform`, and `_Segmentation`, which orders classes (seen first, then
-   unseen, each in raw-id order) and whose `lut` maps raw label values to model indices
-   (everything else -> 255; training splits set unseen pixels to 255, images kept).
+2. `train_transform`, `eval_transform`, and `_Segmentation`: classes in model order (seen, then
+   unseen, each in raw-id order) and a `lut` from raw label values to model indices (others -> 255;
+   training splits set unseen pixels to 255, images kept).
 3. `VOC` (2012 + SBD), `Context33` (from the common 59-class PNGs), `COCOStuff` (164k).
 4. Class embeddings (paper section 4.2): `read_word2vec_binary`, `read_fasttext_vec`,
    `class_embedding_table`, `load_class_embeddings`, `added_class_embeddings`, `shapes_embeddings`.
@@ -19,9 +17,9 @@ classes -> model indices `range(num_seen)` / `range(num_seen, num_seen + num_uns
 
 Every dataset has `class_names` (model order), `num_seen`, `num_unseen`, `raw_ids` (raw id of each
 model index), `ignore_index = 255`, `mean`, `std`; items are `(image (3, H, W) float32, label (H, W)
-int64)`, without a transform normalised, never resized. Errors: `DatasetError` (files on disk; its
-subclass `EmbeddingError`: word vectors), `ValueError` (arguments); nothing is skipped silently.
-Choices versus the paper: README "Datasets" and "Class embeddings".
+int64)`, without a transform normalised, never resized. Errors, never a silent skip: `DatasetError`
+(files; its subclass `EmbeddingError`: word vectors), `ValueError` (arguments). Choices versus the
+paper: README "Datasets" and "Class embeddings".
 """
 import argparse
 import gzip
@@ -54,6 +52,12 @@ class DatasetError(Exception):
 
 class EmbeddingError(DatasetError):
     """Word vectors miss words, have the wrong dimension or are malformed."""
+
+
+def _check(ok, message: str, error: type[Exception] = DatasetError) -> None:
+    """Raise `error(message)` unless `ok`: every input check of this module, in one line."""
+    if not ok:
+        raise error(message)
 
 
 # ------------------------------------------------------------------ 1. classes and splits
@@ -119,8 +123,8 @@ def train_transform(crop_size: int, *, scale: tuple[float, float] = (0.5, 1.5), 
 
 def eval_transform(size: int | None = None, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
     """The whole image at its own size; with `size`, image and label warped to size x size."""
-    return v2.Compose(([v2.Resize((size, size), antialias=True)] if size else [])  # images only, labels stay integer:
-                      + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    return v2.Compose(([v2.Resize((size, size), antialias=True)] if size else [])
+                      + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])  # labels stay integer
 
 
 class _Segmentation(torch.utils.data.Dataset):
@@ -133,10 +137,8 @@ class _Segmentation(torch.utils.data.Dataset):
     splits = {"train": "train", "test": "test"}
 
     def __init__(self, split: str, transform):
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; expected one of {sorted(self.splits)}")
+        _check(split in self.splits, f"unknown split {split!r}; expected one of {sorted(self.splits)}", ValueError)
         self.split, self.transform = "train" if self.splits[split] == self.splits["train"] else "test", transform
-        assert set(self.unseen) <= set(self.raw_names.values()), "an unseen class is not among the classes"
         # Model order: seen classes first, then unseen, each in raw-id order (a stable sort).
         self.raw_ids = sorted(sorted(self.raw_names), key=lambda r: self.raw_names[r] in self.unseen)
         self.class_names = [self.raw_names[r] for r in self.raw_ids]
@@ -156,8 +158,7 @@ class _Segmentation(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------ 3. real datasets
 def _read_list(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DatasetError(f"missing list file {path}")
+    _check(path.is_file(), f"missing list file {path}")
     # A line is an id or, as in DeepLab's train_aug.txt, "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png".
     return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
 
@@ -171,26 +172,22 @@ class _LabelledFiles(_Segmentation):
         self.name, disk = type(self).__name__, self.splits[split]
         tried = [Path(root) / t for t in self.tops]
         top = next((t for t in tried if all((t / n.format(disk)).is_dir() for n in self.needs)), None)
-        if top is None:
-            raise DatasetError(f"{self.name}: no dataset found under {root} (looked in {', '.join(map(str, tried))})."
-                               f"\nExpected under --data-root: {self.layout}; see README section 'Datasets'.")
+        _check(top is not None, f"{self.name}: no dataset found under {root} (looked in {', '.join(map(str, tried))})"
+               f".\nExpected layout under --data-root: {self.layout}; see README section 'Datasets'.")
         self.pairs, source = self._pairs(top, disk)
-        if not self.pairs:
-            raise DatasetError(f"{self.name}: {source} lists no images")
+        _check(self.pairs, f"{self.name}: {source} lists no images")
         # One directory listing per folder, so 118k files are checked in a second.
         listing = {f: set(os.listdir(f)) if f.is_dir() else set() for f in {p.parent for ps in self.pairs for p in ps}}
         missing = [str(p) for pair in self.pairs for p in pair if p.name not in listing[p.parent]]
-        if missing:
-            raise DatasetError(f"{self.name}: {len(missing)} file(s) named by {source} do not exist, e.g.\n  "
-                               + "\n  ".join(missing[:10]))
+        _check(not missing, f"{self.name}: {len(missing)} file(s) named by {source} do not exist, e.g.\n  "
+               + "\n  ".join(missing[:10]))
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def _read(self, path: Path) -> Image.Image:
         try:
-            image = Image.open(path)
-            image.load()  # decode now, so a corrupt file fails here, naming itself
+            (image := Image.open(path)).load()  # decode now, so a corrupt file fails here, naming itself
             return image
         except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for a corrupt file
             raise DatasetError(f"{self.name}: cannot read {path}: {e}") from e
@@ -199,13 +196,11 @@ class _LabelledFiles(_Segmentation):
         image_path, label_path = self.pairs[i]
         image = F.pil_to_tensor(self._read(image_path).convert("RGB"))  # (3, H, W) uint8
         label_image = self._read(label_path)
-        if label_image.mode not in ("L", "P", "I", "I;16"):
-            raise DatasetError(f"{self.name}: label {label_path} has mode {label_image.mode}, expected a "
-                               "single-channel (L or P) PNG of class ids")
+        _check(label_image.mode in ("L", "P", "I", "I;16"), f"{self.name}: label {label_path} has mode "
+               f"{label_image.mode}, expected a single-channel (L or P) PNG of class ids")
         raw = np.asarray(label_image).astype(np.int64)  # (H, W); a "P" image gives its palette indices
-        if tuple(image.shape[1:]) != raw.shape:
-            raise DatasetError(f"{self.name}: image {image_path} is {tuple(image.shape[1:])} (H, W) but "
-                               f"label {label_path} is {raw.shape}")
+        _check(tuple(image.shape[1:]) == raw.shape, f"{self.name}: image {image_path} is "
+               f"{tuple(image.shape[1:])} (H, W) but label {label_path} is {raw.shape}")
         label = self.lut[raw.clip(0, 255)]  # (H, W)
         bad = (raw > 255) | (label < 0)
         if bad.any():
@@ -262,8 +257,7 @@ def _variants(word: str) -> list[str]:
 
 
 def _open(path):
-    if not Path(path).is_file():
-        raise EmbeddingError(f"word-vector file {path} does not exist")
+    _check(Path(path).is_file(), f"word-vector file {path} does not exist", EmbeddingError)
     return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
@@ -272,8 +266,8 @@ def read_word2vec_binary(path, words=None) -> dict[str, np.ndarray]:
     wanted, vectors, buf, pos = (None if words is None else set(words)), {}, b"", 0
     with _open(path) as f:
         header = f.readline().split()
-        if len(header) != 2 or not all(h.isdigit() for h in header):
-            raise EmbeddingError(f"{path}: not a word2vec binary file (header {header!r})")
+        _check(len(header) == 2 and all(h.isdigit() for h in header),
+               f"{path}: not a word2vec binary file (header {header!r})", EmbeddingError)
         n, d = map(int, header)
         for i in range(n):
             while (space := buf.find(b" ", pos)) < 0 or len(buf) < space + 1 + 4 * d:  # the file is 3.6 GB:
@@ -316,8 +310,8 @@ def class_embedding_table(class_names: list[str], sources: list, *, source_names
              for name in class_names]
     missing = [f"class {name!r}: word {w!r} not in {s}" for name, halves in zip(class_names, found)
                for s, words in zip(source_names, halves) for w, v in words.items() if v is None]
-    if missing:
-        raise EmbeddingError(f"{len(missing)} class word(s) missing from the word vectors:\n  " + "\n  ".join(missing))
+    _check(not missing, f"{len(missing)} class word(s) missing from the word vectors:\n  " + "\n  ".join(missing),
+           EmbeddingError)
     table = np.stack([np.concatenate([np.mean([np.asarray(v, np.float64) for v in words.values()], axis=0)
                                       for words in halves]) for halves in found])  # (C, D)
     table /= np.linalg.norm(table, axis=1, keepdims=True).clip(min=1e-12)  # an all-zero row stays 0, not NaN
@@ -333,11 +327,10 @@ def _load_npy(path: Path) -> np.ndarray:
 
 def _table_rows(table: np.ndarray, path: Path, num_classes: int, raw_ids, order: str) -> np.ndarray:
     """A precomputed table's rows in model order; both row orders: README "Class embeddings"."""
-    if order not in ("raw", "model"):
-        raise ValueError(f"load_class_embeddings: order must be 'raw' or 'model', got {order!r}")
-    if order == "raw" and raw_ids is None:
-        raise ValueError(f"load_class_embeddings: order='raw' needs raw_ids (the dataset's raw id of each class) "
-                         f"to read {path}; or pass order='model'")
+    _check(order in ("raw", "model"), f"load_class_embeddings: order must be 'raw' or 'model', got {order!r}",
+           ValueError)
+    _check(order == "model" or raw_ids is not None, "load_class_embeddings: order='raw' needs raw_ids (the "
+           f"dataset's raw id of each class) to read {path}; or pass order='model'", ValueError)
     rows, d = table.shape if table.ndim == 2 else (None, "D")
     if order == "model" and rows == num_classes:
         return table
@@ -350,9 +343,8 @@ def _table_rows(table: np.ndarray, path: Path, num_classes: int, raw_ids, order:
 
 def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_ids=None, order: str = "raw",
                           cache: bool = True) -> torch.Tensor:
-    """The (C, dim) table for `class_names`: from word-vector files (word2vec `.bin`, fastText `.vec`,
-    either may be `.gz`; one half each, cached as `<first file>.<hash>.npy`), or from one `.npy`
-    table in `order` "raw" (by the dataset's `raw_ids`) or "model" (`class_names` order)."""
+    """The (C, dim) table for `class_names`: from word-vector files (word2vec `.bin`, fastText `.vec`, or
+    `.gz`; a half each; cached as `<first file>.<hash>.npy`), or one `.npy` in `order` "raw" or "model"."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if len(paths) == 1 and paths[0].suffix == ".npy":
         table_path = paths[0]
@@ -374,9 +366,8 @@ def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_
                     np.save(table_path, table)
                 except OSError as e:  # a read-only folder only costs re-reading the vectors next time
                     warnings.warn(f"could not cache the class embeddings at {table_path}: {e}")
-    if table.shape != (len(class_names), dim):
-        raise EmbeddingError(f"{table_path}: shape {table.shape}, expected ({len(class_names)}, {dim}) "
-                             f"for classes {', '.join(class_names)}")
+    _check(table.shape == (len(class_names), dim), f"{table_path}: shape {table.shape}, expected "
+           f"({len(class_names)}, {dim}) for classes {', '.join(class_names)}", EmbeddingError)
     return torch.as_tensor(table, dtype=torch.float32)
 
 
@@ -384,26 +375,22 @@ def added_class_embeddings(dataset: str, names: list[str], paths=None, *, dim: i
     """M's rows for class names added after training, by the rules of training: for ``shapes`` its
     seeded vectors (vocabulary: the words of its class names), else the word-vector files ``paths``."""
     if dataset == "shapes":
-        if paths:
-            raise EmbeddingError("--embeddings: shapes makes its own seeded word vectors; the flag is for voc, "
-                                 "context and cocostuff")
+        _check(not paths, "--embeddings: shapes makes its own seeded word vectors; the flag is for voc, "
+               "context and cocostuff", EmbeddingError)
         vocabulary = {w.lower() for n in SHAPES_RAW for w in _words(n)}
         missing = [f"class {n!r}: word {w!r}" for n in names for w in _words(n) if w.lower() not in vocabulary]
-        if missing:
-            raise EmbeddingError(f"not in the shapes vocabulary ({', '.join(sorted(vocabulary))}): "
-                                 + "; ".join(missing))
+        _check(not missing, f"not in the shapes vocabulary ({', '.join(sorted(vocabulary))}): "
+               + "; ".join(missing), EmbeddingError)
         return shapes_embeddings([n.lower() for n in names], dim=dim)
     paths = [Path(p) for p in paths or ()]
-    if not paths or any(p.suffix == ".npy" for p in paths):
-        raise EmbeddingError(f"--embeddings: new {dataset} class names need the word-vector files (word2vec .bin, "
-                             f"fastText .vec) the run was trained with; a .npy table has no rows for them")
+    _check(paths and all(p.suffix != ".npy" for p in paths), f"--embeddings: new {dataset} class names need the "
+           "word-vector files of training (.bin, .vec); a .npy table has no rows for them", EmbeddingError)
     return load_class_embeddings(paths, list(names), dim=dim, cache=False)
 
 
 def shapes_embeddings(class_names: list[str], *, seed: int = 0, dim: int = 600) -> torch.Tensor:
     """Two seeded pseudo-random unit vectors per word stand in for word2vec and fastText."""
-    if dim % 2:
-        raise ValueError(f"shapes_embeddings: dim must be even (two halves), got {dim}")
+    _check(dim % 2 == 0, f"shapes_embeddings: dim must be even (two halves), got {dim}", ValueError)
     words = {w for n in class_names for w in _words(n)}
     draws = [{w: np.random.default_rng([seed, s, zlib.crc32(w.encode())]).standard_normal(dim // 2) for w in words}
              for s in range(2)]  # (dim / 2,) per word and source
@@ -427,11 +414,9 @@ _SHAPES_PALETTE = np.array([(150, 200, 255), (20, 60, 200), (40, 140, 40), (230,
 
 
 def _shapes_scenes(n: int, seed: int, split: str, layout: str = "context") -> dict[str, np.ndarray]:
-    """Scene parameters in relative coordinates: they do not depend on the render size. Each
-    parameter has its own random stream, so the first k scenes are the same for any n >= k, and
-    ``layout="uniform"`` draws exactly the scenes of the benchmark's first version."""
-    if layout not in SHAPES_LAYOUTS:
-        raise ValueError(f"Shapes: layout must be one of {SHAPES_LAYOUTS}, got {layout!r}")
+    """Scene parameters in relative coordinates (for any render size), each from its own random stream:
+    the first k scenes are the same for any n >= k; ``layout="uniform"`` draws the first version's."""
+    _check(layout in SHAPES_LAYOUTS, f"Shapes: layout must be one of {SHAPES_LAYOUTS}, got {layout!r}", ValueError)
     rng = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, split == "test"]).spawn(10)]
     stuff_rgb = _STUFF_RGB + rng[0].uniform(-0.06, 0.06, (n, 4, 3))  # (n, 4, 3) per-image stuff colours
     stuff_rgb[:, 1] = stuff_rgb[:, 0]  # water looks exactly like sky: only position tells them apart
@@ -500,9 +485,8 @@ class Shapes(_Segmentation):
 
     def __init__(self, split: str, *, size: int = 64, num_images: int | None = None, seed: int = 0,
                  transform=None, base_size: int = 64, noise: float = 0.04, layout: str = "context"):
-        if size < 8 or base_size < 8 or (num_images is not None and num_images < 1):
-            raise ValueError(f"Shapes: need size, base_size >= 8 and num_images >= 1; got {size}, {base_size}, "
-                             f"{num_images}")
+        _check(size >= 8 and base_size >= 8 and (num_images is None or num_images >= 1), "Shapes: need size, "
+               f"base_size >= 8 and num_images >= 1; got {size}, {base_size}, {num_images}", ValueError)
         super().__init__(split, transform)
         self.size, self.palette = size, _SHAPES_PALETTE[self.raw_ids]
         n = num_images if num_images is not None else (2000 if split == "train" else 300)
@@ -533,10 +517,8 @@ CLASS_COUNTS = {name: (len(cls.raw_names), len(cls.unseen)) for name, cls in DAT
 
 def build_dataset(name: str, split: str, *, root=None, **kwargs):
     """`Shapes(split, **kwargs)`, or `Name(root, split, **kwargs)` for a real dataset."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
-    if name != "shapes" and root is None:
-        raise ValueError(f"dataset {name!r} needs a root folder (--data-root)")
+    _check(name in DATASETS, f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}", ValueError)
+    _check(name == "shapes" or root is not None, f"dataset {name!r} needs a root folder (--data-root)", ValueError)
     return Shapes(split, **kwargs) if name == "shapes" else DATASETS[name](root, split, **kwargs)
 
 
@@ -592,10 +574,9 @@ def main(argv=None) -> int:
     try:
         for flag, value, low in (("--size", args.size, 8), ("--num-samples", args.num_samples, 1),
                                  ("--seed", args.seed, 0)):
-            if value < low:
-                raise ValueError(f"{flag} must be >= {low}, got {value}")
-        if args.preview and args.preview.suffix.lower() not in Image.registered_extensions():
-            raise ValueError(f"--preview {args.preview}: expected an image file name such as preview.png")
+            _check(value >= low, f"{flag} must be >= {low}, got {value}", ValueError)
+        _check(not args.preview or args.preview.suffix.lower() in Image.registered_extensions(),
+               f"--preview {args.preview}: expected an image file name such as preview.png", ValueError)
         dataset = build_dataset(args.dataset, args.split, root=args.data_root, **kwargs)
         print(f"{args.dataset} {args.split}: {len(dataset)} images; {dataset.num_seen} seen classes: "
               f"{', '.join(dataset.class_names[:dataset.num_seen])}; {dataset.num_unseen} unseen: "
