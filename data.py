@@ -55,12 +55,12 @@ class EmbeddingError(DatasetError):
 
 
 def _check(ok, message: str, error: type[Exception] = DatasetError) -> None:
-    """Raise `error(message)` unless `ok`: every input check of this module, in one line."""
+    """Raise `error(message)` unless `ok`; the message is built either way, so hot loops use `if`."""
     if not ok:
         raise error(message)
 
 
-# ------------------------------------------------------------------ 1. classes and splits
+# ------------------------------------------------------------------ 1. classes
 VOC_CLASSES = ("aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,dining table,dog,horse,"
                "motorbike,person,potted plant,sheep,sofa,train,tv monitor").split(",")  # raw 1-20
 VOC_UNSEEN = ["potted plant", "sheep", "sofa", "train", "tv monitor"]
