@@ -1,32 +1,31 @@
-"""Datasets, the seen/unseen protocol, class embeddings (the table behind M) and `shapes`.
+"""Datasets, the seen/unseen protocol, class embeddings (the table behind M) and `shapes`: all that
+lies between files on disk (or nothing at all) and `(image, label)` tensors. Reading order:
 
-Everything between files on disk (or nothing at all) and `(image, label)` tensors; it imports
-none of the project's modules. Reading order:
-
-1. Class lists as data; `_split` orders classes: seen first, then unseen, each in raw-id order.
-2. `train_transform`, `eval_transform`, and `_Segmentation`, whose `lut` maps raw label values to
-   model indices (everything else -> 255; training splits set unseen pixels to 255, images kept).
+1. Class lists as data.
+2. `train_transform`, `eval_transform`, and `_Segmentation`: classes in model order (seen, then
+   unseen, each in raw-id order) and a `lut` from raw label values to model indices (others -> 255;
+   training splits set unseen pixels to 255, images kept).
 3. `VOC` (2012 + SBD), `Context33` (from the common 59-class PNGs), `COCOStuff` (164k).
 4. Class embeddings (paper section 4.2): `read_word2vec_binary`, `read_fasttext_vec`,
    `class_embedding_table`, `load_class_embeddings`, `added_class_embeddings`, `shapes_embeddings`.
 5. `Shapes`, the built-in benchmark (PROTOCOL section 7): `_shapes_scenes`, then `_render_shapes`.
-6. `build_dataset`, `label_colours`, `save_preview`, `check_all` and the CLI `main`
-   (`python data.py --preview docs/shapes_samples.png`; `--dataset voc --data-root DIR --all`).
+6. `build_dataset`, `label_colours`, `save_preview` and the CLI `main` (`python data.py --preview
+   docs/shapes_samples.png`; `--dataset voc --data-root DIR --all`).
 
 Symbols: y (label map) -> `label`; e = M(y) -> a row of the class embedding table; seen / unseen
 classes -> model indices `range(num_seen)` / `range(num_seen, num_seen + num_unseen)`.
 
 Every dataset has `class_names` (model order), `num_seen`, `num_unseen`, `raw_ids` (raw id of each
 model index), `ignore_index = 255`, `mean`, `std`; items are `(image (3, H, W) float32, label (H, W)
-int64)`, without a transform normalised, never resized. Errors: `DatasetError` (files on disk),
-`EmbeddingError`, a `DatasetError` (word vectors), `ValueError` (arguments); nothing is skipped
-silently. Choices versus the paper (class names as words, embedding halves in the order given,
-unseen classes in raw-id order, not the papers' order): README "Datasets" and "Class embeddings".
+int64)`, without a transform normalised, never resized. Errors, never a silent skip: `DatasetError`
+(files; its subclass `EmbeddingError`: word vectors), `ValueError` (arguments). Choices versus the
+paper: README "Datasets" and "Class embeddings".
 """
 import argparse
 import gzip
 import hashlib
 import json
+import os
 import re
 import sys
 import warnings
@@ -55,7 +54,13 @@ class EmbeddingError(DatasetError):
     """Word vectors miss words, have the wrong dimension or are malformed."""
 
 
-# ------------------------------------------------------------------ 1. classes and splits
+def _check(ok, message: str, error: type[Exception] = DatasetError) -> None:
+    """Raise `error(message)` unless `ok`; the message is built either way, so hot loops use `if`."""
+    if not ok:
+        raise error(message)
+
+
+# ------------------------------------------------------------------ 1. classes
 VOC_CLASSES = ("aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,dining table,dog,horse,"
                "motorbike,person,potted plant,sheep,sofa,train,tv monitor").split(",")  # raw 1-20
 VOC_UNSEEN = ["potted plant", "sheep", "sofa", "train", "tv monitor"]
@@ -91,15 +96,6 @@ COCO_STUFF_UNSEEN = ["frisbee", "skateboard", "cardboard", "carrot", "scissors",
                      "cow", "road", "wall-concrete", "tree", "grass", "river", "clouds", "playingfield"]
 
 
-def _split(names: dict[int, str], unseen: list[str]) -> tuple[list[str], list[int], int]:
-    """{raw id: name} -> (class_names, raw_ids, num_seen): seen first, then unseen."""
-    assert set(unseen) <= set(names.values()), "an unseen class is not among the classes"
-    raw_ids = [r for r in sorted(names) if names[r] not in unseen]
-    num_seen = len(raw_ids)
-    raw_ids += [r for r in sorted(names) if names[r] in unseen]
-    return [names[r] for r in raw_ids], raw_ids, num_seen
-
-
 # ------------------------------------------------------------------ 2. transforms
 class RandomScale(v2.Transform):
     """Resize image and label by one factor s ~ U(scale); labels are resized nearest."""
@@ -116,40 +112,42 @@ class RandomScale(v2.Transform):
         return F.resize(inpt, params["size"], antialias=True)  # tv_tensors.Mask always uses nearest
 
 
-def _to_float(mean, std):
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]  # images only; labels stay integer
-
-
 def train_transform(crop_size: int, *, scale: tuple[float, float] = (0.5, 1.5), mean=IMAGENET_MEAN,
                     std=IMAGENET_STD) -> v2.Compose:
     """The lineage's augmentation; crops smaller than `crop_size` are padded with image 0 and
     label `PADDING`, so self-training can tell padding from unlabelled pixels of the image."""
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: PADDING}
     return v2.Compose([RandomScale(scale), v2.RandomCrop(crop_size, pad_if_needed=True, fill=fill),
-                       v2.RandomHorizontalFlip()] + _to_float(mean, std))
+                       v2.RandomHorizontalFlip(), eval_transform(mean=mean, std=std)])
 
 
 def eval_transform(size: int | None = None, *, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> v2.Compose:
     """The whole image at its own size; with `size`, image and label warped to size x size."""
-    return v2.Compose(([v2.Resize((size, size), antialias=True)] if size else []) + _to_float(mean, std))
+    return v2.Compose(([v2.Resize((size, size), antialias=True)] if size else [])
+                      + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])  # labels stay integer
 
 
 class _Segmentation(torch.utils.data.Dataset):
     """What every dataset shares. A subclass names its classes `raw_names` ({raw id: name}), its
-    `unseen` ones and `num_values` (label values 0..num_values - 1 and 255 are valid)."""
+    `unseen` ones, `num_values` (label values 0..num_values - 1 and 255 are valid) and its `splits`
+    ({split: its name on disk}; every split but the training one is a test split)."""
     ignore_index = IGNORE
     mean, std = IMAGENET_MEAN, IMAGENET_STD  # the backbone's pretraining; pass these to the transforms
     value_to_raw = None  # {label value: raw id} where the two differ (Context)
+    splits = {"train": "train", "test": "test"}
 
     def __init__(self, split: str, transform):
-        self.split, self.transform = split, transform
-        self.class_names, self.raw_ids, self.num_seen = _split(self.raw_names, self.unseen)
-        self.num_unseen = len(self.class_names) - self.num_seen
+        _check(split in self.splits, f"unknown split {split!r}; expected one of {sorted(self.splits)}", ValueError)
+        self.split, self.transform = "train" if self.splits[split] == self.splits["train"] else "test", transform
+        # Model order: seen classes first, then unseen, each in raw-id order (a stable sort).
+        self.raw_ids = sorted(sorted(self.raw_names), key=lambda r: self.raw_names[r] in self.unseen)
+        self.class_names = [self.raw_names[r] for r in self.raw_ids]
+        self.num_seen, self.num_unseen = len(self.raw_ids) - len(self.unseen), len(self.unseen)
         self.lut = np.full(256, -1, dtype=np.int64)  # (256,) label value -> model index; -1: invalid
         self.lut[:self.num_values] = self.lut[IGNORE] = IGNORE
         for value, raw in (self.value_to_raw or {r: r for r in self.raw_names}).items():
-            index = self.raw_ids.index(raw)
-            self.lut[value] = IGNORE if split == "train" and index >= self.num_seen else index  # unseen: ignored
+            index = self.raw_ids.index(raw)  # unseen classes are ignored in training
+            self.lut[value] = IGNORE if self.split == "train" and index >= self.num_seen else index
 
     def _finish(self, image: torch.Tensor, label: torch.Tensor):
         """uint8 image (3, H, W) and label (H, W) -> transformed plain tensors."""
@@ -160,52 +158,36 @@ class _Segmentation(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------ 3. real datasets
 def _read_list(path: Path) -> list[str]:
-    if not path.is_file():
-        raise DatasetError(f"missing list file {path}")
+    _check(path.is_file(), f"missing list file {path}")
     # A line is an id or, as in DeepLab's train_aug.txt, "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png".
     return [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
 
 
-def _split_name(split: str, names: dict[str, str]) -> str:
-    if split not in names:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(names)}")
-    return names[split]
-
-
 class _LabelledFiles(_Segmentation):
-    """JPEG images with PNG labels of raw values; a subclass finds the (image, label) `pairs` and
-    states its `layout` under --data-root."""
+    """JPEG images with PNG labels of raw values, under the first of `tops` (in --data-root) that
+    holds every folder in `needs` ({}: the split's name on disk); `_pairs` lists (image, label)."""
 
-    def __init__(self, pairs: list[tuple[Path, Path]], source: str, split: str, transform):
+    def __init__(self, root, split: str, transform=None):
         super().__init__(split, transform)
-        self.name, self.pairs = type(self).__name__, pairs
-        if not pairs:
-            raise DatasetError(f"{self.name}: {source} lists no images")
-        listing = {}  # one directory listing per folder, so 118k files are checked in a second
-        for folder in {p.parent for pair in pairs for p in pair}:
-            listing[folder] = {q.name for q in folder.iterdir()} if folder.is_dir() else set()
-        missing = [str(p) for pair in pairs for p in pair if p.name not in listing[p.parent]]
-        if missing:
-            raise DatasetError(f"{self.name}: {len(missing)} file(s) named by {source} do not exist, e.g.\n  "
-                               + "\n  ".join(missing[:10]))
-
-    @classmethod
-    def _find_root(cls, root, subdirs: list[str], needs: list[str]) -> Path:
-        """The first root/<subdir> that holds every folder in `needs`."""
-        tried = [Path(root) / s for s in subdirs]
-        for folder in tried:
-            if all((folder / n).is_dir() for n in needs):
-                return folder
-        raise DatasetError(f"{cls.__name__}: no dataset found under {root} (looked in {', '.join(map(str, tried))})."
-                           f"\nExpected layout under --data-root:\n{cls.layout}\nSee README section 'Datasets'.")
+        self.name, disk = type(self).__name__, self.splits[split]
+        tried = [Path(root) / t for t in self.tops]
+        top = next((t for t in tried if all((t / n.format(disk)).is_dir() for n in self.needs)), None)
+        _check(top is not None, f"{self.name}: no dataset found under {root} (looked in {', '.join(map(str, tried))})"
+               f".\nExpected layout under --data-root: {self.layout}; see README section 'Datasets'.")
+        self.pairs, source = self._pairs(top, disk)
+        _check(self.pairs, f"{self.name}: {source} lists no images")
+        # One directory listing per folder, so 118k files are checked in a second.
+        listing = {f: set(os.listdir(f)) if f.is_dir() else set() for f in {p.parent for ps in self.pairs for p in ps}}
+        missing = [str(p) for pair in self.pairs for p in pair if p.name not in listing[p.parent]]
+        _check(not missing, f"{self.name}: {len(missing)} file(s) named by {source} do not exist, e.g.\n  "
+               + "\n  ".join(missing[:10]))
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def _read(self, path: Path) -> Image.Image:
         try:
-            image = Image.open(path)
-            image.load()  # decode now, so a corrupt file fails here, naming itself
+            (image := Image.open(path)).load()  # decode now, so a corrupt file fails here, naming itself
             return image
         except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for a corrupt file
             raise DatasetError(f"{self.name}: cannot read {path}: {e}") from e
@@ -214,13 +196,11 @@ class _LabelledFiles(_Segmentation):
         image_path, label_path = self.pairs[i]
         image = F.pil_to_tensor(self._read(image_path).convert("RGB"))  # (3, H, W) uint8
         label_image = self._read(label_path)
-        if label_image.mode not in ("L", "P", "I", "I;16"):
-            raise DatasetError(f"{self.name}: label {label_path} has mode {label_image.mode}, expected a "
-                               "single-channel (L or P) PNG of class ids")
+        _check(label_image.mode in ("L", "P", "I", "I;16"), f"{self.name}: label {label_path} has mode "
+               f"{label_image.mode}, expected a single-channel (L or P) PNG of class ids")
         raw = np.asarray(label_image).astype(np.int64)  # (H, W); a "P" image gives its palette indices
-        if tuple(image.shape[1:]) != raw.shape:
-            raise DatasetError(f"{self.name}: image {image_path} is {tuple(image.shape[1:])} (H, W) but "
-                               f"label {label_path} is {raw.shape}")
+        _check(tuple(image.shape[1:]) == raw.shape, f"{self.name}: image {image_path} is "
+               f"{tuple(image.shape[1:])} (H, W) but label {label_path} is {raw.shape}")
         label = self.lut[raw.clip(0, 255)]  # (H, W)
         bad = (raw > 255) | (label < 0)
         if bad.any():
@@ -232,52 +212,39 @@ class _LabelledFiles(_Segmentation):
 class VOC(_LabelledFiles):
     """Pascal VOC 2012 + SBD: train = `train_aug` (10,582), test = `val` (1,449); background -> 255."""
     raw_names, unseen, num_values = dict(enumerate(VOC_CLASSES, 1)), VOC_UNSEEN, 21
-    layout = """VOCdevkit/VOC2012/
-    JPEGImages/<id>.jpg
-    SegmentationClassAug/<id>.png      (train_aug labels: grayscale 0-20, 255)
-    SegmentationClass/<id>.png         (official palette labels; used where present)
-    ImageSets/Segmentation/train_aug.txt, val.txt"""
+    splits = {"train": "train_aug", "train_aug": "train_aug", "test": "val", "val": "val"}
+    tops, needs = ["", "VOCdevkit/VOC2012", "VOC2012"], ["JPEGImages", "ImageSets/Segmentation"]
+    layout = "VOCdevkit/VOC2012/{JPEGImages, SegmentationClassAug, SegmentationClass, ImageSets/Segmentation}"
 
-    def __init__(self, root, split: str, transform=None):
-        lst = _split_name(split, {"train": "train_aug", "train_aug": "train_aug", "test": "val", "val": "val"})
-        top = self._find_root(root, ["", "VOCdevkit/VOC2012", "VOC2012"], ["JPEGImages", "ImageSets/Segmentation"])
-        official = {p.name for p in (top / "SegmentationClass").glob("*.png")}
-        pairs = [(top / "JPEGImages" / f"{i}.jpg",
-                  top / ("SegmentationClass" if f"{i}.png" in official else "SegmentationClassAug") / f"{i}.png")
-                 for i in _read_list(top / "ImageSets/Segmentation" / f"{lst}.txt")]
-        super().__init__(pairs, f"{lst}.txt", "train" if lst == "train_aug" else "test", transform)
+    def _pairs(self, top: Path, lst: str) -> tuple[list[tuple[Path, Path]], str]:
+        official = {p.name for p in (top / "SegmentationClass").glob("*.png")}  # used where present
+        return [(top / "JPEGImages" / f"{i}.jpg",
+                 top / ("SegmentationClass" if f"{i}.png" in official else "SegmentationClassAug") / f"{i}.png")
+                for i in _read_list(top / "ImageSets/Segmentation" / f"{lst}.txt")], f"{lst}.txt"
 
 
 class Context33(_LabelledFiles):
     """Pascal Context, 33 classes: train 4,998, test = `val` 5,105; read from the 59-class PNGs."""
     raw_names, unseen, num_values = dict(enumerate(CONTEXT33_CLASSES, 1)), CONTEXT33_UNSEEN, 60
-    value_to_raw = CONTEXT59_TO_33
-    layout = """VOCdevkit/VOC2010/
-    JPEGImages/<id>.jpg
-    SegmentationClassContext/<id>.png  (59-class labels: 0 unlabelled, 1-59)
-    ImageSets/SegmentationContext/train.txt, val.txt"""
+    value_to_raw, splits = CONTEXT59_TO_33, {"train": "train", "test": "val"}
+    tops, needs = ["", "VOCdevkit/VOC2010", "VOC2010"], ["JPEGImages", "SegmentationClassContext"]
+    layout = "VOCdevkit/VOC2010/{JPEGImages, SegmentationClassContext, ImageSets/SegmentationContext}"
 
-    def __init__(self, root, split: str, transform=None):
-        lst = _split_name(split, {"train": "train", "test": "val"})
-        top = self._find_root(root, ["", "VOCdevkit/VOC2010", "VOC2010"], ["JPEGImages", "SegmentationClassContext"])
-        pairs = [(top / "JPEGImages" / f"{i}.jpg", top / "SegmentationClassContext" / f"{i}.png")
-                 for i in _read_list(top / "ImageSets/SegmentationContext" / f"{lst}.txt")]
-        super().__init__(pairs, f"{lst}.txt", split, transform)
+    def _pairs(self, top: Path, lst: str) -> tuple[list[tuple[Path, Path]], str]:
+        return [(top / "JPEGImages" / f"{i}.jpg", top / "SegmentationClassContext" / f"{i}.png")
+                for i in _read_list(top / "ImageSets/SegmentationContext" / f"{lst}.txt")], f"{lst}.txt"
 
 
 class COCOStuff(_LabelledFiles):
     """COCO-Stuff 164k, 171 classes: train = train2017 (118,287), test = val2017 (5,000)."""
     raw_names = {r: n for r, n in enumerate(COCO_STUFF_CLASSES) if r not in COCO_STUFF_ABSENT}
-    unseen, num_values = COCO_STUFF_UNSEEN, 182
-    layout = """coco_stuff164k/
-    images/train2017/<id>.jpg, images/val2017/<id>.jpg
-    annotations/train2017/<id>.png, annotations/val2017/<id>.png  (stuffthingmaps: 0-181, 255)"""
+    unseen, num_values, splits = COCO_STUFF_UNSEEN, 182, {"train": "train2017", "test": "val2017"}
+    tops, needs = ["", "coco_stuff164k"], ["images/{}", "annotations/{}"]
+    layout = "coco_stuff164k/{images, annotations (the stuffthingmaps PNGs)}/{train2017, val2017}"
 
-    def __init__(self, root, split: str, transform=None):
-        sub = _split_name(split, {"train": "train2017", "test": "val2017"})
-        top = self._find_root(root, ["", "coco_stuff164k"], [f"images/{sub}", f"annotations/{sub}"])
-        pairs = [(p, top / "annotations" / sub / f"{p.stem}.png") for p in sorted((top / "images" / sub).glob("*.jpg"))]
-        super().__init__(pairs, f"images/{sub}", split, transform)
+    def _pairs(self, top: Path, sub: str) -> tuple[list[tuple[Path, Path]], str]:
+        images = sorted((top / "images" / sub).glob("*.jpg"))
+        return [(p, top / "annotations" / sub / f"{p.stem}.png") for p in images], f"images/{sub}"
 
 
 # ------------------------------------------------------------------ 4. class embeddings (M)
@@ -290,8 +257,7 @@ def _variants(word: str) -> list[str]:
 
 
 def _open(path):
-    if not Path(path).is_file():
-        raise EmbeddingError(f"word-vector file {path} does not exist")
+    _check(Path(path).is_file(), f"word-vector file {path} does not exist", EmbeddingError)
     return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
@@ -300,17 +266,14 @@ def read_word2vec_binary(path, words=None) -> dict[str, np.ndarray]:
     wanted, vectors, buf, pos = (None if words is None else set(words)), {}, b"", 0
     with _open(path) as f:
         header = f.readline().split()
-        if len(header) != 2 or not all(h.isdigit() for h in header):
-            raise EmbeddingError(f"{path}: not a word2vec binary file (header {header!r})")
+        _check(len(header) == 2 and all(h.isdigit() for h in header),
+               f"{path}: not a word2vec binary file (header {header!r})", EmbeddingError)
         n, d = map(int, header)
         for i in range(n):
-            space = buf.find(b" ", pos)
-            while space < 0 or len(buf) < space + 1 + 4 * d:  # 1 MiB at a time: the file is 3.6 GB
-                chunk = f.read(1 << 20)
-                if not chunk:
+            while (space := buf.find(b" ", pos)) < 0 or len(buf) < space + 1 + 4 * d:  # the file is 3.6 GB:
+                if not (chunk := f.read(1 << 20)):  # read it 1 MiB at a time
                     raise EmbeddingError(f"{path}: truncated after {i} of {n} words")
                 buf, pos = buf[pos:] + chunk, 0
-                space = buf.find(b" ")
             word = buf[pos:space].lstrip(b"\n").decode("utf-8", "replace")  # some writers end vectors with \n
             if wanted is None or word in wanted:
                 vectors[word] = np.frombuffer(buf, "<f4", d, space + 1).copy()
@@ -342,18 +305,15 @@ def class_embedding_table(class_names: list[str], sources: list, *, source_names
     """(C, D_1 + D_2 + ...): e_c = normalise(mean_w v_1(w) (+) mean_w v_2(w) (+) ...), w over the
     words of class c's name; `sources` are word -> vector mappings."""
     source_names = source_names or [f"source {s}" for s in range(len(sources))]
-    rows, missing = [], []
-    for name in class_names:
-        halves = []
-        for src, src_name in zip(sources, source_names):
-            found = {w: next((src[v] for v in _variants(w) if v in src), None) for w in _words(name)}
-            missing += [f"class {name!r}: word {w!r} not in {src_name}" for w, v in found.items() if v is None]
-            vecs = [np.asarray(v, np.float64) for v in found.values() if v is not None]
-            halves.append(np.mean(vecs, axis=0) if vecs else None)
-        rows.append(halves)
-    if missing:
-        raise EmbeddingError(f"{len(missing)} class word(s) missing from the word vectors:\n  " + "\n  ".join(missing))
-    table = np.stack([np.concatenate(h) for h in rows])  # (C, D)
+    # found[c][s]: {word of class c: its vector in source s (the first spelling found), or None}
+    found = [[{w: next((src[v] for v in _variants(w) if v in src), None) for w in _words(name)} for src in sources]
+             for name in class_names]
+    missing = [f"class {name!r}: word {w!r} not in {s}" for name, halves in zip(class_names, found)
+               for s, words in zip(source_names, halves) for w, v in words.items() if v is None]
+    _check(not missing, f"{len(missing)} class word(s) missing from the word vectors:\n  " + "\n  ".join(missing),
+           EmbeddingError)
+    table = np.stack([np.concatenate([np.mean([np.asarray(v, np.float64) for v in words.values()], axis=0)
+                                      for words in halves]) for halves in found])  # (C, D)
     table /= np.linalg.norm(table, axis=1, keepdims=True).clip(min=1e-12)  # an all-zero row stays 0, not NaN
     return torch.from_numpy(table).float()
 
@@ -367,20 +327,15 @@ def _load_npy(path: Path) -> np.ndarray:
 
 def _table_rows(table: np.ndarray, path: Path, num_classes: int, raw_ids, order: str) -> np.ndarray:
     """A precomputed table's rows in model order; both row orders: README "Class embeddings"."""
-    if order not in ("raw", "model"):
-        raise ValueError(f"load_class_embeddings: order must be 'raw' or 'model', got {order!r}")
-    if order == "raw" and raw_ids is None:
-        raise ValueError(f"load_class_embeddings: order='raw' needs raw_ids (the dataset's raw id of each class) "
-                         f"to read {path}; or pass order='model'")
-    rows = table.shape[0] if table.ndim == 2 else None
-    if order == "raw" and rows == len(raw_ids):
-        ranked = sorted(raw_ids)
-        return table[[ranked.index(r) for r in raw_ids]]
-    if order == "raw" and rows == max(raw_ids) + 1:
-        return table[list(raw_ids)]
+    _check(order in ("raw", "model"), f"load_class_embeddings: order must be 'raw' or 'model', got {order!r}",
+           ValueError)
+    _check(order == "model" or raw_ids is not None, "load_class_embeddings: order='raw' needs raw_ids (the "
+           f"dataset's raw id of each class) to read {path}; or pass order='model'", ValueError)
+    rows, d = table.shape if table.ndim == 2 else (None, "D")
     if order == "model" and rows == num_classes:
         return table
-    d = table.shape[1] if table.ndim == 2 else "D"
+    if order == "raw" and rows in (len(raw_ids), max(raw_ids) + 1):  # a row per class, or per raw value 0..max
+        return table[[sorted(raw_ids).index(r) for r in raw_ids] if rows == len(raw_ids) else list(raw_ids)]
     raw = f"({len(raw_ids)}, {d}) or ({max(raw_ids) + 1}, {d})" if raw_ids is not None else "(no raw ids given)"
     raise EmbeddingError(f"{path}: shape {table.shape} fits neither row order: raw-id order (--embeddings-order "
                          f"raw) expects shape {raw}, model order (--embeddings-order model) ({num_classes}, {d})")
@@ -388,9 +343,8 @@ def _table_rows(table: np.ndarray, path: Path, num_classes: int, raw_ids, order:
 
 def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_ids=None, order: str = "raw",
                           cache: bool = True) -> torch.Tensor:
-    """The (C, dim) table for `class_names`: from word-vector files (word2vec `.bin`, fastText `.vec`,
-    either may be `.gz`; one half each, cached as `<first file>.<hash>.npy`), or from one `.npy`
-    table in `order` "raw" (by the dataset's `raw_ids`) or "model" (`class_names` order)."""
+    """The (C, dim) table for `class_names`: from word-vector files (word2vec `.bin`, fastText `.vec`, or
+    `.gz`; a half each; cached as `<first file>.<hash>.npy`), or one `.npy` in `order` "raw" or "model"."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if len(paths) == 1 and paths[0].suffix == ".npy":
         table_path = paths[0]
@@ -405,17 +359,15 @@ def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_
             sources = [(read_fasttext_vec if ".vec" in p.suffixes else read_word2vec_binary)(p, wanted) for p in paths]
             table = class_embedding_table(class_names, sources, source_names=[p.name for p in paths]).numpy()
             if table.shape[1] != dim:
-                raise EmbeddingError(f"{' + '.join(p.name for p in paths)} give "
-                                     f"{' + '.join(str(len(next(iter(s.values())))) for s in sources)} = "
-                                     f"{table.shape[1]}-d class embeddings, expected {dim}-d")
+                widths = " + ".join(f"{p.name} {len(next(iter(s.values())))}" for p, s in zip(paths, sources))
+                raise EmbeddingError(f"{widths} = {table.shape[1]}-d class embeddings, expected {dim}-d")
             if cache:
                 try:
                     np.save(table_path, table)
                 except OSError as e:  # a read-only folder only costs re-reading the vectors next time
                     warnings.warn(f"could not cache the class embeddings at {table_path}: {e}")
-    if table.shape != (len(class_names), dim):
-        raise EmbeddingError(f"{table_path}: shape {table.shape}, expected ({len(class_names)}, {dim}) "
-                             f"for classes {', '.join(class_names)}")
+    _check(table.shape == (len(class_names), dim), f"{table_path}: shape {table.shape}, expected "
+           f"({len(class_names)}, {dim}) for classes {', '.join(class_names)}", EmbeddingError)
     return torch.as_tensor(table, dtype=torch.float32)
 
 
@@ -423,33 +375,26 @@ def added_class_embeddings(dataset: str, names: list[str], paths=None, *, dim: i
     """M's rows for class names added after training, by the rules of training: for ``shapes`` its
     seeded vectors (vocabulary: the words of its class names), else the word-vector files ``paths``."""
     if dataset == "shapes":
-        if paths:
-            raise EmbeddingError("--embeddings: shapes makes its own seeded word vectors; the flag is for voc, "
-                                 "context and cocostuff")
+        _check(not paths, "--embeddings: shapes makes its own seeded word vectors; the flag is for voc, "
+               "context and cocostuff", EmbeddingError)
         vocabulary = {w.lower() for n in SHAPES_RAW for w in _words(n)}
         missing = [f"class {n!r}: word {w!r}" for n in names for w in _words(n) if w.lower() not in vocabulary]
-        if missing:
-            raise EmbeddingError(f"not in the shapes vocabulary ({', '.join(sorted(vocabulary))}): "
-                                 + "; ".join(missing))
+        _check(not missing, f"not in the shapes vocabulary ({', '.join(sorted(vocabulary))}): "
+               + "; ".join(missing), EmbeddingError)
         return shapes_embeddings([n.lower() for n in names], dim=dim)
     paths = [Path(p) for p in paths or ()]
-    if not paths or any(p.suffix == ".npy" for p in paths):
-        raise EmbeddingError(f"--embeddings: new {dataset} class names need the word-vector files (word2vec .bin, "
-                             f"fastText .vec) the run was trained with; a .npy table has no rows for them")
+    _check(paths and all(p.suffix != ".npy" for p in paths), f"--embeddings: new {dataset} class names need the "
+           "word-vector files of training (.bin, .vec); a .npy table has no rows for them", EmbeddingError)
     return load_class_embeddings(paths, list(names), dim=dim, cache=False)
 
 
 def shapes_embeddings(class_names: list[str], *, seed: int = 0, dim: int = 600) -> torch.Tensor:
     """Two seeded pseudo-random unit vectors per word stand in for word2vec and fastText."""
-    if dim % 2:
-        raise ValueError(f"shapes_embeddings: dim must be even (two halves), got {dim}")
-
-    def vector(source: int, word: str) -> np.ndarray:
-        v = np.random.default_rng([seed, source, zlib.crc32(word.encode())]).standard_normal(dim // 2)
-        return v / np.linalg.norm(v)
-
+    _check(dim % 2 == 0, f"shapes_embeddings: dim must be even (two halves), got {dim}", ValueError)
     words = {w for n in class_names for w in _words(n)}
-    sources = [{w: vector(s, w) for w in words} for s in range(2)]
+    draws = [{w: np.random.default_rng([seed, s, zlib.crc32(w.encode())]).standard_normal(dim // 2) for w in words}
+             for s in range(2)]  # (dim / 2,) per word and source
+    sources = [{w: v / np.linalg.norm(v) for w, v in source.items()} for source in draws]
     return class_embedding_table(class_names, sources, source_names=["shapes-word2vec", "shapes-fasttext"])
 
 
@@ -469,11 +414,9 @@ _SHAPES_PALETTE = np.array([(150, 200, 255), (20, 60, 200), (40, 140, 40), (230,
 
 
 def _shapes_scenes(n: int, seed: int, split: str, layout: str = "context") -> dict[str, np.ndarray]:
-    """Scene parameters in relative coordinates: they do not depend on the render size. Each
-    parameter has its own random stream, so the first k scenes are the same for any n >= k, and
-    ``layout="uniform"`` draws exactly the scenes of the benchmark's first version."""
-    if layout not in SHAPES_LAYOUTS:
-        raise ValueError(f"Shapes: layout must be one of {SHAPES_LAYOUTS}, got {layout!r}")
+    """Scene parameters in relative coordinates (for any render size), each from its own random stream:
+    the first k scenes are the same for any n >= k; ``layout="uniform"`` draws the first version's."""
+    _check(layout in SHAPES_LAYOUTS, f"Shapes: layout must be one of {SHAPES_LAYOUTS}, got {layout!r}", ValueError)
     rng = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, split == "test"]).spawn(10)]
     stuff_rgb = _STUFF_RGB + rng[0].uniform(-0.06, 0.06, (n, 4, 3))  # (n, 4, 3) per-image stuff colours
     stuff_rgb[:, 1] = stuff_rgb[:, 0]  # water looks exactly like sky: only position tells them apart
@@ -532,10 +475,9 @@ def _render_shapes(scenes: dict, size: int, base_size: int, noise: float, genera
 
 
 class Shapes(_Segmentation):
-    """The built-in zero-shot benchmark (README "The built-in benchmark `shapes`"): scenes from
-    `seed` and `layout`, rendered once at `size`, things keeping their pixel size at `base_size`.
-    `images` (N, 3, S, S) uint8, `labels` (N, S, S) uint8 (model indices, 255 ignore) and
-    `scenes` (the parameters) hold the whole split."""
+    """The built-in benchmark (README "The built-in benchmark `shapes`"): the `scenes` of `seed` and
+    `layout`, rendered once at `size` (things keep their pixel size at `base_size`) into `images`
+    (N, 3, S, S) uint8 and `labels` (N, S, S) uint8 (model indices, 255 ignore)."""
     raw_names, unseen, num_values = dict(enumerate(SHAPES_RAW)), SHAPES_UNSEEN, 20
     # Pixel statistics of the default training set, so normalised images are ~zero-mean, unit-std
     # (ImageNet's statistics would leave the blue channel at mean 1.2).
@@ -543,10 +485,8 @@ class Shapes(_Segmentation):
 
     def __init__(self, split: str, *, size: int = 64, num_images: int | None = None, seed: int = 0,
                  transform=None, base_size: int = 64, noise: float = 0.04, layout: str = "context"):
-        split = _split_name(split, {"train": "train", "test": "test"})
-        if size < 8 or base_size < 8 or (num_images is not None and num_images < 1):
-            raise ValueError(f"Shapes: need size, base_size >= 8 and num_images >= 1; got {size}, {base_size}, "
-                             f"{num_images}")
+        _check(size >= 8 and base_size >= 8 and (num_images is None or num_images >= 1), "Shapes: need size, "
+               f"base_size >= 8 and num_images >= 1; got {size}, {base_size}, {num_images}", ValueError)
         super().__init__(split, transform)
         self.size, self.palette = size, _SHAPES_PALETTE[self.raw_ids]
         n = num_images if num_images is not None else (2000 if split == "train" else 300)
@@ -555,9 +495,8 @@ class Shapes(_Segmentation):
         g = torch.Generator().manual_seed(int(noise_seed))  # noise, unlike the scenes, depends on size
         chunks = [_render_shapes({k: v[i:i + 256] for k, v in self.scenes.items()}, size, base_size, noise, g)
                   for i in range(0, n, 256)]  # chunks bound the memory of the (n, 3, S, S) masks
-        self.images = torch.cat([c[0] for c in chunks])  # (N, 3, S, S) uint8
-        labels = torch.cat([c[1] for c in chunks]).long()  # (N, S, S) raw ids
-        self.labels = torch.from_numpy(self.lut)[labels].to(torch.uint8)  # (N, S, S) model indices
+        self.images, labels = map(torch.cat, zip(*chunks))  # (N, 3, S, S) uint8, (N, S, S) raw ids
+        self.labels = torch.from_numpy(self.lut)[labels.long()].to(torch.uint8)  # (N, S, S) model indices
 
     def __len__(self) -> int:
         return len(self.images)
@@ -566,12 +505,8 @@ class Shapes(_Segmentation):
         return self._finish(self.images[i], self.labels[i])
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """What a DataLoader fetches for a batch: without a transform, normalised as one tensor
-        (the same values as ``__getitem__``, in one call instead of B); with one, item by item."""
-        if self.transform is not None:
-            return [self[i] for i in indices]
-        images = v2.Compose(_to_float(self.mean, self.std))(self.images[indices])  # (B, 3, S, S) float32
-        return list(zip(images, self.labels[indices].long()))
+        """A DataLoader's batch: without a transform, normalised in one call (the values of B calls)."""
+        return [self[i] for i in indices] if self.transform is not None else list(zip(*self[indices]))
 
 
 # ------------------------------------------------------------------ 6. factory, preview, CLI
@@ -582,26 +517,18 @@ CLASS_COUNTS = {name: (len(cls.raw_names), len(cls.unseen)) for name, cls in DAT
 
 def build_dataset(name: str, split: str, *, root=None, **kwargs):
     """`Shapes(split, **kwargs)`, or `Name(root, split, **kwargs)` for a real dataset."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
-    if name != "shapes" and root is None:
-        raise ValueError(f"dataset {name!r} needs a root folder (--data-root)")
+    _check(name in DATASETS, f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}", ValueError)
+    _check(name == "shapes" or root is not None, f"dataset {name!r} needs a root folder (--data-root)", ValueError)
     return Shapes(split, **kwargs) if name == "shapes" else DATASETS[name](root, split, **kwargs)
 
 
-def voc_palette(K: int) -> np.ndarray:
-    """(K, 3) uint8: VOC's colour map (bit b of k + 1 goes to channel b % 3, bit 7 - b // 3),
-    shifted by one so that no class is black; black is ignore (255)."""
-    bits = (np.arange(1, K + 1)[:, None, None] >> np.arange(24).reshape(8, 3)) & 1  # (K, 8, 3)
-    return (bits << (7 - np.arange(8))[:, None]).sum(1).astype(np.uint8)  # (K, 3)
-
-
 def label_colours(num_classes: int, palette: np.ndarray | None = None) -> np.ndarray:
-    """The colour of every label id, (256, 3) uint8, for every picture this program draws: a
-    dataset's own ``palette`` for its classes, ``voc_palette`` for the rest (all classes of a
-    dataset without one, classes added after training), 255 (ignore) black."""
+    """(256, 3) uint8, the colour of every label id in every picture drawn: a dataset's ``palette``
+    for its classes, else (and for classes added after training) VOC's colour map shifted by one so
+    no class is black (bit b of k + 1 goes to channel b % 3, bit 7 - b // 3); 255 (ignore) black."""
+    bits = (np.arange(1, num_classes + 1)[:, None, None] >> np.arange(24).reshape(8, 3)) & 1  # (K, 8, 3)
     colours = np.zeros((256, 3), np.uint8)
-    colours[:num_classes] = voc_palette(num_classes)
+    colours[:num_classes] = (bits << (7 - np.arange(8))[:, None]).sum(1)  # (K, 3)
     if palette is not None:
         colours[:min(len(palette), num_classes)] = np.asarray(palette)[:num_classes]
     return colours
@@ -628,31 +555,16 @@ def save_preview(dataset, path, *, num: int = 8, cols: int = 2, size: int | None
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Check that a dataset loads; optionally draw a few samples.")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="shapes", help="dataset (default: shapes)")
-    p.add_argument("--data-root", type=Path, default=Path("data"),
-                   help="folder holding the real datasets (default: data; layout in README 'Datasets')")
+    p.add_argument("--data-root", type=Path, default=Path("data"), help="real datasets' folder (default: data)")
     p.add_argument("--split", choices=["train", "test"], default="train", help="split (default: train)")
     p.add_argument("--size", type=int, default=64, help="shapes render size and preview tile size (default: 64)")
     p.add_argument("--seed", type=int, default=0, help="shapes scene seed (default: 0)")
-    p.add_argument("--layout", choices=SHAPES_LAYOUTS, default="context", help="shapes: where things stand "
-                   "(default: context)")
+    p.add_argument("--layout", choices=SHAPES_LAYOUTS, default="context", help="shapes layout (default: context)")
     p.add_argument("--preview", type=Path, help="write a PNG grid of samples (image | label) to this file")
     p.add_argument("--num-samples", type=int, default=8, help="samples in the preview (default: 8)")
     p.add_argument("--all", action="store_true", help="read every item of both splits (a progress bar), list "
                    "every file that fails, exit 1 if any does; without it, only item 0 of --split is read")
     return p
-
-
-def check_all(name: str, root, **kwargs) -> list[str]:
-    """Read every item of both splits of a dataset; the one-line errors of the items that fail."""
-    bad = []
-    for split in ("train", "test"):
-        dataset = build_dataset(name, split, root=root, **kwargs)
-        for i in tqdm(range(len(dataset)), desc=f"{name} {split}", dynamic_ncols=True):
-            try:
-                dataset[i]
-            except DatasetError as e:
-                bad.append(f"{split} item {i}: {e}")
-    return bad
 
 
 def main(argv=None) -> int:
@@ -662,21 +574,26 @@ def main(argv=None) -> int:
     try:
         for flag, value, low in (("--size", args.size, 8), ("--num-samples", args.num_samples, 1),
                                  ("--seed", args.seed, 0)):
-            if value < low:
-                raise ValueError(f"{flag} must be >= {low}, got {value}")
-        if args.preview and args.preview.suffix.lower() not in Image.registered_extensions():
-            raise ValueError(f"--preview {args.preview}: expected an image file name such as preview.png")
+            _check(value >= low, f"{flag} must be >= {low}, got {value}", ValueError)
+        _check(not args.preview or args.preview.suffix.lower() in Image.registered_extensions(),
+               f"--preview {args.preview}: expected an image file name such as preview.png", ValueError)
         dataset = build_dataset(args.dataset, args.split, root=args.data_root, **kwargs)
         print(f"{args.dataset} {args.split}: {len(dataset)} images; {dataset.num_seen} seen classes: "
               f"{', '.join(dataset.class_names[:dataset.num_seen])}; {dataset.num_unseen} unseen: "
               f"{', '.join(dataset.class_names[dataset.num_seen:])}")
         image, label = dataset[0]  # reading one item surfaces format errors now
         print(f"item 0: image {tuple(image.shape)}, label {tuple(label.shape)}")
-        if args.all:
-            bad = check_all(args.dataset, args.data_root, **kwargs)
-            for line in bad:
-                print(f"data.py: bad {line}", file=sys.stderr)
-            print(f"{len(bad)} bad item(s)" if bad else "every item of both splits reads")
+        if args.all:  # read every item of both splits, naming each that fails
+            bad = 0
+            for split in ("train", "test"):
+                ds = build_dataset(args.dataset, split, root=args.data_root, **kwargs)
+                for i in tqdm(range(len(ds)), desc=f"{args.dataset} {split}", dynamic_ncols=True):
+                    try:
+                        ds[i]
+                    except DatasetError as e:
+                        bad += 1
+                        tqdm.write(f"data.py: bad {split} item {i}: {e}", file=sys.stderr)
+            print(f"{bad} bad item(s)" if bad else "every item of both splits reads")
             if bad:
                 return 1
         if args.preview:

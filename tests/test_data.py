@@ -197,12 +197,10 @@ def test_class_counts_need_no_files_and_match_the_readers(real_datasets):
         assert (len(ds.class_names), ds.num_unseen) == data.CLASS_COUNTS[name]
 
 
-def test_seen_classes_precede_unseen_in_raw_order():
-    voc = dict(enumerate(data.VOC_CLASSES, 1))
-    _, raw_ids, num_seen = data._split(voc, data.VOC_UNSEEN)
-    assert raw_ids == list(range(1, 21)) and num_seen == 15
-    _, raw_ids, num_seen = data._split(dict(enumerate(data.CONTEXT33_CLASSES, 1)), data.CONTEXT33_UNSEEN)
-    assert raw_ids[29:] == [8, 10, 14, 18] and raw_ids[:8] == [1, 2, 3, 4, 5, 6, 7, 9]
+def test_seen_classes_precede_unseen_in_raw_order(real_datasets):
+    voc, context = real_datasets["voc", "train"], real_datasets["context", "test"]
+    assert voc.raw_ids == list(range(1, 21)) and voc.num_seen == 15
+    assert context.raw_ids[29:] == [8, 10, 14, 18] and context.raw_ids[:8] == [1, 2, 3, 4, 5, 6, 7, 9]
 
 
 def test_item_without_transform_is_normalised_and_never_resized(tmp_path):
