@@ -31,6 +31,7 @@ import argparse
 import inspect
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import partial
 
@@ -67,12 +68,12 @@ class ASPP(nn.Module):
         return sum(branch(x) for branch in self.branches)  # (B, out, h, w)
 
 
-class DeepLabV2(nn.Module):
-    """E: dilated ResNet (output stride 8, frozen BN) + ASPP summed into ``out_channels``."""
+class DeepLabV2(nn.Sequential):
+    """E: dilated ResNet (output stride 8, frozen BN), then ASPP summed into ``out_channels``:
+    (B, 3, H, W) -> (B, out, H/8, W/8)."""
     output_stride = 8
 
     def __init__(self, out_channels: int = 600, *, depth: int = 101, pretrained: bool = False):
-        super().__init__()
         name = f"resnet{depth}"
         dilate = dict(replace_stride_with_dilation=[False, True, True]) if depth >= 50 else {}
         weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
@@ -84,17 +85,13 @@ class DeepLabV2(nn.Module):
                                f"Without internet, copy {weights.url} to {path}") from err
         if depth < 50:  # torchvision won't dilate BasicBlock: do it by torchvision's rule for Bottleneck
             for layer, previous, dilation in ((net.layer3, 1, 2), (net.layer4, 2, 4)):
+                layer[0].downsample[0].stride = (1, 1)  # the stage's 1x1 shortcut conv
                 for i, block in enumerate(layer):
                     d = previous if i == 0 else dilation
                     for conv in (block.conv1, block.conv2):
                         conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
-                    if block.downsample is not None:
-                        block.downsample[0].stride = (1, 1)
-        self.body = nn.Sequential(*list(net.children())[:-2])  # all but the classifier's avgpool and fc
-        self.aspp = ASPP(net.fc.in_features, out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, out, H/8, W/8)
-        return self.aspp(self.body(x))
+        super().__init__(OrderedDict(body=nn.Sequential(*list(net.children())[:-2]),  # all but avgpool and fc
+                                     aspp=ASPP(net.fc.in_features, out_channels)))
 
 
 class SmallEncoder(nn.Sequential):
@@ -136,7 +133,7 @@ class _Block(nn.Module):
                                                     v=nn.Linear(dim, dim), out=nn.Linear(dim, dim)))
             self.norm2 = nn.LayerNorm(dim)
             self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
-            # Both residual branches start at zero: the block starts as the identity (README, why).
+            # Both residual branches start at zero: the block starts as the identity (why: README).
             out = self.attention.out_proj if arch == "multihead" else self.attention["out"]
             for p in (out.weight, out.bias, self.mlp[-1].weight, self.mlp[-1].bias):
                 nn.init.zeros_(p)
@@ -338,9 +335,8 @@ class SIGN(nn.Module):
         return (f, None, None, None) if self.SIM is None else self.SIM(f)  # Eq. (1)
 
     def generate(self, labels: Tensor, z: Tensor | None = None) -> Tensor:
-        """F^_x = G(M(y) (+) z) for a label map at feature resolution, (B, h, w) -> (B, F, h, w).
-        ``z=None`` draws z ~ N(0, 1), the prior Eq. (2) pulls SIM's z towards (the Transfer
-        Learning Step, and every step without SIM). z is detached: SIM learns from Eq. (4) only."""
+        """F^_x = G(M(y) (+) z) for labels at feature resolution, (B, h, w) -> (B, F, h, w). ``z=None`` draws
+        z ~ N(0, 1), Eq. (2)'s prior (Transfer Learning Step; no SIM). z is detached: SIM learns from Eq. (4)."""
         rows = self.M.rows(labels)  # e = M(y) is the table's row for each pixel, (B, h, w)
         if z is None:
             B, h, w = rows.shape
