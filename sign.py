@@ -1,16 +1,14 @@
 """SIGN's six networks (E, SIM, G, D, C, M) and the losses of Eqs. (1)-(4) and (7)-(10).
 
-One small ``nn.Module`` per box of Fig. 2, then the losses as plain functions. Data flows
-image -> E -> SIM -> C (inference); M -> G -> D sit beside it for the generative steps.
-What this module changes versus the paper, and why: README, "Deviations from the paper".
+One ``nn.Module`` per box of Fig. 2 (data flows image -> E -> SIM -> C, with M -> G -> D beside it),
+then the losses as plain functions. Changes versus the paper: README, "Deviations from the paper".
 
 Reading order (Fig. 2, left to right)
     ASPP, DeepLabV2, SmallEncoder   E, the feature encoder (DeepLab-v2 or a small CPU CNN)
     _Block, SIM                     Eq. (1): F_x, z = SIM(E(x) (+) PE); supp. Figs. 6-8
     resize_labels, SemanticMapping  M: e = M(y), labels resized to the feature map
     Generator                       G: F^_x = G(e (+) z), ``from_table`` without building e
-    SIGN                            all six, C and D plain per-pixel convs; forward(x) =
-                                    upsample(C(SIM(E(x)))); ``first_classes``, ``with_classes``
+    SIGN                            all six (C, D: per-pixel convs); ``first_classes``, ``with_classes``
     kl_loss, prediction_loss        Eq. (2); Eqs. (3) and (9), optionally weighted per pixel
     sim_step_loss                   Eq. (4), Training Step (SIM): E, SIM, C
     discriminator_loss              Eq. (7), D's side
@@ -21,9 +19,8 @@ Reading order (Fig. 2, left to right)
 Symbol -> identifier (B batch, K classes, F feat_dim, P pe_dim, L latent_dim, h x w feature map)
     E(x)               model.E(x)                     (B, F, h, w), h = ceil(H / output_stride)
     PE                 model.SIM.positional_encoding  (P, h, w), from rpe.py
-    F_x, z             model.SIM(E(x)) -> F_x, z, mu, logvar  (B, F, h, w), (B, L, h, w)
+    F_x, z, mu, log sigma^2  model.SIM(E(x)) -> F_x, z, mu, logvar  (B, F, h, w), (B, L, h, w)
     h                  SIM's encoded features, F_x = h + h * sigmoid(z)  (B, F, h, w)
-    mu, log sigma^2    mu, logvar
     e = M(y)           model.M(y, size)               (B, e_dim, h, w); label 255 -> 0
     F^_x = G(e (+) z)  model.generate(y, z)           (B, F, h, w)
     D(f), p = C(F_x)   model.D(f), model.C(F_x)       logits (B, 1, h, w), (B, K, h, w)
@@ -34,14 +31,16 @@ import argparse
 import inspect
 import math
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor
-from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 from mmd import DEFAULT_SIGMAS, classwise_mmd
 from rpe import (absolute_positional_encoding, interpolated_absolute_positional_encoding,
@@ -69,74 +68,52 @@ class ASPP(nn.Module):
         return sum(branch(x) for branch in self.branches)  # (B, out, h, w)
 
 
-class DeepLabV2(nn.Module):
-    """E: dilated ResNet (output stride 8, frozen BN) + ASPP summed into ``out_channels``."""
+class DeepLabV2(nn.Sequential):
+    """E: dilated ResNet (output stride 8, frozen BN), then ASPP summed into ``out_channels``:
+    (B, 3, H, W) -> (B, out, H/8, W/8)."""
     output_stride = 8
 
     def __init__(self, out_channels: int = 600, *, depth: int = 101, pretrained: bool = False):
-        super().__init__()
         name = f"resnet{depth}"
         dilate = dict(replace_stride_with_dilation=[False, True, True]) if depth >= 50 else {}
-        net = getattr(torchvision.models, name)(norm_layer=FrozenBatchNorm2d, **dilate)
-        if pretrained:  # what torchvision's weights= does: the same random init, then the state dict
-            weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
-            try:
-                state = weights.get_state_dict(progress=True, check_hash=True)
-            except OSError as err:  # a failed download (urllib's URLError is an OSError)
-                path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-                raise RuntimeError(f"DeepLabV2: could not download ImageNet weights for {name} ({err}). "
-                                   f"Without internet, copy {weights.url} to {path}") from err
-            net.load_state_dict(state)
-        if depth < 50:  # torchvision won't dilate BasicBlock: do it by its rule for Bottleneck,
-            # stride 1, a stage's first block keeping the previous dilation, the others the new one
+        weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1 if pretrained else None
+        try:  # weights=None: random init only; else the same random init, then the ImageNet state dict
+            net = getattr(torchvision.models, name)(weights=weights, norm_layer=FrozenBatchNorm2d, **dilate)
+        except OSError as err:  # a failed download (urllib's URLError is an OSError)
+            path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+            raise RuntimeError(f"DeepLabV2: could not download ImageNet weights for {name} ({err}). "
+                               f"Without internet, copy {weights.url} to {path}") from err
+        if depth < 50:  # torchvision won't dilate BasicBlock: do it by torchvision's rule for Bottleneck
             for layer, previous, dilation in ((net.layer3, 1, 2), (net.layer4, 2, 4)):
+                layer[0].downsample[0].stride = (1, 1)  # the stage's 1x1 shortcut conv
                 for i, block in enumerate(layer):
                     d = previous if i == 0 else dilation
                     for conv in (block.conv1, block.conv2):
                         conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
-                    if block.downsample is not None:
-                        block.downsample[0].stride = (1, 1)
-        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
-                                  net.layer1, net.layer2, net.layer3, net.layer4)
-        self.aspp = ASPP(net.fc.in_features, out_channels)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, out, H/8, W/8)
-        return self.aspp(self.body(x))
+        super().__init__(OrderedDict(body=nn.Sequential(*list(net.children())[:-2]),  # all but avgpool and fc
+                                     aspp=ASPP(net.fc.in_features, out_channels)))
 
 
-def _conv_gn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation),
-                         nn.GroupNorm(min(8, cout), cout), nn.ReLU(inplace=True))
-
-
-class SmallEncoder(nn.Module):
-    """E for the CPU benchmark: strided convs to 1/``output_stride``, a 3x3 conv and two dilated
-    convs (receptive field 63 px at stride 4), a linear 1x1 head. GroupNorm rather than BatchNorm,
-    so freezing E later (transfer, self-training) leaves no running statistics to drift."""
+class SmallEncoder(nn.Sequential):
+    """E for the CPU benchmark, (B, 3, H, W) -> (B, out, H/os, W/os): strided convs to 1/os, a 3x3
+    conv and two dilated convs (receptive field 63 px at os = 4), a linear 1x1 head. GroupNorm, not
+    BatchNorm: freezing E later (transfer, self-training) leaves no running statistics to drift."""
     def __init__(self, out_channels: int = 64, *, width: int = 64, output_stride: int = 4):
-        super().__init__()
         if output_stride not in (4, 8):
             raise ValueError(f"SmallEncoder: output_stride must be 4 or 8, got {output_stride}")
+        block = partial(Conv2dNormActivation, norm_layer=lambda c: nn.GroupNorm(min(8, c), c), bias=True)
+        super().__init__(block(3, width // 2, stride=2), block(width // 2, width, stride=2),
+                         *([block(width, width, stride=2)] if output_stride == 8 else []),
+                         *(block(width, width, dilation=d) for d in (1, 2, 4)), nn.Conv2d(width, out_channels, 1))
         self.output_stride = output_stride
-        w = width
-        self.net = nn.Sequential(
-            _conv_gn_relu(3, w // 2, stride=2), _conv_gn_relu(w // 2, w, stride=2),
-            *([_conv_gn_relu(w, w, stride=2)] if output_stride == 8 else []),
-            _conv_gn_relu(w, w), _conv_gn_relu(w, w, dilation=2), _conv_gn_relu(w, w, dilation=4),
-            nn.Conv2d(w, out_channels, 1))
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> (B, out, H/os, W/os)
-        return self.net(x)
 
 
 # ----------------------------------------------------------------------------- SIM
 class _Block(nn.Module):
-    """SIM's residual block, h + f(h), in one of Table 2's four architectures:
-    (A) conv: f = conv1x1(relu(conv3x3(h)));
-    (B) attention, CaGNet-style: three sigmoid maps at dilations 1/2/4 scale a context conv,
-        the three results concatenated and fused by a 1x1 conv;
-    (C) self-attention, (D) multihead: a pre-norm Transformer encoder layer over the h*w
-        pixels, attention then a 2F MLP."""
+    """SIM's residual block h + f(h), one of Table 2's four: (A) conv, f = conv1x1(relu(conv3x3(h)));
+    (B) attention, CaGNet-style: sigmoid maps at dilations 1/2/4 scale a context conv, the three results
+    concatenated and fused by a 1x1 conv; (C) self-attention, (D) multihead: a pre-norm Transformer
+    encoder layer over the h*w pixels, attention then a 2F MLP."""
     def __init__(self, dim: int, arch: str, heads: int):
         super().__init__()
         self.arch = arch
@@ -156,11 +133,10 @@ class _Block(nn.Module):
                                                     v=nn.Linear(dim, dim), out=nn.Linear(dim, dim)))
             self.norm2 = nn.LayerNorm(dim)
             self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
-            # Both residual branches start at zero, so the block starts as the identity: default-
-            # initialised attention learns less steadily (README, "... start as the identity").
-            for layer in (self.attention.out_proj if arch == "multihead" else self.attention["out"], self.mlp[-1]):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
+            # Both residual branches start at zero: the block starts as the identity (why: README).
+            out = self.attention.out_proj if arch == "multihead" else self.attention["out"]
+            for p in (out.weight, out.bias, self.mlp[-1].weight, self.mlp[-1].bias):
+                nn.init.zeros_(p)
 
     def forward(self, h: Tensor) -> Tensor:  # (B, F, h, w)
         if self.arch == "conv":
@@ -180,11 +156,9 @@ class _Block(nn.Module):
 
 
 class SIM(nn.Module):
-    """Spatial Information Module, Eq. (1): F_x, z = SIM(E(x) (+) PE). A 1x1 conv fuses E(x) (+) PE
-    back to F channels and a ``_Block`` gives h; 1x1 heads give mu and log sigma^2 (supp. Fig. 6),
-    z = mu + sigma * eps in training, mu in eval. ``latent_path="gate"``: F_x = h + h * sigmoid(z),
-    so C's loss trains z's heads; ``"side"``: F_x = h, z a side output only G reads (the ablation
-    of an inert z). PE is recomputed at every call for the current h x w: any input size works."""
+    """Spatial Information Module, Eq. (1): F_x, z = SIM(E(x) (+) PE). A 1x1 conv fuses E(x) (+) PE to
+    F channels, a ``_Block`` gives h, 1x1 heads mu and log sigma^2 (supp. Fig. 6); ``latent_path`` is how
+    z reaches F_x (README, deviations). PE is recomputed per call for the current h x w: any size works."""
     def __init__(self, dim: int, *, arch: str = "multihead", pe: str = "rpe", pe_dim: int = 600,
                  latent_dim: int = 600, heads: int = 8, pe_train_size: tuple[int, int] | None = None,
                  rpe_c: float = 512.0, rpe_endpoint: bool = False, latent_path: str = "gate"):
@@ -193,8 +167,7 @@ class SIM(nn.Module):
             raise ValueError(f"SIM: arch must be one of {SIM_ARCHS}, pe one of {PE_KINDS} and latent_path "
                              f"one of {LATENT_PATHS}, got {arch!r}, {pe!r}, {latent_path!r}")
         if latent_path == "gate" and latent_dim != dim:
-            raise ValueError(f"SIM: latent_path='gate' multiplies h (F={dim} channels) by sigmoid(z), so "
-                             f"latent_dim must equal feat_dim, got latent_dim={latent_dim}")
+            raise ValueError(f"SIM: for the gate, latent_dim must equal feat_dim {dim}, got {latent_dim}")
         if pe == "ape-interp" and pe_train_size is None:
             raise ValueError("SIM: pe='ape-interp' needs the training feature size pe_train_size")
         if arch == "multihead" and dim % heads:
@@ -203,7 +176,6 @@ class SIM(nn.Module):
         self.rpe_c, self.rpe_endpoint = rpe_c, rpe_endpoint
         self.fuse = nn.Conv2d(dim + (pe_dim if pe != "none" else 0), dim, 1)
         self.block = _Block(dim, arch, heads)
-        # plain convs, no ReLU on log sigma^2: sigma may fall below 1
         self.reparameterize = nn.ModuleDict(dict(mu=nn.Conv2d(dim, latent_dim, 1),
                                                  logvar=nn.Conv2d(dim, latent_dim, 1)))
 
@@ -218,15 +190,13 @@ class SIM(nn.Module):
             return interpolated_absolute_positional_encoding(h, w, train_size=self.pe_train_size, **kw)
         raise ValueError("SIM.positional_encoding: this SIM was built with pe='none'")
 
-    def forward(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        B = f.shape[0]  # f = E(x), (B, F, h, w)
+    def forward(self, f: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # f = E(x), (B, F, h, w)
         if self.pe != "none":
             pe = self.positional_encoding(*f.shape[-2:], device=f.device, dtype=f.dtype)  # (P, h, w)
-            f = torch.cat([f, pe.expand(B, -1, -1, -1)], 1)  # E(x) (+) PE, (B, F + P, h, w)
+            f = torch.cat([f, pe.expand(len(f), -1, -1, -1)], 1)  # E(x) (+) PE, (B, F + P, h, w)
         h = self.block(self.fuse(f))  # encoded features, (B, F, h, w)
         mu, logvar = self.reparameterize.mu(h), self.reparameterize.logvar(h)  # (B, L, h, w) each
         z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if self.training else mu  # Eq. (1)
-        # The gate is z's only route to C: through it Eq. (3) trains mu and log sigma^2.
         F_x = h + h * torch.sigmoid(z) if self.latent_path == "gate" else h  # Eq. (1), (B, F, h, w)
         return F_x, z, mu, logvar
 
@@ -260,10 +230,9 @@ class SemanticMapping(nn.Module):
 
 
 class Generator(nn.Sequential):
-    """G: per pixel (1x1 convs), e (+) z -> a synthetic feature with F_x's channels. The output
-    layer is linear on purpose: F_x ends in a residual sum (or, without SIM, ASPP's) with no
-    activation, so it takes unbounded values of either sign that tanh/sigmoid/ReLU cannot reach.
-    ``G(e (+) z)`` is the definition; ``G.from_table`` computes the same map for e = M(y)."""
+    """G: per pixel (1x1 convs), e (+) z -> a synthetic feature with F_x's channels. The output layer
+    is linear: F_x ends in a sum with no activation (SIM's residual or ASPP's), unbounded of either
+    sign. ``G(e (+) z)`` is the definition; ``G.from_table`` computes the same map for e = M(y)."""
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 256):
         super().__init__(nn.Conv2d(in_dim, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, out_dim, 1))
 
@@ -280,12 +249,9 @@ class Generator(nn.Sequential):
 
 # ----------------------------------------------------------------------------- SIGN
 class SIGN(nn.Module):
-    """All six networks; ``forward(x)`` is inference, E -> SIM -> C, upsampled to the input.
-    ``config`` holds every constructor argument as plain JSON, so ``SIGN.from_config(config)``
-    rebuilds the architecture (the checkpoint's state_dict restores weights and M).
-    ``sim="none"`` drops SIM (F_x = E(x), z = mu = logvar = None): G then draws pure noise,
-    ZS3Net-style. ``train_size`` is the training *image* size, needed by ``pe="ape-interp"``.
-    ``latent_path`` says how z reaches F_x (``SIM``); it is ignored without SIM."""
+    """All six networks; ``forward(x)`` is inference, E -> SIM -> C, upsampled to the input. ``config``:
+    every constructor argument as plain JSON, for ``from_config``. ``sim="none"`` drops SIM (ZS3Net-style:
+    F_x = E(x), G draws pure noise); ``pe="ape-interp"`` needs ``train_size``, the training *image* size."""
     def __init__(self, embeddings: Tensor, *, num_seen: int, encoder: str = "resnet101",
                  pretrained: bool = False, feat_dim: int = 600, sim: str = "multihead",
                  pe: str = "rpe", pe_dim: int = 600, latent_dim: int | None = None, heads: int = 8,
@@ -309,10 +275,8 @@ class SIGN(nn.Module):
                            rpe_endpoint=rpe_endpoint, small_width=small_width, output_stride=output_stride,
                            latent_path=latent_path)
         self.num_seen, self.latent_dim = num_seen, latent_dim
-        if encoder == "small":
-            self.E = SmallEncoder(feat_dim, width=small_width, output_stride=output_stride or 4)
-        else:
-            self.E = DeepLabV2(feat_dim, depth=ENCODERS[encoder], pretrained=pretrained)
+        self.E = (SmallEncoder(feat_dim, width=small_width, output_stride=output_stride or 4) if encoder == "small"
+                  else DeepLabV2(feat_dim, depth=ENCODERS[encoder], pretrained=pretrained))
         self.SIM = None if sim == "none" else SIM(
             feat_dim, arch=sim, pe=pe, pe_dim=pe_dim, latent_dim=latent_dim, heads=heads,
             pe_train_size=self.feature_size(*train_size) if train_size else None,
@@ -320,7 +284,6 @@ class SIGN(nn.Module):
         self.C = nn.Conv2d(feat_dim, K, 1)  # C: F_x -> K = seen + unseen logits, per pixel
         self.M = SemanticMapping(embeddings)
         self.G = Generator(e_dim + latent_dim, feat_dim, hidden)
-        # D: per pixel, a feature -> one real/fake logit
         self.D = nn.Sequential(nn.Conv2d(feat_dim, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, 1, 1))
 
     @classmethod
@@ -334,8 +297,7 @@ class SIGN(nn.Module):
         K, e_dim = cfg.pop("num_classes"), cfg.pop("embed_dim")
         embeddings = torch.zeros(K, e_dim) if embeddings is None else embeddings
         if tuple(embeddings.shape) != (K, e_dim):
-            raise ValueError(f"SIGN.from_config: config expects embeddings ({K}, {e_dim}), "
-                             f"got {tuple(embeddings.shape)}")
+            raise ValueError(f"SIGN.from_config: embeddings must be ({K}, {e_dim}), got {tuple(embeddings.shape)}")
         return cls(embeddings, **cfg)
 
     def first_classes(self, n: int) -> "SIGN":
@@ -343,24 +305,20 @@ class SIGN(nn.Module):
         other weight this model's. Draws no random numbers."""
         with torch.random.fork_rng(devices=[]):
             cut = SIGN.from_config({**self.config, "num_classes": n})
-        state = self.state_dict()
-        state["M.table"] = torch.cat([state["M.table"][:n], state["M.table"][-1:]])  # (n + 1, e_dim)
-        state["C.weight"], state["C.bias"] = state["C.weight"][:n], state["C.bias"][:n]
-        cut.load_state_dict(state)
-        return cut.to(self.M.table.device)
+        table, C = self.M.table, self.C  # table (K + 1, e_dim): the classes, then the zero row of label 255
+        cut.load_state_dict({**self.state_dict(), "M.table": torch.cat([table[:n], table[-1:]]),  # (n + 1, e_dim)
+                             "C.weight": C.weight[:n], "C.bias": C.bias[:n]})
+        return cut.to(table.device)
 
     def with_classes(self, embeddings: Tensor) -> "SIGN":
-        """A new SIGN with one unseen class appended per row of ``embeddings`` (n, e_dim): M's table
-        gains the rows, C the outputs a fresh model of the new size draws from the global random
-        stream; every other weight is this model's."""
-        K, n = self.config["num_classes"], len(embeddings)
-        grown = SIGN.from_config({**self.config, "num_classes": K + n})
-        state = self.state_dict()
-        table = state["M.table"]  # (K + 1, e_dim): the classes, then the zero row of label 255
-        state["M.table"] = torch.cat([table[:K], embeddings.to(table), table[K:]])  # (K + n + 1, e_dim)
-        state["C.weight"] = torch.cat([state["C.weight"], grown.C.weight.detach()[K:]])  # (K + n, F, 1, 1)
-        state["C.bias"] = torch.cat([state["C.bias"], grown.C.bias.detach()[K:]])
-        grown.load_state_dict(state)
+        """A new SIGN with one unseen class appended per row of ``embeddings`` (n, e_dim): M's table gains
+        the rows, C the outputs a fresh K + n class model draws (global RNG); every other weight is this one's."""
+        K, table, C = self.config["num_classes"], self.M.table, self.C  # table (K + 1, e_dim)
+        grown = SIGN.from_config({**self.config, "num_classes": K + len(embeddings)})
+        grown.load_state_dict({**self.state_dict(),  # M's table (K + n + 1, e_dim), C's weight (K + n, F, 1, 1)
+                               "M.table": torch.cat([table[:K], embeddings.to(table), table[K:]]),
+                               "C.weight": torch.cat([C.weight, grown.C.weight[K:]]),
+                               "C.bias": torch.cat([C.bias, grown.C.bias[K:]])})
         return grown.to(table.device)
 
     @property
@@ -369,8 +327,7 @@ class SIGN(nn.Module):
 
     def feature_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w) of E's output for an (height, width) image: every stride-2 conv rounds up."""
-        s = self.E.output_stride
-        return math.ceil(height / s), math.ceil(width / s)
+        return math.ceil(height / self.E.output_stride), math.ceil(width / self.E.output_stride)
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """(B, 3, H, W) -> F_x (B, F, h, w) and z, mu, logvar (B, L, h, w) (None without SIM)."""
@@ -378,9 +335,8 @@ class SIGN(nn.Module):
         return (f, None, None, None) if self.SIM is None else self.SIM(f)  # Eq. (1)
 
     def generate(self, labels: Tensor, z: Tensor | None = None) -> Tensor:
-        """F^_x = G(M(y) (+) z) for a label map at feature resolution, (B, h, w) -> (B, F, h, w).
-        ``z=None`` draws z ~ N(0, 1), the prior Eq. (2) pulls SIM's z towards (the Transfer
-        Learning Step, and every step without SIM). z is detached: SIM learns from Eq. (4) only."""
+        """F^_x = G(M(y) (+) z) for labels at feature resolution, (B, h, w) -> (B, F, h, w). ``z=None`` draws
+        z ~ N(0, 1), Eq. (2)'s prior (Transfer Learning Step; no SIM). z is detached: SIM learns from Eq. (4)."""
         rows = self.M.rows(labels)  # e = M(y) is the table's row for each pixel, (B, h, w)
         if z is None:
             B, h, w = rows.shape
@@ -407,21 +363,17 @@ def kl_loss(mu: Tensor, logvar: Tensor, mask: Tensor | None = None) -> Tensor:
     if mask is None:
         return kl.mean()
     m = mask[:, None].to(kl.dtype)  # (B, 1, h, w)
-    # clamp: with no pixel selected the sum is an exact zero that still carries a graph
-    return (kl * m).sum() / (m.sum() * kl.shape[1]).clamp_min(1)
+    return (kl * m).sum() / (m.sum() * kl.shape[1]).clamp_min(1)  # no pixel selected: 0 with a graph
 
 
 def prediction_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None,
                     ignore_index: int = IGNORE) -> Tensor:
     """Eqs. (3), (9): CE = -log p_y per pixel; mean over non-ignored pixels, or with per-pixel
     ``weight`` (B, h, w) (AST, Eq. 17) sum(w CE) / sum(w). No valid pixel gives 0, not NaN."""
-    if logits.shape[0] != target.shape[0] or logits.shape[2:] != target.shape[1:]:
-        raise ValueError(f"prediction_loss: logits {tuple(logits.shape)} and target "
-                         f"{tuple(target.shape)} differ in batch or spatial size")
-    if weight is not None and weight.shape != target.shape:
-        raise ValueError(f"prediction_loss: weight {tuple(weight.shape)} must match "
-                         f"target {tuple(target.shape)}")
-    # a log-softmax over K logits and a mean over many pixels lose digits in half precision
+    if (logits.shape[:1] + logits.shape[2:] != target.shape
+            or weight is not None and weight.shape != target.shape):
+        raise ValueError(f"prediction_loss: logits {tuple(logits.shape)}, target {tuple(target.shape)} and weight "
+                         f"{None if weight is None else tuple(weight.shape)} differ in batch or spatial size")
     ce = F.cross_entropy(_full(logits), target, ignore_index=ignore_index, reduction="none")  # Eqs. (3), (9)
     valid = (target != ignore_index).to(ce.dtype)  # (B, h, w)
     w = valid if weight is None else weight.to(ce.dtype) * valid
@@ -432,10 +384,9 @@ def prediction_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None
 def sim_step_loss(logits: Tensor, target: Tensor, mu: Tensor | None, logvar: Tensor | None, *,
                   num_seen: int | None, alpha: float = 100.0, weight: Tensor | None = None,
                   kl_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Eq. (4), Training Step (SIM): L_pred^train + alpha L_KLD, for E, SIM and C.
-    ``num_seen`` restricts the softmax to C^S as Eq. (3) states (None = all K classes, for
-    self-training on unseen pseudo-labels). Without SIM (mu None) L_KLD is 0.
-    Returns the total and its detached parts {"pred", "kld"} for logging."""
+    """Eq. (4), Training Step (SIM): L_pred^train + alpha L_KLD, for E, SIM and C. ``num_seen``
+    restricts the softmax to C^S as Eq. (3) states (None: all K classes, for self-training on unseen
+    pseudo-labels); without SIM (mu None) L_KLD is 0. Returns the total and {"pred", "kld"} detached."""
     if num_seen is not None:
         if ((target >= num_seen) & (target != IGNORE)).any():
             raise ValueError(f"sim_step_loss: target holds a class >= num_seen={num_seen}")
@@ -447,8 +398,8 @@ def sim_step_loss(logits: Tensor, target: Tensor, mu: Tensor | None, logvar: Ten
 
 def _masked_bce(logits: Tensor, real: bool, mask: Tensor) -> Tensor:
     """Mean BCE-with-logits of D's map (B, 1, h, w) against all-real/all-fake on ``mask``."""
-    target = torch.full_like(logits[:, 0], float(real))
-    bce = F.binary_cross_entropy_with_logits(_full(logits[:, 0]), _full(target), reduction="none")  # (B, h, w)
+    logits = _full(logits[:, 0])  # (B, h, w)
+    bce = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(real)), reduction="none")
     m = mask.to(bce.dtype)
     return (bce * m).sum() / m.sum().clamp_min(1)  # no labelled pixel: 0 with a graph
 
@@ -457,18 +408,16 @@ def discriminator_loss(D: nn.Module, real: Tensor, fake: Tensor, labels: Tensor)
     """Eq. (7), D's side: D maximises E[log D(f)] + E[log(1 - D(f^))], i.e. minimises
     BCE(D(f), 1) + BCE(D(f^), 0) over labelled pixels. Features are detached: D only."""
     mask = labels != IGNORE  # (B, h, w)
-    return (_masked_bce(D(real.detach()), True, mask)
-            + _masked_bce(D(fake.detach()), False, mask))  # Eq. (7)
+    return _masked_bce(D(real.detach()), True, mask) + _masked_bce(D(fake.detach()), False, mask)  # Eq. (7)
 
 
 def generator_loss(D: nn.Module, real: Tensor, fake: Tensor, labels: Tensor,
                    seen_classes: Sequence[int], *, beta: float = 50.0,
                    sigmas: Sequence[float] = DEFAULT_SIGMAS, max_per_class: int = 256
                    ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Eq. (8), Training Step (G): L_adv + beta L_MMD, for G only. L_adv, G's side of Eq. (7), is the
-    non-saturating -log D(f^) (log(1 - D(f^)) stalls while D wins) on labelled pixels, D held fixed;
-    L_MMD is Eq. (5) over ``seen_classes`` between the real features (detached: E and SIM fixed)
-    and the fake ones at the same pixels. Returns the total and {"adv", "mmd"} detached."""
+    """Eq. (8), Training Step (G): L_adv + beta L_MMD, for G only. L_adv = -log D(f^) on labelled pixels,
+    D held fixed; L_MMD is Eq. (5) over ``seen_classes`` between the real features (detached: E and SIM
+    fixed) and the fake ones at the same pixels. Returns the total and {"adv", "mmd"} detached."""
     B, C, h, w = real.shape
     frozen_D = {name: p.detach() for name, p in D.named_parameters()}
     fake_logits = torch.func.functional_call(D, frozen_D, (fake,))  # (B, 1, h, w)
@@ -511,9 +460,8 @@ def main(argv=None) -> None:
     if not args.param_count:
         return parser.print_help()
     L = args.latent_dim or args.feat_dim
-    print(f"SIM parameters (F={args.feat_dim}, P={args.pe_dim}, L={L}, heads={args.heads}, pe=rpe), "
-          "including the reparameterisation heads")
-    print(f"{'architecture':<16}{'ours':>12}{'Table 2':>10}")
+    print(f"SIM parameters (F={args.feat_dim}, P={args.pe_dim}, L={L}, heads={args.heads}, pe=rpe), including "
+          f"the reparameterisation heads\n{'architecture':<16}{'ours':>12}{'Table 2':>10}")
     for arch in SIM_ARCHS:  # the gate has no parameters; only the side path allows L != F
         sim = SIM(args.feat_dim, arch=arch, pe_dim=args.pe_dim, latent_dim=L, heads=args.heads,
                   latent_path="gate" if L == args.feat_dim else "side")
