@@ -12,17 +12,15 @@ Reading order
     main                         the CLI; settings default to those stored in the checkpoint
 
 Convention (PROTOCOL section 5), pinned by ``tests/test_metrics.py``
-    * One confusion matrix per test set, rows = ground truth t, columns = prediction p; IoU is
-      computed once from it, never averaged over images.
-    * Pixels labelled ``ignore_index`` (255) never count; the datasets map VOC's background to it.
-    * IoU_c = TP_c / (TP_c + FP_c + FN_c), in percent. A class absent from both ground truth and
-      prediction has no IoU: its mean skips it, ``per_class`` omits it, it never counts as 0.
-      A class predicted but absent from the ground truth has IoU 0 and counts.
-    * S, U = mean IoU over the present seen / unseen classes (0 when none is present);
-      H = 2 S U / (S + U), 0 when S or U is 0.
-    * ``eval_res="full"`` (default) scores logits upsampled bilinearly to the label's size;
-      ``"feature"`` (the lineage: ZS3Net, CaGNet) warps images and labels to 513 x 513 and scores
-      C's feature-map logits against nearest-downsampled labels.
+    One confusion matrix per test set (rows ground truth t, columns prediction p); IoU is computed once
+    from it, never averaged over images. Pixels labelled ``ignore_index`` (255; VOC's background is
+    mapped to it) never count. IoU_c = TP_c / (TP_c + FP_c + FN_c) in percent; a class absent from both
+    ground truth and prediction has no IoU (the means skip it, ``per_class`` omits it, never 0), one
+    predicted but absent from the ground truth has IoU 0 and counts. S, U = mean IoU over the present
+    seen / unseen classes (0 if none); H = 2 S U / (S + U), 0 if S or U is 0. ``eval_res="full"``
+    (default) scores logits upsampled bilinearly to the label's size; ``"feature"`` (the lineage: ZS3Net,
+    CaGNet) warps images and labels to 513 x 513 and scores C's feature-map logits against
+    nearest-downsampled labels.
 
 Symbols
     K            number of classes, seen first then unseen (``data.py``'s model order)
@@ -58,21 +56,16 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
     """confusion[t, p], (K, K) int64 on the inputs' device, from integer ``pred`` and ``target`` of one
     shape, e.g. (B, H, W). Pixels whose target is ``ignore_index`` are dropped; the rest lie in [0, K)."""
     K = num_classes
-    if K < 1:
-        raise ValueError(f"confusion_matrix: num_classes must be >= 1, got {K}")
-    if pred.shape != target.shape:
-        raise ValueError(f"confusion_matrix: pred and target must have the same shape, got "
-                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
-    if pred.is_floating_point() or target.is_floating_point():
-        raise ValueError(f"confusion_matrix: expected integer class indices (argmax of the logits), got "
-                         f"pred {pred.dtype} and target {target.dtype}")
+    if K < 1 or pred.shape != target.shape or pred.is_floating_point() or target.is_floating_point():
+        raise ValueError(f"confusion_matrix: num_classes must be >= 1 and pred, target integer class indices "
+                         f"(argmax of the logits) of the same shape; got {K}, pred {pred.dtype} "
+                         f"{tuple(pred.shape)}, target {target.dtype} {tuple(target.shape)}")
     valid = target != ignore_index
     t, p = target[valid].long(), pred[valid].long()  # (N,) each, N = labelled pixels
     for name, v in (("target", t), ("pred", p)):
         if v.numel() and (v.min() < 0 or v.max() >= K):
-            raise ValueError(f"confusion_matrix: {name} values at labelled pixels must lie in [0, {K}) "
-                             f"(or be the ignore index {ignore_index} in target), found "
-                             f"[{int(v.min())}, {int(v.max())}]")
+            raise ValueError(f"confusion_matrix: {name} values at labelled pixels must lie in [0, {K}) (or be "
+                             f"the ignore index {ignore_index} in target), found [{int(v.min())}, {int(v.max())}]")
     # Row-major index t * K + p turns the 2-D histogram into one bincount.
     return torch.bincount(t * K + p, minlength=K * K).reshape(K, K)  # (K, K)
 
@@ -90,13 +83,10 @@ def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> 
     """Seen / unseen / harmonic mIoU (percent) from an accumulated (K, K) confusion matrix:
     ``{"seen_miou": S, "unseen_miou": U, "harmonic_miou": H, "per_class": {class index: IoU}}``,
     ``per_class`` in index order, present classes only (so never NaN)."""
-    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
-        raise ValueError(f"gzsl_miou: expected a square (K, K) confusion matrix, got shape "
-                         f"{tuple(confusion.shape)}")
-    if confusion.is_floating_point():
-        raise ValueError(f"gzsl_miou: expected integer pixel counts, got dtype {confusion.dtype}")
-    if confusion.numel() and confusion.min() < 0:
-        raise ValueError("gzsl_miou: the confusion matrix holds negative counts")
+    negative = int((confusion < 0).sum())
+    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1] or confusion.is_floating_point() or negative:
+        raise ValueError(f"gzsl_miou: expected a square (K, K) matrix of non-negative integer pixel counts, got "
+                         f"shape {tuple(confusion.shape)}, dtype {confusion.dtype}, {negative} negative")
     K = confusion.shape[0]
     # GZSL scores every class of the test set once: a class in neither list, or in both, would
     # silently vanish from a mean or count twice, which is always a bookkeeping mistake.
@@ -108,12 +98,8 @@ def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> 
     tp = n.diagonal()  # (K,)
     union = n.sum(0) + n.sum(1) - tp  # (K,) predicted as c or labelled c: TP + FP + FN
     per_class = {c: 100.0 * tp[c].item() / union[c].item() for c in range(K) if union[c] > 0}
-
-    def mean(classes: Sequence[int]) -> float:
-        present = [per_class[c] for c in classes if c in per_class]
-        return sum(present) / len(present) if present else 0.0
-
-    S, U = mean(seen), mean(unseen)
+    present = [[per_class[c] for c in classes if c in per_class] for classes in (seen, unseen)]
+    S, U = (sum(ious) / len(ious) if ious else 0.0 for ious in present)
     return {"seen_miou": S, "unseen_miou": U, "harmonic_miou": harmonic(S, U), "per_class": per_class}
 
 
@@ -127,9 +113,6 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
     (``scored_classes``); ``sharded``: the loader holds this rank's shard, the ranks' matrices are summed."""
     if eval_res not in EVAL_RES:
         raise ValueError(f"evaluate_model: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
-    if eval_res == "feature" and not (hasattr(model, "features") and hasattr(model, "C")):
-        raise ValueError(f"evaluate_model: eval_res='feature' needs a model with SIGN's `features(x)` "
-                         f"and `C` (logits before upsampling); {type(model).__name__} has not")
     K, was_training = num_classes, model.training
     model.eval()
     confusion = torch.zeros(K, K, dtype=torch.long, device=device)
@@ -156,10 +139,9 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
 def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, eval_res: str = "full",
               num_images: int | Sequence[int] | None = None, layout: str = "context", seed: int = 0
               ) -> dict[str, torch.utils.data.Dataset]:
-    """shapes: ``{str(s): Shapes("test", size=s, ...)}`` per size (default [64, 128]), ``num_images``
-    one count or one per size, ``seed`` the scenes (0: the benchmark's; others: independent test sets
-    of the same task); voc ``{"val": ...}``, context / cocostuff ``{"test": ...}``: whole images at
-    their own size, or warped to ``sizes[0]`` (default 513) when ``eval_res="feature"``."""
+    """shapes: ``{str(s): Shapes("test", size=s)}`` per size (default [64, 128]), ``num_images`` one count
+    or one per size, ``seed`` the scenes (0: the benchmark's); voc ``{"val": ...}``, context / cocostuff
+    ``{"test": ...}``: whole images, warped to ``sizes[0]`` (default 513) when ``eval_res="feature"``."""
     if eval_res not in EVAL_RES:
         raise ValueError(f"test_sets: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
     if dataset == "shapes":
@@ -206,12 +188,10 @@ def format_table(result: dict, class_names: Sequence[str], seen: Sequence[int], 
     followed by one summary line: seen / unseen / harmonic mIoU, all in percent."""
     width = max([len("class")] + [len(class_names[c]) for c in (*seen, *unseen)])
     lines = [f"{'#':>4}  {'class':<{width}}  {'split':<6}  {'IoU %':>6}"]
-    for split, classes in (("seen", seen), ("unseen", unseen)):
-        for c in classes:
-            iou = result["per_class"].get(c)
-            lines.append(f"{c:>4}  {class_names[c]:<{width}}  {split:<6}  "
-                         + (f"{iou:6.2f}" if iou is not None else f"{'absent':>6}"))
-    present = [sum(c in result["per_class"] for c in cs) for cs in (seen, unseen)]
+    iou = result["per_class"]
+    lines += [f"{c:>4}  {class_names[c]:<{width}}  {split:<6}  " + (f"{iou[c]:6.2f}" if c in iou else f"{'absent':>6}")
+              for split, classes in (("seen", seen), ("unseen", unseen)) for c in classes]
+    present = [sum(c in iou for c in cs) for cs in (seen, unseen)]
     lines.append(f"mIoU %  seen {result['seen_miou']:.2f} ({present[0]}/{len(seen)} classes present)  "
                  f"unseen {result['unseen_miou']:.2f} ({present[1]}/{len(unseen)})  "
                  f"harmonic {result['harmonic_miou']:.2f}")
@@ -228,10 +208,9 @@ def as_metrics(result: dict, class_names: Sequence[str]) -> dict:
 # ----------------------------------------------------------------------------- checkpoints, devices
 def scored_classes(model_names: Sequence[str], dataset_names: Sequence[str], num_seen: int
                    ) -> tuple[list[str], Tensor | None]:
-    """The classes a model is scored over: its own (a checkpoint's ``class_names``: fewer than the
-    dataset's after ``train.py --seen-only``, more after ``--add-classes``), then the dataset's it does
-    not know (never predicted); and the (256,) map of the dataset's label ids into that order, None
-    for the identity. Both must share the seen classes; names compare case-insensitively."""
+    """The classes a model is scored over: its own (fewer than the dataset's after ``train.py --seen-only``,
+    more after ``--add-classes``), then the dataset's it does not know (never predicted); and the (256,)
+    map of the dataset's label ids into that order, None for the identity. Names compare case-insensitively."""
     known = [n.lower() for n in model_names]
     if known[:num_seen] != [n.lower() for n in dataset_names[:num_seen]]:
         raise CheckpointError(f"the checkpoint's seen classes ({', '.join(model_names[:num_seen])}) are not the "
@@ -246,21 +225,14 @@ class CheckpointError(Exception):
     """A checkpoint file is missing, unreadable, or not a model written by train.py."""
 
 
-def _a_file(path, what: str, error: type[Exception] = ValueError) -> Path:
-    """``path`` if it is a file; else ``error`` naming it as ``what`` (a folder, or nothing there)."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
-    return path
-
-
 def read_checkpoint(path, keys: Sequence[str] = ("model", "config")) -> dict:
     """The dict ``train.py`` saved at ``path``, holding at least ``keys``, read with ``weights_only=True``
     (never unpickles code); anything else is a one-line ``CheckpointError`` naming the path. torch's own
     message is left out: for a foreign file it suggests ``weights_only=False``, which would run its code."""
-    path = _a_file(path, "checkpoint", CheckpointError)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # nothing there, a folder, no permission
+        raise CheckpointError(f"{path} is not a train.py checkpoint: {e.strerror or e}") from None
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(f"{path} is not a train.py checkpoint: torch.load cannot read it "
                               f"({type(e).__name__}; truncated, corrupt, or not written by torch.save)") from e
@@ -285,9 +257,8 @@ def load_checkpoint(path, device: torch.device | str) -> tuple[SIGN, dict]:
 
 
 def choose_device(name: str | None) -> torch.device:
-    """``--device``: None picks cuda when available, else cpu; a name that is not cpu or one of this
-    machine's CUDA devices is a ValueError naming the flag. Nothing is allocated: under torchrun
-    each rank picks its own GPU afterwards."""
+    """``--device``: None picks cuda when available, else cpu; another name must be one of this machine's
+    devices. Nothing is allocated: under torchrun each rank picks its own GPU afterwards."""
     n = torch.cuda.device_count()
     usable = ["cpu"] + ["cuda"] * (n > 0) + [f"cuda:{i}" for i in range(n)]
     if name is not None and name not in usable:
@@ -302,9 +273,8 @@ GAP, LEGEND_W, ROW, MIN_TILE = 4, 200, 14, 128  # pixels: spacing, legend width,
 
 def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], class_names: Sequence[str],
            num_seen: int, colours: np.ndarray, notes: dict | None = None) -> Image.Image:
-    """The picture of both CLIs: ``tiles`` {title: (H, W, 3) uint8} side by side under their titles,
-    then a legend, ``heading`` and one row per class in ``present``: its colour, name and ``notes[c]``,
-    unseen classes marked "(unseen)" in red."""
+    """``tiles`` {title: (H, W, 3) uint8} side by side under their titles, then the legend: ``heading`` and a
+    row per class in ``present`` (colour, name, ``notes[c]``), unseen classes marked "(unseen)" in red."""
     h, w = next(iter(tiles.values())).shape[:2]
     x = len(tiles) * (w + GAP) + GAP  # the legend's left edge
     panel = Image.new("RGB", (x + LEGEND_W, ROW + max(h, len(present) * ROW) + GAP), "white")
@@ -324,12 +294,11 @@ def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], c
 def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Sequence[str], num_seen: int,
                 device: torch.device | str, palette: np.ndarray | None = None,
                 label_map: Tensor | None = None) -> list[Path]:
-    """The first ``num`` items as ``out_dir/<index>.png``: image (de-normalised) | ground truth
-    (renumbered by ``label_map``, ignore black) | prediction, in ``data.label_colours`` of ``palette``
-    (default: the dataset's), with a legend of the classes in either map; the model is left in eval mode.
-    Tiles under MIN_TILE rows are upscaled by an integer factor (nearest), so small images stay legible."""
-    colours = data.label_colours(len(class_names), getattr(dataset, "palette", None) if palette is None
-                                 else palette)  # (256, 3)
+    """The first ``num`` items as ``out_dir/<index>.png``: image | ground truth (renumbered by ``label_map``)
+    | prediction in ``data.label_colours`` of ``palette`` (default: the dataset's); the model is left in eval
+    mode. Tiles under MIN_TILE rows are upscaled (nearest, integer factor) so small images stay legible."""
+    palette = getattr(dataset, "palette", None) if palette is None else palette
+    colours = data.label_colours(len(class_names), palette)  # (256, 3)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (dataset.mean, dataset.std))
     out_dir, paths = Path(out_dir), []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -350,27 +319,23 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
 
 def read_image(path) -> Tensor:
     """An image file as (3, H, W) uint8 RGB, or a ValueError naming it."""
-    path = _a_file(path, "--image")
     try:
         with Image.open(path) as image:
             return TF.pil_to_tensor(image.convert("RGB"))  # convert decodes: a broken file fails here
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"--image {path}: not a readable image ({type(e).__name__}: {e})") from None
+        raise ValueError(f"--image {path}: not a readable image ({getattr(e, 'strerror', None) or e})") from None
 
 
 @torch.inference_mode()
 def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: Sequence[str], num_seen: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str, size: int | None = None,
                    palette: np.ndarray | None = None) -> list[tuple[Path, dict[str, float]]]:
-    """For each image file ``out_dir/<stem>.png``: the image | the prediction overlaid on it, with a
-    legend of the classes present and their share of pixels. The image is normalised by ``mean`` /
-    ``std`` and predicted at its own size, or warped to ``size`` x ``size`` (``eval_res`` feature)
-    with the prediction resized back; the model is left in eval mode. Returns (file written,
-    {class name: % of pixels})."""
-    colours, out_dir = data.label_colours(len(class_names), palette), Path(out_dir)
+    """Each image file, normalised by ``mean`` / ``std``, predicted at its own size or warped to ``size`` x
+    ``size`` (eval_res feature) and resized back: ``out_dir/<stem>.png`` (image | prediction overlaid, legend
+    with each class's share); the model is left in eval mode. Returns [(file, {class name: % of pixels})]."""
+    colours, out_dir, results = data.label_colours(len(class_names), palette), Path(out_dir), []
     images = [read_image(p) for p in paths]  # every file is checked before any work
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
     model.eval()
     for path, image in zip(paths, images):
         x = TF.normalize(image.float() / 255, mean, std)[None]  # (1, 3, H, W)
@@ -390,9 +355,8 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
 
 # ----------------------------------------------------------------------------- what z carries
 def _linear_probe(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int, steps: int = 300) -> float:
-    """Balanced accuracy (mean recall over the classes in y_test, %) of a softmax regression fitted
-    to (x, y) by full-batch Adam, on standardised inputs, each class weighted by 1 / its pixel count:
-    unweighted, a probe on weak evidence predicts the most frequent class (sky) everywhere."""
+    """Balanced accuracy (%) on (x_test, y_test) of a softmax regression fitted to standardised (x, y) by
+    full-batch Adam, each class weighted by 1 / its pixel count (else weak evidence predicts sky everywhere)."""
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
     x, x_test = (x - mean) / std, (x_test - mean) / std
     weight = 1 / torch.bincount(y, minlength=num_classes).clamp_min(1).float()  # (num_classes,)
@@ -412,18 +376,15 @@ def _linear_probe(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, num_clas
 @torch.no_grad()
 def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels: int = 40_000,
                       device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float | int]:
-    """What the z that G receives in Training Step (G) carries (z = mu + sigma eps, SIM in training
-    mode), on the labelled seen pixels of the first ``num_images`` items at feature resolution:
-    ``mu2``, ``sigma2``, the means of mu^2 and sigma^2 (the prior: 0 and 1); ``snr``, the per-channel
-    var(mu) / E[sigma^2] (median, max): how much of z changes with the pixel rather than with eps;
-    balanced accuracies of linear probes for the seen class from z (``probe_z``), from N(0, 1) noise
-    of z's shape (``probe_noise``, chance) and from mu (``probe_mu``, the ceiling: mu is a linear map
-    of SIM's features at any scale). Probes fit on the first half of the images, score on the second."""
+    """What G's z (Training Step (G): z = mu + sigma eps, SIM in training mode) carries on the labelled seen
+    pixels of the first ``num_images`` items (README "What z carries"): the means ``mu2``, ``sigma2``;
+    ``snr_median``, ``snr_max`` of var(mu) / E[sigma^2] per channel; the balanced accuracies of linear probes
+    (fit on the first half of the images, scored on the second) from z, N(0, 1) noise and mu (the ceiling)."""
     if model.SIM is None:
         raise ValueError("latent_statistics: this model has no SIM, so G's latent is pure noise")
     was_training, n = model.training, min(num_images, len(dataset))
     model.eval().SIM.train()  # training mode for SIM alone: z is sampled as Training Step (G) sees it
-    zs, mus, variances, labels, halves = [], [], [], [], []
+    pixels = []  # per image: z, mu, sigma^2 (pixels, L) each, the labels and the half of each pixel (pixels,)
     cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # eps is drawn from a seed of its own, the caller's stream is kept
         torch.manual_seed(seed)
@@ -433,13 +394,11 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
                 _, z, mu, logvar = model.features(x[None].to(device))  # (1, L, h, w) each
                 y = resize_labels(y[None].to(device), z.shape[-2:]).flatten()  # (h*w,)
                 keep = y < model.num_seen  # labelled seen pixels; 255 is above every class index
-                for store, t in ((zs, z), (mus, mu), (variances, logvar.exp())):
-                    store.append(t[0].flatten(1).T[keep].float().cpu())  # (pixels, L)
-                labels.append(y[keep].cpu())
-                halves.append(torch.full((int(keep.sum()),), i >= n // 2))
+                pixels.append([t[0].flatten(1).T[keep].float().cpu() for t in (z, mu, logvar.exp())]
+                              + [y[keep].cpu(), torch.full((int(keep.sum()),), i >= n // 2)])
         finally:
             model.train(was_training)
-    z, mu, var, y, test = (torch.cat(t) for t in (zs, mus, variances, labels, halves))
+    z, mu, var, y, test = (torch.cat(t) for t in zip(*pixels))
     if test.all() or not test.any():
         raise ValueError(f"latent_statistics: need labelled seen pixels in both halves of {n} images")
     g = torch.Generator().manual_seed(seed)
@@ -517,14 +476,6 @@ def final_stage(runs: dict, name: str) -> str:
     return "self_training" if any("self_training" in m for m in runs.get(name, {}).values()) else "transfer"
 
 
-def _sim_params(root: Path, name: str) -> str:
-    """SIM's parameter count from the run's first checkpoint (state-dict keys 'SIM.*')."""
-    for path in sorted(root.glob(f"{name}/seed*/checkpoint_train.pt")):
-        state = read_checkpoint(path)["model"]
-        return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k"
-    return "–"
-
-
 def _table(head: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows])
 
@@ -542,10 +493,16 @@ def reproduction_tables(root) -> str:
         v = list(_by_seed(runs, name, stage, t, key).values())
         return mean_std(v) + (f" (n = {len(v)})" if len(v) != n(name, stage) else "")
 
-    def table(title, first, rows, stage, keys, sim_params=False):  # a row per run; stage None: the run's last
+    def sim_params(name):  # SIM's parameter count (state-dict keys 'SIM.*'), from the run's first checkpoint
+        for path in sorted(root.glob(f"{name}/seed*/checkpoint_train.pt")):
+            state = read_checkpoint(path)["model"]
+            return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k"
+        return "–"
+
+    def table(title, first, rows, stage, keys, with_sim=False):  # a row per run; stage None: the run's last
         short = {"seen_miou": "seen", "unseen_miou": "unseen", "harmonic_miou": "H", "sky+water": "sky/water"}
-        head = [first, "runs"] + ["SIM parameters"] * sim_params + [f"{short[k]} {t}" for t in tests for k in keys]
-        body = [[label, str(n(name, stage or final_stage(runs, name)))] + [_sim_params(root, name)] * sim_params
+        head = [first, "runs"] + ["SIM parameters"] * with_sim + [f"{short[k]} {t}" for t in tests for k in keys]
+        body = [[label, str(n(name, stage or final_stage(runs, name)))] + ([sim_params(name)] if with_sim else [])
                 + [cell(name, stage or final_stage(runs, name), t, k) for t in tests for k in keys]
                 for label, name in rows]
         return [f"\n**{title[0]}** ({title[1]})\n", _table(head, body)]
@@ -560,7 +517,7 @@ def reproduction_tables(root) -> str:
                   ("CaGNet + ST", "cagnet-st"), ("SIGN", "sign"), ("SIGN + ST", "sign-st"),
                   ("SIGN + AST (T = 2)", "sign-ast-T2")], None, smh)
     out += table(("Table 2", "SIM architecture, after the transfer step"), "SIM", sims, "transfer",
-                 ("harmonic_miou",), sim_params=True)
+                 ("harmonic_miou",), with_sim=True)
     out += table(("Table 3", "positional encoding, after the transfer step; sky/water = mean IoU of the two"), "PE",
                  [("none", "pe-none"), ("APE", "pe-ape"), ("APE + interp.", "pe-ape-interp"), ("RPE", "sign")],
                  "transfer", smh + ("sky+water",))
@@ -576,10 +533,9 @@ def reproduction_tables(root) -> str:
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Paired A - B over n >= 2 seeds: mean d, its standard error s_d / sqrt(n), the 95 % t interval
-    (t quantile of the nearest tabulated df at or below n - 1: never narrower than exact) and the
-    number of seeds with A > B. The reading: "supported" if the interval lies above 0,
-    "contradicted" if below, "not supported" if it holds 0."""
+    """Paired A - B over n >= 2 seeds: mean d, its standard error s_d / sqrt(n), the 95 % t interval (t of
+    the nearest tabulated df at or below n - 1: never narrower than exact), the seeds with A > B, and the
+    reading: "supported" if the interval lies above 0, "contradicted" if below, "not supported" if it holds 0."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(d) < 2:
         raise ValueError(f"paired_difference needs >= 2 paired seeds, got {len(d)}")
@@ -623,23 +579,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--dataset", choices=sorted(data.DATASETS), help="test dataset; default: the checkpoint's")
     a("--data-root", help="folder holding the real dataset (README 'Datasets'); default: the checkpoint's")
     a("--size", type=int, nargs="+", help="shapes: render sizes; real data with --eval-res feature: the warp "
-                                          "size; default: the checkpoint's (paper: 513)")
+      "size; default: the checkpoint's (paper: 513)")
     a("--eval-res", choices=EVAL_RES, help="full: logits upsampled to the label; feature: 513 warp scored at "
-                                           "the feature map (the lineage); default: the checkpoint's")
+      "the feature map (the lineage); default: the checkpoint's")
     a("--num-test", type=int, nargs="+", help="shapes: test images, one count or one per size; default: the "
       "checkpoint's")
     a("--test-seed", type=int, default=0, help="shapes: scene seed of the test sets; 0 (default) is the "
       "benchmark's, others draw independent test sets of the same task (test-sampling noise)")
     a("--device", help="default: cuda if available, else cpu")
-    a("--save-predictions", type=int, default=0, metavar="N",
-      help="write N PNG panels (image | ground truth | prediction) per test set (default: 0)")
+    a("--save-predictions", type=int, default=0, metavar="N", help="write N PNG panels (image | ground truth | "
+      "prediction) per test set (default: 0)")
     a("--out", type=Path, help="panel folder, one subfolder per test set, or the --image pictures (default: "
       "<checkpoint folder>/predictions)")
     a("--image", type=Path, nargs="+", metavar="PATH", help="instead of scoring: predict on these image files, "
       "any size, and write <out>/<stem>.png (image | prediction overlaid, legend) and the share of each class")
-    a("--latent-stats", type=int, nargs="?", const=400, metavar="IMAGES",
-      help="instead of scoring: what SIM's z carries on the first IMAGES training images (default 400): "
-           "mean mu^2 and sigma^2, per-channel SNR var(mu) / E[sigma^2], linear probes (latent_statistics)")
+    a("--latent-stats", type=int, nargs="?", const=400, metavar="IMAGES", help="instead of scoring: what SIM's "
+      "z carries on the first IMAGES training images (default 400), README 'What z carries'")
     return p
 
 
@@ -670,31 +625,27 @@ def main(argv=None) -> int:
                 top = sorted(shares.items(), key=lambda kv: -kv[1])
                 print(f"{path}: " + ", ".join(f"{n}{' (unseen)' * (names.index(n) >= S)} {v:.1f} %" for n, v in top))
             return 0
-        dataset = args.dataset or saved["dataset"]
+        dataset, root = args.dataset or saved["dataset"], args.data_root or saved["data_root"]
         same = dataset == saved["dataset"]  # the stored sizes belong to the stored dataset only
         eval_res = args.eval_res or saved["eval_res"]
-        sets = test_sets(dataset, root=args.data_root or saved["data_root"], eval_res=eval_res,
+        sets = test_sets(dataset, root=root, eval_res=eval_res, layout=saved["layout"], seed=args.test_seed,
                          sizes=args.size or (saved["test_sizes"] if same else None),
-                         num_images=args.num_test or (saved["num_test"] if same else None),
-                         layout=saved["layout"], seed=args.test_seed)
+                         num_images=args.num_test or (saved["num_test"] if same else None))
         first = next(iter(sets.values()))
         if first.num_seen != S:
             raise CheckpointError(f"checkpoint {args.checkpoint} has {model.config['num_classes']} classes ({S} "
                                   f"seen) but {dataset} has {len(first.class_names)} ({first.num_seen} seen)")
         names, label_map = scored_classes(ckpt["class_names"], first.class_names, S)
         if n := args.latent_stats:  # on the training split of the dataset scored
-            if dataset == "shapes":
-                train_set = data.Shapes("train", size=saved["crop_size"], num_images=n, layout=saved["layout"])
-            else:
-                train_set = data.build_dataset(dataset, "train", root=args.data_root or saved["data_root"],
-                                               transform=data.eval_transform())
+            train_set = (data.Shapes("train", size=saved["crop_size"], num_images=n, layout=saved["layout"])
+                         if dataset == "shapes" else
+                         data.build_dataset(dataset, "train", root=root, transform=data.eval_transform()))
             z = latent_statistics(model, train_set, num_images=n, device=device)
             print(f"latent z of {args.checkpoint} (alpha {saved['alpha']}, latent path {model.config['latent_path']}"
-                  f"), {z['pixels']} seen pixels of {n} {dataset} training images: mean mu^2 "
-                  f"{z['mu2']:.3g}, mean sigma^2 {z['sigma2']:.4g}, SNR var(mu)/E[sigma^2] median "
-                  f"{z['snr_median']:.3g} max {z['snr_max']:.3g}; linear probe of the seen class (balanced "
-                  f"accuracy) from z {z['probe_z']:.1f} %, from N(0, 1) noise {z['probe_noise']:.1f} %, from mu "
-                  f"{z['probe_mu']:.1f} % (the ceiling)")
+                  f"), {z['pixels']} seen pixels of {n} {dataset} training images: mean mu^2 {z['mu2']:.3g}, mean "
+                  f"sigma^2 {z['sigma2']:.4g}, SNR var(mu)/E[sigma^2] median {z['snr_median']:.3g} max "
+                  f"{z['snr_max']:.3g}; linear probe of the seen class (balanced accuracy) from z {z['probe_z']:.1f} "
+                  f"%, from N(0, 1) noise {z['probe_noise']:.1f} %, from mu {z['probe_mu']:.1f} % (the ceiling)")
             return 0
         print(f"evaluate: {args.checkpoint} (stage {ckpt['stage']}, iteration {ckpt['iteration']}); "
               f"dataset {dataset}, test sets {list(sets)}, eval_res {eval_res}, device {device}")
