@@ -1,26 +1,22 @@
 """The GZSL metric (paper section 4.2), the test loop that scores a model, and the evaluation CLI.
 
-Reading order
-    confusion_matrix, harmonic, gzsl_miou   the metric: (K, K) pixel counts -> per-class IoU, S, U, H
-    evaluate_model, test_sets, evaluate_sets  the test loop (sharded under torchrun) over a benchmark's test sets
-    format_table, as_metrics     the printed per-class table; the result keyed by class name (metrics.json)
-    scored_classes               a checkpoint's classes against the dataset's, and the label renumbering
-    read_checkpoint, load_checkpoint, choose_device   train.py's checkpoints, SIGN rebuilt from one, --device
-    save_panels, predict_images  pictures image | ground truth | prediction; --image on any image file
-    latent_statistics            what SIM's z carries (--latent-stats)
-    reproduction_tables, CLAIMS  run folders of ``train.py --reproduce`` -> Tables 1-4, Fig. 5, paired claims
-    main                         the CLI; settings default to those stored in the checkpoint
+Reading order, by section
+    the metric      confusion_matrix, harmonic, gzsl_miou: (K, K) pixel counts -> per-class IoU, S, U, H
+    the test loop   evaluate_model, test_sets, evaluate_sets (sharded under torchrun); format_table, as_metrics
+    checkpoints     scored_classes (a checkpoint's classes against the dataset's), read_ / load_checkpoint
+    pictures        save_panels (image | ground truth | prediction), predict_images (``--image``, any file)
+    what z carries  latent_statistics (``--latent-stats``)
+    tables          reproduction_tables, CLAIMS: ``train.py --reproduce`` run folders -> Tables 1-4, Fig. 5
+    CLI             main; settings default to those stored in the checkpoint
 
 Convention (PROTOCOL section 5), pinned by ``tests/test_metrics.py``
-    One confusion matrix per test set (rows ground truth t, columns prediction p); IoU is computed once
-    from it, never averaged over images. Pixels labelled ``ignore_index`` (255; VOC's background is
-    mapped to it) never count. IoU_c = TP_c / (TP_c + FP_c + FN_c) in percent; a class absent from both
-    ground truth and prediction has no IoU (the means skip it, ``per_class`` omits it, never 0), one
-    predicted but absent from the ground truth has IoU 0 and counts. S, U = mean IoU over the present
-    seen / unseen classes (0 if none); H = 2 S U / (S + U), 0 if S or U is 0. ``eval_res="full"``
+    One confusion matrix per test set (rows ground truth t, columns prediction p), never averaged over images;
+    pixels labelled ``ignore_index`` (255, also VOC's background) never count. IoU_c = TP_c / (TP_c + FP_c + FN_c)
+    in percent; a class absent from both ground truth and prediction has no IoU (the means skip it, ``per_class``
+    omits it), one predicted but absent from the ground truth has IoU 0 and counts. S, U = mean IoU over the
+    present seen / unseen classes (0 if none); H = 2 S U / (S + U), 0 if S or U is 0. ``eval_res="full"``
     (default) scores logits upsampled bilinearly to the label's size; ``"feature"`` (the lineage: ZS3Net,
-    CaGNet) warps images and labels to 513 x 513 and scores C's feature-map logits against
-    nearest-downsampled labels.
+    CaGNet) warps images and labels to 513 x 513 and scores C's feature-map logits at their resolution.
 
 Symbols
     K            number of classes, seen first then unseen (``data.py``'s model order)
@@ -36,10 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_segmentation_masks
@@ -57,9 +52,8 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
     shape, e.g. (B, H, W). Pixels whose target is ``ignore_index`` are dropped; the rest lie in [0, K)."""
     K = num_classes
     if K < 1 or pred.shape != target.shape or pred.is_floating_point() or target.is_floating_point():
-        raise ValueError(f"confusion_matrix: num_classes must be >= 1 and pred, target integer class indices "
-                         f"(argmax of the logits) of the same shape; got {K}, pred {pred.dtype} "
-                         f"{tuple(pred.shape)}, target {target.dtype} {tuple(target.shape)}")
+        raise ValueError(f"confusion_matrix: num_classes must be >= 1 and pred, target integer class indices of the "
+                         f"same shape; got {K}, {pred.dtype} {tuple(pred.shape)}, {target.dtype} {tuple(target.shape)}")
     valid = target != ignore_index
     t, p = target[valid].long(), pred[valid].long()  # (N,) each, N = labelled pixels
     for name, v in (("target", t), ("pred", p)):
@@ -72,24 +66,21 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
 
 def harmonic(s: float, u: float) -> float:
     """H = 2 S U / (S + U) of two non-negative scores; 0 when either is 0 (no division by 0)."""
-    # Not statistics.harmonic_mean: it sums 1/S + 1/U exactly and so differs in the last bit
-    # about every other time, and metrics.json stores H unrounded.
+    # Not statistics.harmonic_mean: it sums 1/S + 1/U exactly, so differs in the last bit about every other time.
     if s < 0 or u < 0:
         raise ValueError(f"harmonic: expected non-negative scores, got {s} and {u}")
     return 0.0 if s == 0 or u == 0 else 2 * s * u / (s + u)
 
 
 def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> dict:
-    """Seen / unseen / harmonic mIoU (percent) from an accumulated (K, K) confusion matrix:
-    ``{"seen_miou": S, "unseen_miou": U, "harmonic_miou": H, "per_class": {class index: IoU}}``,
-    ``per_class`` in index order, present classes only (so never NaN)."""
+    """Seen / unseen / harmonic mIoU (percent) from an accumulated (K, K) confusion matrix: ``{"seen_miou": S,
+    "unseen_miou": U, "harmonic_miou": H, "per_class": {class index: IoU}}``, present classes only (never NaN)."""
     negative = int((confusion < 0).sum())
     if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1] or confusion.is_floating_point() or negative:
         raise ValueError(f"gzsl_miou: expected a square (K, K) matrix of non-negative integer pixel counts, got "
                          f"shape {tuple(confusion.shape)}, dtype {confusion.dtype}, {negative} negative")
     K = confusion.shape[0]
-    # GZSL scores every class of the test set once: a class in neither list, or in both, would
-    # silently vanish from a mean or count twice, which is always a bookkeeping mistake.
+    # Every class once: a class in neither list, or in both, would silently vanish from a mean or count twice.
     if sorted([*seen, *unseen]) != list(range(K)):
         raise ValueError(f"gzsl_miou: seen {list(seen)} and unseen {list(unseen)} must split the classes "
                          f"[0, {K}) into disjoint lists, each class once")
@@ -108,29 +99,26 @@ def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> 
 def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, device: torch.device | str,
                    eval_res: str = "full", ignore_index: int = IGNORE_INDEX, quiet: bool = False,
                    label_map: Tensor | None = None, sharded: bool = False) -> Tensor:
-    """Sum of ``confusion_matrix`` over a loader of (image (B, 3, H, W), label (B, H, W)), on the CPU;
-    the model runs in eval mode and is given back in its own. ``label_map`` (256,) renumbers the labels
-    (``scored_classes``); ``sharded``: the loader holds this rank's shard, the ranks' matrices are summed."""
+    """Sum of ``confusion_matrix`` over (image (B, 3, H, W), label (B, H, W)) batches, in eval mode, on the CPU.
+    ``label_map`` (256,) renumbers the labels (``scored_classes``); ``sharded``: the ranks' matrices are summed."""
     if eval_res not in EVAL_RES:
         raise ValueError(f"evaluate_model: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
     K, was_training = num_classes, model.training
     model.eval()
     confusion = torch.zeros(K, K, dtype=torch.long, device=device)
-    try:
-        for x, y in tqdm(loader, desc=f"evaluate ({eval_res})", leave=False, disable=quiet):
-            x, y = x.to(device), y.to(device)  # (B, 3, H, W), (B, H, W)
-            y = y if label_map is None else label_map.to(device)[y]  # the dataset's ids -> the scored order
-            logits = model(x) if eval_res == "full" else model.C(model.features(x)[0])  # (B, K', H', W')
-            if logits.dim() != 4 or not 0 < logits.shape[1] <= K:  # fewer: a model that knows only the
-                # first classes (train.py --seen-only) predicts none of the others
-                raise ValueError(f"evaluate_model: expected logits (B, K' <= {K}, H, W), got {tuple(logits.shape)}")
-            if eval_res == "full" and logits.shape[-2:] != y.shape[-2:]:
-                logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-            elif eval_res == "feature":
-                y = resize_labels(y, logits.shape[-2:])  # (B, h, w), nearest
-            confusion += confusion_matrix(logits.argmax(1), y, K, ignore_index)  # (K, K)
-    finally:
-        model.train(was_training)
+    for x, y in tqdm(loader, desc=f"evaluate ({eval_res})", leave=False, disable=quiet):
+        x, y = x.to(device), y.to(device)  # (B, 3, H, W), (B, H, W)
+        y = y if label_map is None else label_map.to(device)[y]  # the dataset's ids -> the scored order
+        logits = model(x) if eval_res == "full" else model.C(model.features(x)[0])  # (B, K', H', W')
+        if logits.dim() != 4 or not 0 < logits.shape[1] <= K:  # fewer: a model that knows only the first
+            # classes (train.py --seen-only) predicts none of the others
+            raise ValueError(f"evaluate_model: expected logits (B, K' <= {K}, H, W), got {tuple(logits.shape)}")
+        if eval_res == "full" and logits.shape[-2:] != y.shape[-2:]:
+            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        elif eval_res == "feature":
+            y = resize_labels(y, logits.shape[-2:])  # (B, h, w), nearest
+        confusion += confusion_matrix(logits.argmax(1), y, K, ignore_index)  # (K, K)
+    model.train(was_training)
     if sharded:  # each rank scored its shard (evaluate_sets): the sum is the whole test set's
         dist.all_reduce(confusion)
     return confusion.cpu()
@@ -163,38 +151,33 @@ def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, ev
 def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], num_seen: int,
                   device: torch.device | str, eval_res: str = "full", batch_size: int = 16, workers: int = 0,
                   quiet: bool = False, title: str = "", label_map: Tensor | None = None) -> dict[str, dict]:
-    """evaluate_model -> gzsl_miou -> printed format_table for each set; ``{set name: as_metrics}``.
-    Classes [0, num_seen) are seen, the rest of ``class_names`` unseen."""
+    """evaluate_model -> gzsl_miou -> printed format_table per set: ``{name: as_metrics}``; [0, num_seen) seen."""
     K, metrics = len(class_names), {}
     seen, unseen = list(range(num_seen)), list(range(num_seen, K))
     distributed = dist.is_available() and dist.is_initialized()  # under torchrun: each rank scores a shard
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     for name, dataset in sets.items():  # real images differ in size, so they go one at a time
         shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset  # no image twice
-        loader = DataLoader(shard, batch_size=batch_size if isinstance(dataset, data.Shapes) else 1,
-                            num_workers=workers)
+        loader = DataLoader(shard, batch_size if isinstance(dataset, data.Shapes) else 1, num_workers=workers)
         confusion = evaluate_model(model, loader, num_classes=K, device=device, eval_res=eval_res, quiet=quiet,
                                    label_map=label_map, sharded=world > 1)
         result = gzsl_miou(confusion, seen, unseen)
         metrics[name] = as_metrics(result, class_names)
         if rank == 0:
-            print(f"\n{f'[{title}] ' if title else ''}test set {name}\n"
-                  + format_table(result, class_names, seen, unseen))
+            print(f"\n{title and f'[{title}] '}test set {name}\n" + format_table(result, class_names, seen, unseen))
     return metrics
 
 
 def format_table(result: dict, class_names: Sequence[str], seen: Sequence[int], unseen: Sequence[int]) -> str:
-    """A per-class IoU table (seen classes, then unseen, 'absent' for classes with no IoU)
-    followed by one summary line: seen / unseen / harmonic mIoU, all in percent."""
+    """Per-class IoU % (seen classes, then unseen; 'absent' without IoU), then a line of S, U and H."""
     width = max([len("class")] + [len(class_names[c]) for c in (*seen, *unseen)])
     lines = [f"{'#':>4}  {'class':<{width}}  {'split':<6}  {'IoU %':>6}"]
     iou = result["per_class"]
     lines += [f"{c:>4}  {class_names[c]:<{width}}  {split:<6}  " + (f"{iou[c]:6.2f}" if c in iou else f"{'absent':>6}")
               for split, classes in (("seen", seen), ("unseen", unseen)) for c in classes]
     present = [sum(c in iou for c in cs) for cs in (seen, unseen)]
-    lines.append(f"mIoU %  seen {result['seen_miou']:.2f} ({present[0]}/{len(seen)} classes present)  "
-                 f"unseen {result['unseen_miou']:.2f} ({present[1]}/{len(unseen)})  "
-                 f"harmonic {result['harmonic_miou']:.2f}")
+    lines.append(f"mIoU %  seen {result['seen_miou']:.2f} ({present[0]}/{len(seen)} classes present)  unseen "
+                 f"{result['unseen_miou']:.2f} ({present[1]}/{len(unseen)})  harmonic {result['harmonic_miou']:.2f}")
     return "\n".join(lines)
 
 
@@ -208,9 +191,8 @@ def as_metrics(result: dict, class_names: Sequence[str]) -> dict:
 # ----------------------------------------------------------------------------- checkpoints, devices
 def scored_classes(model_names: Sequence[str], dataset_names: Sequence[str], num_seen: int
                    ) -> tuple[list[str], Tensor | None]:
-    """The classes a model is scored over: its own (fewer than the dataset's after ``train.py --seen-only``,
-    more after ``--add-classes``), then the dataset's it does not know (never predicted); and the (256,)
-    map of the dataset's label ids into that order, None for the identity. Names compare case-insensitively."""
+    """A model's classes (fewer than the dataset's after ``train.py --seen-only``, more after ``--add-classes``),
+    then the dataset's it does not know; and the (256,) map of the dataset's label ids into that order (None: same)."""
     known = [n.lower() for n in model_names]
     if known[:num_seen] != [n.lower() for n in dataset_names[:num_seen]]:
         raise CheckpointError(f"the checkpoint's seen classes ({', '.join(model_names[:num_seen])}) are not the "
@@ -244,8 +226,7 @@ def read_checkpoint(path, keys: Sequence[str] = ("model", "config")) -> dict:
 
 
 def load_checkpoint(path, device: torch.device | str) -> tuple[SIGN, dict]:
-    """(SIGN rebuilt from the checkpoint's config and state dict, M's table included, on ``device`` in
-    eval mode; the checkpoint dict). Every failure is a one-line ``CheckpointError``."""
+    """SIGN rebuilt from the checkpoint (M's table included) on ``device`` in eval mode, and the checkpoint dict."""
     ckpt = read_checkpoint(path, keys=("model", "config", "args", "stage", "iteration", "class_names"))
     try:
         model = SIGN.from_config(ckpt["config"])
@@ -257,13 +238,11 @@ def load_checkpoint(path, device: torch.device | str) -> tuple[SIGN, dict]:
 
 
 def choose_device(name: str | None) -> torch.device:
-    """``--device``: None picks cuda when available, else cpu; another name must be one of this machine's
-    devices. Nothing is allocated: under torchrun each rank picks its own GPU afterwards."""
+    """``--device``: one of this machine's devices; None: cuda if available, else cpu. Nothing is allocated."""
     n = torch.cuda.device_count()
     usable = ["cpu"] + ["cuda"] * (n > 0) + [f"cuda:{i}" for i in range(n)]
     if name is not None and name not in usable:
-        raise ValueError(f"--device {name}: expected one of this machine's devices, {', '.join(usable)} "
-                         f"(--device cpu always works)")
+        raise ValueError(f"--device {name}: expected one of this machine's devices, {', '.join(usable)}")
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
@@ -294,11 +273,9 @@ def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], c
 def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Sequence[str], num_seen: int,
                 device: torch.device | str, palette: np.ndarray | None = None,
                 label_map: Tensor | None = None) -> list[Path]:
-    """The first ``num`` items as ``out_dir/<index>.png``: image | ground truth (renumbered by ``label_map``)
-    | prediction in ``data.label_colours`` of ``palette`` (default: the dataset's); the model is left in eval
-    mode. Tiles under MIN_TILE rows are upscaled (nearest, integer factor) so small images stay legible."""
-    palette = getattr(dataset, "palette", None) if palette is None else palette
-    colours = data.label_colours(len(class_names), palette)  # (256, 3)
+    """The first ``num`` items as ``out_dir/<index>.png``: image | ground truth (renumbered by ``label_map``) |
+    prediction in ``data.label_colours`` of ``palette`` (default: the dataset's); the model is left in eval mode."""
+    colours = data.label_colours(len(class_names), getattr(dataset, "palette", None) if palette is None else palette)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (dataset.mean, dataset.std))
     out_dir, paths = Path(out_dir), []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -308,22 +285,13 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
         label = label if label_map is None else label_map[label.long()]
         pred = model(image[None].to(device)).argmax(1)[0].cpu().numpy()  # (H, W)
         rgb = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
-        f = -(-MIN_TILE // label.shape[0])  # ceil: the smallest integer upscaling to >= MIN_TILE rows
+        f = -(-MIN_TILE // label.shape[0])  # ceil: small images upscaled (nearest) to >= MIN_TILE rows, legible
         tiles = {title: t.repeat(f, 0).repeat(f, 1) for title, t in  # (fH, fW, 3) each
                  (("image", rgb), ("ground truth", colours[label.numpy()]), ("prediction", colours[pred]))}
         present = sorted((set(label.unique().tolist()) - {IGNORE_INDEX}) | set(np.unique(pred).tolist()))
         paths.append(out_dir / f"{i:04d}.png")
         _panel(tiles, "classes (GT or prediction)", present, class_names, num_seen, colours).save(paths[-1])
     return paths
-
-
-def read_image(path) -> Tensor:
-    """An image file as (3, H, W) uint8 RGB, or a ValueError naming it."""
-    try:
-        with Image.open(path) as image:
-            return TF.pil_to_tensor(image.convert("RGB"))  # convert decodes: a broken file fails here
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"--image {path}: not a readable image ({getattr(e, 'strerror', None) or e})") from None
 
 
 @torch.inference_mode()
@@ -334,7 +302,13 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
     ``size`` (eval_res feature) and resized back: ``out_dir/<stem>.png`` (image | prediction overlaid, legend
     with each class's share); the model is left in eval mode. Returns [(file, {class name: % of pixels})]."""
     colours, out_dir, results = data.label_colours(len(class_names), palette), Path(out_dir), []
-    images = [read_image(p) for p in paths]  # every file is checked before any work
+    images = []  # (3, H, W) uint8 each; every file is read before any is predicted
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(TF.pil_to_tensor(image.convert("RGB")))  # convert decodes: a broken file fails here
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"--image {path}: not a readable image ({getattr(e, 'strerror', None) or e})") from None
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     for path, image in zip(paths, images):
@@ -354,31 +328,12 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
 
 
 # ----------------------------------------------------------------------------- what z carries
-def _linear_probe(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int, steps: int = 300) -> float:
-    """Balanced accuracy (%) on (x_test, y_test) of a softmax regression fitted to standardised (x, y) by
-    full-batch Adam, each class weighted by 1 / its pixel count (else weak evidence predicts sky everywhere)."""
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
-    x, x_test = (x - mean) / std, (x_test - mean) / std
-    weight = 1 / torch.bincount(y, minlength=num_classes).clamp_min(1).float()  # (num_classes,)
-    probe = nn.Linear(x.shape[1], num_classes)
-    for p in probe.parameters():  # the loss is convex: zeros are as good a start, and draw no random numbers
-        nn.init.zeros_(p)
-    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(probe(x), y, weight=weight).backward()
-            opt.step()
-    pred = probe(x_test).argmax(1)
-    return 100 * float(np.mean([(pred[y_test == c] == c).float().mean() for c in y_test.unique()]))
-
-
 @torch.no_grad()
 def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels: int = 40_000,
                       device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float | int]:
     """What G's z (Training Step (G): z = mu + sigma eps, SIM in training mode) carries on the labelled seen
     pixels of the first ``num_images`` items (README "What z carries"): the means ``mu2``, ``sigma2``;
-    ``snr_median``, ``snr_max`` of var(mu) / E[sigma^2] per channel; the balanced accuracies of linear probes
+    ``snr_median``, ``snr_max`` of var(mu) / E[sigma^2] per channel; the balanced accuracies (%) of linear probes
     (fit on the first half of the images, scored on the second) from z, N(0, 1) noise and mu (the ceiling)."""
     if model.SIM is None:
         raise ValueError("latent_statistics: this model has no SIM, so G's latent is pure noise")
@@ -388,16 +343,14 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # eps is drawn from a seed of its own, the caller's stream is kept
         torch.manual_seed(seed)
-        try:
-            for i in range(n):
-                x, y = dataset[i]
-                _, z, mu, logvar = model.features(x[None].to(device))  # (1, L, h, w) each
-                y = resize_labels(y[None].to(device), z.shape[-2:]).flatten()  # (h*w,)
-                keep = y < model.num_seen  # labelled seen pixels; 255 is above every class index
-                pixels.append([t[0].flatten(1).T[keep].float().cpu() for t in (z, mu, logvar.exp())]
-                              + [y[keep].cpu(), torch.full((int(keep.sum()),), i >= n // 2)])
-        finally:
-            model.train(was_training)
+        for i in range(n):
+            x, y = dataset[i]
+            _, z, mu, logvar = model.features(x[None].to(device))  # (1, L, h, w) each
+            y = resize_labels(y[None].to(device), z.shape[-2:]).flatten()  # (h*w,)
+            keep = y < model.num_seen  # labelled seen pixels; 255 is above every class index
+            pixels.append([t[0].flatten(1).T[keep].float().cpu() for t in (z, mu, logvar.exp())]
+                          + [y[keep].cpu(), torch.full((int(keep.sum()),), i >= n // 2)])
+    model.train(was_training)
     z, mu, var, y, test = (torch.cat(t) for t in zip(*pixels))
     if test.all() or not test.any():
         raise ValueError(f"latent_statistics: need labelled seen pixels in both halves of {n} images")
@@ -405,30 +358,41 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     def pick(mask):  # at most max_pixels / 2 random pixels of the half
         return mask.nonzero()[:, 0][torch.randperm(int(mask.sum()), generator=g)[:max_pixels // 2]]
     fit, score = pick(~test), pick(test)
-    noise = torch.randn(z.shape, generator=g)
     snr = mu.var(0) / var.mean(0)  # (L,): Var over pixels of mu_c, against the mean of sigma_c^2
-    probe = {f"probe_{k}": _linear_probe(v[fit], y[fit], v[score], y[score], model.num_seen)
-             for k, v in (("z", z), ("noise", noise), ("mu", mu))}
-    return {"mu2": mu.pow(2).mean().item(), "sigma2": var.mean().item(), "snr_median": snr.median().item(),
-            "snr_max": snr.max().item(), **probe, "pixels": len(fit) + len(score)}
+    stats = {"mu2": mu.pow(2).mean().item(), "sigma2": var.mean().item(), "snr_median": snr.median().item(),
+             "snr_max": snr.max().item()}
+    # The probes: softmax regressions fitted by full-batch Adam on standardised inputs, each class weighted by
+    # 1 / its pixel count (unweighted, a probe on weak evidence predicts the most frequent class everywhere).
+    weight = 1 / torch.bincount(y[fit], minlength=model.num_seen).clamp_min(1).float()  # (num_seen,)
+    for name, v in (("z", z), ("noise", torch.randn(z.shape, generator=g)), ("mu", mu)):
+        mean, std = v[fit].mean(0), v[fit].std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
+        x, x_test = (v[fit] - mean) / std, (v[score] - mean) / std
+        probe = nn.Linear(x.shape[1], model.num_seen)
+        for p in probe.parameters():  # the loss is convex: zeros are as good a start as any
+            nn.init.zeros_(p)
+        opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+        with torch.enable_grad():
+            for _ in range(300):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(probe(x), y[fit], weight=weight).backward()
+                opt.step()
+        pred, y_test = probe(x_test).argmax(1), y[score]
+        recalls = [(pred[y_test == c] == c).float().mean() for c in y_test.unique()]  # balanced: mean recall
+        stats[f"probe_{name}"] = 100 * float(np.mean(recalls))
+    return stats | {"pixels": len(fit) + len(score)}
 
 
-# ----------------------------------------------------------------------------- the paper's tables on shapes
-# Run folders root/<name>/seed<k>/metrics.json as ``python train.py --reproduce`` writes them
-# (train.EXPERIMENTS names them); the tables aggregate whatever runs they find.
+# ----------------------------------------------------------------------------- tables: train.py --reproduce's runs
 TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5's AST temperatures: runs sign-ast-T<T>
-# The paper's claims as paired comparisons: runs of two methods with the same seed share the
-# benchmark, the batch order and the test set, so the per-seed difference cancels what they share.
-# (claim, (run, stage) of A, (run, stage) of B, test size: "first" (training size) or "new", key)
-CLAIMS = [("SIGN > ZS3Net (Table 1)", ("sign", "transfer"), ("zs3net", "transfer"), "first", "harmonic_miou"),
-          ("SIGN + AST > SIGN (Table 1)", ("sign-ast-T2", "self_training"), ("sign", "transfer"), "first",
-           "harmonic_miou"),
-          ("RPE > APE at a new size (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "harmonic_miou"),
-          ("RPE > APE at a new size, sky/water (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new",
-           "sky+water"),
-          ("SIM helps seen classes (Table 4)", ("sign", "train"), ("zs3net", "train"), "first", "seen_miou"),
-          ("AST > ST (Fig. 5)", ("sign-ast-T2", "self_training"), ("sign-st", "self_training"), "first",
-           "harmonic_miou")]
+# The paper's claims, paired by seed: two runs with one seed share the benchmark, the batch order and the test set,
+# which the per-seed difference cancels. (claim, (run, stage) of A, (run, stage) of B, test size "first" or "new", key)
+CLAIMS = [
+    ("SIGN > ZS3Net (Table 1)", ("sign", "transfer"), ("zs3net", "transfer"), "first", "harmonic_miou"),
+    ("SIGN + AST > SIGN (Table 1)", ("sign-ast-T2", "self_training"), ("sign", "transfer"), "first", "harmonic_miou"),
+    ("RPE > APE at a new size (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "harmonic_miou"),
+    ("RPE > APE at a new size, sky/water (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "sky+water"),
+    ("SIM helps seen classes (Table 4)", ("sign", "train"), ("zs3net", "train"), "first", "seen_miou"),
+    ("AST > ST (Fig. 5)", ("sign-ast-T2", "self_training"), ("sign-st", "self_training"), "first", "harmonic_miou")]
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # Student's t, 97.5 % quantile, by degrees of freedom
 
@@ -459,8 +423,7 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def _by_seed(runs: dict, name: str, stage: str, test: str, key: str) -> dict[int, float]:
-    """{seed: value} for the seeds that have it; key is a metrics field, or class names joined by '+'
-    ('sky+water': the mean IoU of the two, from seeds where both classes have an IoU)."""
+    """{seed: value} of a metrics field, or of class names joined by '+' (their mean IoU, where all have one)."""
     out, classes = {}, key.split("+")
     for seed, metrics in runs.get(name, {}).items():
         m = metrics.get(stage, {}).get(test)
@@ -476,10 +439,6 @@ def final_stage(runs: dict, name: str) -> str:
     return "self_training" if any("self_training" in m for m in runs.get(name, {}).values()) else "transfer"
 
 
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    return "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows])
-
-
 def reproduction_tables(root) -> str:
     """Tables 1-4 and Fig. 5 (Markdown, mean ± std over seeds) and the paired claims, from run folders."""
     root, runs = Path(root), collect_runs(root)
@@ -488,6 +447,7 @@ def reproduction_tables(root) -> str:
     tests = sorted({t for r in runs.values() for m in r.values() for s in m.values() for t in s},
                    key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))  # "64" before "128"
     n = lambda name, stage: len(_by_seed(runs, name, stage, tests[0], "seen_miou"))  # seeds that finished stage
+    markdown = lambda head, rows: "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows])
 
     def cell(name, stage, t, key):  # a cell averaging fewer seeds than its row's "runs" says so
         v = list(_by_seed(runs, name, stage, t, key).values())
@@ -505,11 +465,10 @@ def reproduction_tables(root) -> str:
         body = [[label, str(n(name, stage or final_stage(runs, name)))] + ([sim_params(name)] if with_sim else [])
                 + [cell(name, stage or final_stage(runs, name), t, k) for t in tests for k in keys]
                 for label, name in rows]
-        return [f"\n**{title[0]}** ({title[1]})\n", _table(head, body)]
+        return [f"\n**{title[0]}** ({title[1]})\n", markdown(head, body)]
 
     smh = ("seen_miou", "unseen_miou", "harmonic_miou")
-    sims = [("conv", "sim-conv"), ("attention", "sim-attention"), ("self-attention", "sim-self-attention"),
-            ("multihead", "sign")]
+    sims = [(sim, f"sim-{sim}") for sim in ("conv", "attention", "self-attention")] + [("multihead", "sign")]
     out = [f"Seeds found: {sorted({s for r in runs.values() for s in r})}. Cells: mean ± sample standard "
            "deviation over the seeds that finished the row's stage (runs = how many)."]
     out += table(("Table 1", "seen / unseen / harmonic mIoU, %, per test size"), "method",
@@ -523,13 +482,29 @@ def reproduction_tables(root) -> str:
                  "transfer", smh + ("sky+water",))
     out += ["\n**Table 4** (seen mIoU before the transfer step; runs: "
             + ", ".join(f"{label} {n(name, 'train')}" for label, name in [("w/o SIM", "zs3net")] + sims) + ")\n",
-            _table(["test", "w/o SIM"] + [label for label, _ in sims],
+            markdown(["test", "w/o SIM"] + [label for label, _ in sims],
                    [[t] + [cell(name, "train", t, "seen_miou") for name in ["zs3net"] + [nm for _, nm in sims]]
                     for t in tests])]
     out += table(("Fig. 5", "SIGN self-training: harmonic mIoU by temperature"), "self-training",
                  [("ST", "sign-st")] + [(f"AST, T = {t:g}", f"sign-ast-T{t:g}") for t in TEMPERATURES],
                  "self_training", ("harmonic_miou",))
-    return "\n".join(out + ["\n" + claims(runs, tests)])
+    # The claims, each paired over the seeds both of its runs finished.
+    sizes, rows = {"first": tests[0], "new": "128" if "128" in tests else tests[-1]}, []
+    for claim, (a, stage_a), (b, stage_b), size, key in CLAIMS:
+        va, vb = (_by_seed(runs, name, stage, sizes[size], key) for name, stage in ((a, stage_a), (b, stage_b)))
+        seeds = sorted(set(va) & set(vb))
+        head = [claim, sizes[size], key.replace("_miou", "").replace("+", "/"), str(len(seeds))]
+        if len(seeds) < 2:
+            rows.append(head + ["–"] * 5 + [f"needs >= 2 seeds with both {a} and {b}"])
+            continue
+        A, B = [va[s] for s in seeds], [vb[s] for s in seeds]
+        p = paired_difference(A, B)
+        rows.append(head + [mean_std(A), mean_std(B), f"{p['mean']:+.2f} ± {p['se']:.2f}",
+                            f"[{p['low']:+.2f}, {p['high']:+.2f}]", f"{p['agree']} of {p['n']}", p["reading"]])
+    out += ["\n**Claims**, paired by seed (A - B per seed: mean ± standard error, 95 % t interval, seeds with "
+            "A > B)\n", markdown(["claim", "test", "metric", "seeds", "A", "B", "A - B", "95 % interval", "A > B",
+                                "reading"], rows)]
+    return "\n".join(out)
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
@@ -547,54 +522,31 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
                 agree=int((d > 0).sum()), reading=reading)
 
 
-def claims(runs: dict, tests: Sequence[str]) -> str:
-    """CLAIMS as a Markdown table, each paired over the seeds both runs finished."""
-    sizes = {"first": tests[0], "new": "128" if "128" in tests else tests[-1]}
-    rows = []
-    for claim, (a, stage_a), (b, stage_b), size, key in CLAIMS:
-        va, vb = (_by_seed(runs, name, stage, sizes[size], key) for name, stage in ((a, stage_a), (b, stage_b)))
-        seeds = sorted(set(va) & set(vb))
-        head = [claim, sizes[size], key.replace("_miou", "").replace("+", "/"), str(len(seeds))]
-        if len(seeds) < 2:
-            rows.append(head + ["–"] * 5 + [f"needs >= 2 seeds with both {a} and {b}"])
-            continue
-        A, B = [va[s] for s in seeds], [vb[s] for s in seeds]
-        p = paired_difference(A, B)
-        rows.append(head + [mean_std(A), mean_std(B), f"{p['mean']:+.2f} ± {p['se']:.2f}",
-                            f"[{p['low']:+.2f}, {p['high']:+.2f}]", f"{p['agree']} of {p['n']}", p["reading"]])
-    return ("**Claims**, paired by seed (A - B per seed: mean ± standard error, 95 % t interval, seeds with "
-            "A > B)\n\n" + _table(["claim", "test", "metric", "seeds", "A", "B", "A - B", "95 % interval",
-                                    "A > B", "reading"], rows))
-
-
 # ----------------------------------------------------------------------------- CLI
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Score a train.py checkpoint on its test sets and draw predictions; "
+    p = argparse.ArgumentParser(description="Score a train.py checkpoint on its test sets and draw predictions, "
                                 "or tabulate the runs of 'python train.py --reproduce DIR'.")
     a = p.add_argument
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a checkpoint_<stage>.pt written by train.py")
-    what.add_argument("--tables", type=Path, metavar="DIR", help="aggregate the run folders DIR/<name>/seed<k> "
-                      "(python train.py --reproduce DIR) into DIR/tables.md: Tables 1-4, Fig. 5, the paired claims")
+    what.add_argument("--tables", type=Path, metavar="DIR", help="write DIR/tables.md (Tables 1-4, Fig. 5, the "
+                      "paired claims) from the run folders DIR/<name>/seed<k> of train.py --reproduce DIR")
     a("--dataset", choices=sorted(data.DATASETS), help="test dataset; default: the checkpoint's")
     a("--data-root", help="folder holding the real dataset (README 'Datasets'); default: the checkpoint's")
-    a("--size", type=int, nargs="+", help="shapes: render sizes; real data with --eval-res feature: the warp "
-      "size; default: the checkpoint's (paper: 513)")
-    a("--eval-res", choices=EVAL_RES, help="full: logits upsampled to the label; feature: 513 warp scored at "
-      "the feature map (the lineage); default: the checkpoint's")
-    a("--num-test", type=int, nargs="+", help="shapes: test images, one count or one per size; default: the "
-      "checkpoint's")
-    a("--test-seed", type=int, default=0, help="shapes: scene seed of the test sets; 0 (default) is the "
-      "benchmark's, others draw independent test sets of the same task (test-sampling noise)")
+    a("--size", type=int, nargs="+", help="shapes: render sizes; real data with --eval-res feature: the warp size; "
+      "default: the checkpoint's (paper: 513)")
+    a("--eval-res", choices=EVAL_RES, help="full: logits upsampled to the label; feature: 513 warp scored at the "
+      "feature map (the lineage); default: the checkpoint's")
+    a("--num-test", type=int, nargs="+", help="shapes: test images, one count or one per size; default: checkpoint's")
+    a("--test-seed", type=int, default=0, help="shapes: scene seed of the test sets; 0 (default): the benchmark's, "
+      "others draw independent test sets of the same task (test-sampling noise)")
     a("--device", help="default: cuda if available, else cpu")
-    a("--save-predictions", type=int, default=0, metavar="N", help="write N PNG panels (image | ground truth | "
-      "prediction) per test set (default: 0)")
-    a("--out", type=Path, help="panel folder, one subfolder per test set, or the --image pictures (default: "
-      "<checkpoint folder>/predictions)")
-    a("--image", type=Path, nargs="+", metavar="PATH", help="instead of scoring: predict on these image files, "
-      "any size, and write <out>/<stem>.png (image | prediction overlaid, legend) and the share of each class")
-    a("--latent-stats", type=int, nargs="?", const=400, metavar="IMAGES", help="instead of scoring: what SIM's "
-      "z carries on the first IMAGES training images (default 400), README 'What z carries'")
+    a("--save-predictions", type=int, default=0, metavar="N", help="write N PNG panels per test set (default: 0)")
+    a("--out", type=Path, help="folder of the panels or --image pictures (default: <checkpoint folder>/predictions)")
+    a("--image", type=Path, nargs="+", metavar="PATH", help="instead of scoring: predict on these image files, any "
+      "size, write <out>/<stem>.png (image | prediction overlaid, legend) and print each class's share")
+    a("--latent-stats", type=int, nargs="?", const=400, metavar="IMAGES", help="instead of scoring: what SIM's z "
+      "carries on the first IMAGES training images (default 400; README 'What z carries')")
     return p
 
 
