@@ -1,6 +1,6 @@
 """The GZSL metric (paper section 4.2), the test loop that scores a model, and the evaluation CLI.
 
-Reading order, by section
+Reading order
     the metric      confusion_matrix, harmonic, gzsl_miou: (K, K) pixel counts -> per-class IoU, S, U, H
     the test loop   evaluate_model, test_sets, evaluate_sets (sharded under torchrun); format_table, as_metrics
     checkpoints     scored_classes (a checkpoint's classes against the dataset's), read_ / load_checkpoint
@@ -12,11 +12,10 @@ Reading order, by section
 Convention (PROTOCOL section 5), pinned by ``tests/test_metrics.py``
     One confusion matrix per test set (rows ground truth t, columns prediction p), never averaged over images;
     pixels labelled ``ignore_index`` (255, also VOC's background) never count. IoU_c = TP_c / (TP_c + FP_c + FN_c)
-    in percent; a class absent from both ground truth and prediction has no IoU (the means skip it, ``per_class``
-    omits it), one predicted but absent from the ground truth has IoU 0 and counts. S, U = mean IoU over the
-    present seen / unseen classes (0 if none); H = 2 S U / (S + U), 0 if S or U is 0. ``eval_res="full"``
-    (default) scores logits upsampled bilinearly to the label's size; ``"feature"`` (the lineage: ZS3Net,
-    CaGNet) warps images and labels to 513 x 513 and scores C's feature-map logits at their resolution.
+    in %; a class absent from both ground truth and prediction has no IoU (the means skip it, ``per_class`` omits
+    it), one only predicted has IoU 0. S, U = mean IoU of the present seen / unseen classes (0 if none);
+    H = 2 S U / (S + U), 0 if S or U is 0. ``eval_res="full"`` (default) scores logits upsampled bilinearly to the
+    label; ``"feature"`` (ZS3Net, CaGNet) warps images to 513 x 513 and scores the feature-map logits at their size.
 
 Symbols
     K            number of classes, seen first then unseen (``data.py``'s model order)
@@ -44,9 +43,9 @@ import data
 from sign import IGNORE as IGNORE_INDEX, SIGN, resize_labels
 
 EVAL_RES = ("full", "feature")
+GAP, LEGEND_W, ROW, MIN_TILE = 4, 200, 14, 128  # the pictures, in pixels: spacing, legend width, text row, least tile
 
 
-# ----------------------------------------------------------------------------- the metric
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """confusion[t, p], (K, K) int64 on the inputs' device, from integer ``pred`` and ``target`` of one
     shape, e.g. (B, H, W). Pixels whose target is ``ignore_index`` are dropped; the rest lie in [0, K)."""
@@ -94,7 +93,6 @@ def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> 
     return {"seen_miou": S, "unseen_miou": U, "harmonic_miou": harmonic(S, U), "per_class": per_class}
 
 
-# ----------------------------------------------------------------------------- the test loop
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, device: torch.device | str,
                    eval_res: str = "full", ignore_index: int = IGNORE_INDEX, quiet: bool = False,
@@ -110,8 +108,7 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
         x, y = x.to(device), y.to(device)  # (B, 3, H, W), (B, H, W)
         y = y if label_map is None else label_map.to(device)[y]  # the dataset's ids -> the scored order
         logits = model(x) if eval_res == "full" else model.C(model.features(x)[0])  # (B, K', H', W')
-        if logits.dim() != 4 or not 0 < logits.shape[1] <= K:  # fewer: a model that knows only the first
-            # classes (train.py --seen-only) predicts none of the others
+        if logits.dim() != 4 or not 0 < logits.shape[1] <= K:  # fewer: a --seen-only model never predicts the rest
             raise ValueError(f"evaluate_model: expected logits (B, K' <= {K}, H, W), got {tuple(logits.shape)}")
         if eval_res == "full" and logits.shape[-2:] != y.shape[-2:]:
             logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
@@ -127,22 +124,21 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
 def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, eval_res: str = "full",
               num_images: int | Sequence[int] | None = None, layout: str = "context", seed: int = 0
               ) -> dict[str, torch.utils.data.Dataset]:
-    """shapes: ``{str(s): Shapes("test", size=s)}`` per size (default [64, 128]), ``num_images`` one count
-    or one per size, ``seed`` the scenes (0: the benchmark's); voc ``{"val": ...}``, context / cocostuff
-    ``{"test": ...}``: whole images, warped to ``sizes[0]`` (default 513) when ``eval_res="feature"``."""
-    if eval_res not in EVAL_RES:
-        raise ValueError(f"test_sets: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
+    """shapes: ``{str(s): Shapes("test", size=s, seed=seed)}`` per size (default [64, 128]), ``num_images`` one
+    count or one per size; voc ``{"val": ...}``, context / cocostuff ``{"test": ...}``: whole images, warped to
+    ``sizes[0]`` (default 513) when ``eval_res="feature"``."""
+    # Real data at several sizes would silently use sizes[0] and hide a typo.
+    if eval_res not in EVAL_RES or (dataset != "shapes" and sizes is not None and len(sizes) != 1):
+        raise ValueError(f"test_sets: eval_res must be one of {EVAL_RES} and real data is tested at one size; got "
+                         f"{eval_res!r} and sizes {sizes} for {dataset}")
     if dataset == "shapes":
         sizes = sizes or [64, 128]
         counts = list(num_images) if isinstance(num_images, (list, tuple)) else [num_images]
-        counts = counts * len(sizes) if len(counts) == 1 else counts
-        if len(counts) != len(sizes):
+        if len(counts) not in (1, len(sizes)):
             raise ValueError(f"test_sets: {len(counts)} test-image counts {counts} for {len(sizes)} test "
                              f"sizes {list(sizes)}; give one count, or one per size")
         return {str(s): data.Shapes("test", size=s, num_images=n, layout=layout, seed=seed)
-                for s, n in zip(sizes, counts)}
-    if sizes is not None and len(sizes) != 1:  # silently using sizes[0] would hide a typo
-        raise ValueError(f"test_sets: {dataset} is tested at one size, got sizes {list(sizes)}")
+                for s, n in zip(sizes, counts * len(sizes) if len(counts) == 1 else counts)}
     size = (sizes or [513])[0] if eval_res == "feature" else None
     return {"val" if dataset == "voc" else "test": data.build_dataset(
         dataset, "test", root=root, transform=data.eval_transform(size))}
@@ -188,7 +184,6 @@ def as_metrics(result: dict, class_names: Sequence[str]) -> dict:
     return {**result, "per_class": {class_names[c]: iou for c, iou in result["per_class"].items()}}
 
 
-# ----------------------------------------------------------------------------- checkpoints, devices
 def scored_classes(model_names: Sequence[str], dataset_names: Sequence[str], num_seen: int
                    ) -> tuple[list[str], Tensor | None]:
     """A model's classes (fewer than the dataset's after ``train.py --seen-only``, more after ``--add-classes``),
@@ -208,9 +203,8 @@ class CheckpointError(Exception):
 
 
 def read_checkpoint(path, keys: Sequence[str] = ("model", "config")) -> dict:
-    """The dict ``train.py`` saved at ``path``, holding at least ``keys``, read with ``weights_only=True``
-    (never unpickles code); anything else is a one-line ``CheckpointError`` naming the path. torch's own
-    message is left out: for a foreign file it suggests ``weights_only=False``, which would run its code."""
+    """The dict ``train.py`` saved at ``path``, holding ``keys``, read with ``weights_only=True``; else a one-line
+    ``CheckpointError`` naming the path, without torch's advice of ``weights_only=False`` (that runs foreign code)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:  # nothing there, a folder, no permission
@@ -218,8 +212,7 @@ def read_checkpoint(path, keys: Sequence[str] = ("model", "config")) -> dict:
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(f"{path} is not a train.py checkpoint: torch.load cannot read it "
                               f"({type(e).__name__}; truncated, corrupt, or not written by torch.save)") from e
-    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys)
-    if missing:
+    if missing := [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys):
         raise CheckpointError(f"{path} is not a train.py checkpoint: it holds a {type(ckpt).__name__} "
                               f"without {', '.join(map(repr, missing))}")
     return ckpt
@@ -244,10 +237,6 @@ def choose_device(name: str | None) -> torch.device:
     if name is not None and name not in usable:
         raise ValueError(f"--device {name}: expected one of this machine's devices, {', '.join(usable)}")
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-# ----------------------------------------------------------------------------- pictures
-GAP, LEGEND_W, ROW, MIN_TILE = 4, 200, 14, 128  # pixels: spacing, legend width, text row, smallest tile
 
 
 def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], class_names: Sequence[str],
@@ -298,15 +287,13 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
 def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: Sequence[str], num_seen: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str, size: int | None = None,
                    palette: np.ndarray | None = None) -> list[tuple[Path, dict[str, float]]]:
-    """Each image file, normalised by ``mean`` / ``std``, predicted at its own size or warped to ``size`` x
-    ``size`` (eval_res feature) and resized back: ``out_dir/<stem>.png`` (image | prediction overlaid, legend
-    with each class's share); the model is left in eval mode. Returns [(file, {class name: % of pixels})]."""
+    """Each image file predicted at its own size (or warped to ``size`` x ``size`` and back: eval_res feature) into
+    ``out_dir/<stem>.png``: image | prediction overlaid, legend. Returns [(file, {class name: % of pixels})]."""
     colours, out_dir, results = data.label_colours(len(class_names), palette), Path(out_dir), []
     images = []  # (3, H, W) uint8 each; every file is read before any is predicted
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(TF.pil_to_tensor(image.convert("RGB")))  # convert decodes: a broken file fails here
+        try:  # convert decodes: a broken file fails here
+            images.append(TF.pil_to_tensor(Image.open(path).convert("RGB")))
         except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"--image {path}: not a readable image ({getattr(e, 'strerror', None) or e})") from None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -327,22 +314,19 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
     return results
 
 
-# ----------------------------------------------------------------------------- what z carries
 @torch.no_grad()
 def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels: int = 40_000,
                       device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float | int]:
-    """What G's z (Training Step (G): z = mu + sigma eps, SIM in training mode) carries on the labelled seen
-    pixels of the first ``num_images`` items (README "What z carries"): the means ``mu2``, ``sigma2``;
-    ``snr_median``, ``snr_max`` of var(mu) / E[sigma^2] per channel; the balanced accuracies (%) of linear probes
-    (fit on the first half of the images, scored on the second) from z, N(0, 1) noise and mu (the ceiling)."""
+    """What G's z (z = mu + sigma eps, SIM in training mode as in Training Step (G)) carries on the labelled seen
+    pixels of the first ``num_images`` items: the means ``mu2``, ``sigma2``; var(mu) / E[sigma^2] per channel
+    (``snr_median``, ``snr_max``); balanced accuracies (%) of linear probes from z, N(0, 1) noise and mu."""
     if model.SIM is None:
         raise ValueError("latent_statistics: this model has no SIM, so G's latent is pure noise")
     was_training, n = model.training, min(num_images, len(dataset))
     model.eval().SIM.train()  # training mode for SIM alone: z is sampled as Training Step (G) sees it
     pixels = []  # per image: z, mu, sigma^2 (pixels, L) each, the labels and the half of each pixel (pixels,)
-    cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):  # eps is drawn from a seed of its own, the caller's stream is kept
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)  # eps is drawn from a seed of its own; fork_rng keeps the caller's stream
         for i in range(n):
             x, y = dataset[i]
             _, z, mu, logvar = model.features(x[None].to(device))  # (1, L, h, w) each
@@ -382,7 +366,6 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     return stats | {"pixels": len(fit) + len(score)}
 
 
-# ----------------------------------------------------------------------------- tables: train.py --reproduce's runs
 TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5's AST temperatures: runs sign-ast-T<T>
 # The paper's claims, paired by seed: two runs with one seed share the benchmark, the batch order and the test set,
 # which the per-seed difference cancels. (claim, (run, stage) of A, (run, stage) of B, test size "first" or "new", key)
@@ -448,17 +431,14 @@ def reproduction_tables(root) -> str:
                    key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))  # "64" before "128"
     n = lambda name, stage: len(_by_seed(runs, name, stage, tests[0], "seen_miou"))  # seeds that finished stage
     markdown = lambda head, rows: "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows])
-
     def cell(name, stage, t, key):  # a cell averaging fewer seeds than its row's "runs" says so
         v = list(_by_seed(runs, name, stage, t, key).values())
         return mean_std(v) + (f" (n = {len(v)})" if len(v) != n(name, stage) else "")
-
     def sim_params(name):  # SIM's parameter count (state-dict keys 'SIM.*'), from the run's first checkpoint
         for path in sorted(root.glob(f"{name}/seed*/checkpoint_train.pt")):
             state = read_checkpoint(path)["model"]
             return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k"
         return "–"
-
     def table(title, first, rows, stage, keys, with_sim=False):  # a row per run; stage None: the run's last
         short = {"seen_miou": "seen", "unseen_miou": "unseen", "harmonic_miou": "H", "sky+water": "sky/water"}
         head = [first, "runs"] + ["SIM parameters"] * with_sim + [f"{short[k]} {t}" for t in tests for k in keys]
@@ -522,10 +502,9 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
                 agree=int((d > 0).sum()), reading=reading)
 
 
-# ----------------------------------------------------------------------------- CLI
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Score a train.py checkpoint on its test sets and draw predictions, "
-                                "or tabulate the runs of 'python train.py --reproduce DIR'.")
+    p = argparse.ArgumentParser(description="Score a train.py checkpoint, draw its predictions, or tabulate the "
+                                "runs of 'python train.py --reproduce DIR'.")
     a = p.add_argument
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a checkpoint_<stage>.pt written by train.py")
