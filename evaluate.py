@@ -59,8 +59,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
         if v.numel() and (v.min() < 0 or v.max() >= K):
             raise ValueError(f"confusion_matrix: {name} values at labelled pixels must lie in [0, {K}) (or be "
                              f"the ignore index {ignore_index} in target), found [{int(v.min())}, {int(v.max())}]")
-    # Row-major index t * K + p turns the 2-D histogram into one bincount.
-    return torch.bincount(t * K + p, minlength=K * K).reshape(K, K)  # (K, K)
+    return torch.bincount(t * K + p, minlength=K * K).reshape(K, K)  # (K, K): row-major t * K + p, one bincount
 
 
 def harmonic(s: float, u: float) -> float:
@@ -79,12 +78,10 @@ def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> 
         raise ValueError(f"gzsl_miou: expected a square (K, K) matrix of non-negative integer pixel counts, got "
                          f"shape {tuple(confusion.shape)}, dtype {confusion.dtype}, {negative} negative")
     K = confusion.shape[0]
-    # Every class once: a class in neither list, or in both, would silently vanish from a mean or count twice.
-    if sorted([*seen, *unseen]) != list(range(K)):
+    if sorted([*seen, *unseen]) != list(range(K)):  # else a class would vanish from the means or count twice
         raise ValueError(f"gzsl_miou: seen {list(seen)} and unseen {list(unseen)} must split the classes "
                          f"[0, {K}) into disjoint lists, each class once")
-    # float64 on the CPU: counts of a whole test set (up to ~10^10 pixels) stay exact.
-    n = confusion.detach().to("cpu", torch.float64)  # (K, K)
+    n = confusion.detach().to("cpu", torch.float64)  # (K, K); float64: a test set's ~10^10 pixel counts stay exact
     tp = n.diagonal()  # (K,)
     union = n.sum(0) + n.sum(1) - tp  # (K,) predicted as c or labelled c: TP + FP + FN
     per_class = {c: 100.0 * tp[c].item() / union[c].item() for c in range(K) if union[c] > 0}
@@ -124,9 +121,8 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
 def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, eval_res: str = "full",
               num_images: int | Sequence[int] | None = None, layout: str = "context", seed: int = 0
               ) -> dict[str, torch.utils.data.Dataset]:
-    """shapes: ``{str(s): Shapes("test", size=s, seed=seed)}`` per size (default [64, 128]), ``num_images`` one
-    count or one per size; voc ``{"val": ...}``, context / cocostuff ``{"test": ...}``: whole images, warped to
-    ``sizes[0]`` (default 513) when ``eval_res="feature"``."""
+    """shapes: ``{str(s): Shapes("test", size=s, seed=seed)}`` per size (default [64, 128]), ``num_images`` one count
+    or one per size; real data: ``{"val" or "test": whole images}``, warped to ``sizes[0]`` (513) for "feature"."""
     # Real data at several sizes would silently use sizes[0] and hide a typo.
     if eval_res not in EVAL_RES or (dataset != "shapes" and sizes is not None and len(sizes) != 1):
         raise ValueError(f"test_sets: eval_res must be one of {EVAL_RES} and real data is tested at one size; got "
@@ -345,8 +341,8 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     snr = mu.var(0) / var.mean(0)  # (L,): Var over pixels of mu_c, against the mean of sigma_c^2
     stats = {"mu2": mu.pow(2).mean().item(), "sigma2": var.mean().item(), "snr_median": snr.median().item(),
              "snr_max": snr.max().item()}
-    # The probes: softmax regressions fitted by full-batch Adam on standardised inputs, each class weighted by
-    # 1 / its pixel count (unweighted, a probe on weak evidence predicts the most frequent class everywhere).
+    # The probes: softmax regressions fitted by full-batch Adam on standardised inputs, each class weighted by 1 / its
+    # pixel count (unweighted, a probe on weak evidence predicts the most frequent class, sky, everywhere).
     weight = 1 / torch.bincount(y[fit], minlength=model.num_seen).clamp_min(1).float()  # (num_seen,)
     for name, v in (("z", z), ("noise", torch.randn(z.shape, generator=g)), ("mu", mu)):
         mean, std = v[fit].mean(0), v[fit].std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
@@ -367,8 +363,8 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
 
 
 TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5's AST temperatures: runs sign-ast-T<T>
-# The paper's claims, paired by seed: two runs with one seed share the benchmark, the batch order and the test set,
-# which the per-seed difference cancels. (claim, (run, stage) of A, (run, stage) of B, test size "first" or "new", key)
+# The paper's claims, paired by seed (runs with one seed share the benchmark, batches and test set, which A - B
+# cancels): (claim, (run, stage) of A, (run, stage) of B, test size "first" or "new", key)
 CLAIMS = [
     ("SIGN > ZS3Net (Table 1)", ("sign", "transfer"), ("zs3net", "transfer"), "first", "harmonic_miou"),
     ("SIGN + AST > SIGN (Table 1)", ("sign-ast-T2", "self_training"), ("sign", "transfer"), "first", "harmonic_miou"),
@@ -488,9 +484,8 @@ def reproduction_tables(root) -> str:
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Paired A - B over n >= 2 seeds: mean d, its standard error s_d / sqrt(n), the 95 % t interval (t of
-    the nearest tabulated df at or below n - 1: never narrower than exact), the seeds with A > B, and the
-    reading: "supported" if the interval lies above 0, "contradicted" if below, "not supported" if it holds 0."""
+    """Paired A - B over n >= 2 seeds: mean d, standard error s_d / sqrt(n), 95 % t interval (t at the nearest tabulated
+    df <= n - 1: never narrower than exact), seeds with A > B; "supported" above 0, "contradicted" below, else not."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(d) < 2:
         raise ValueError(f"paired_difference needs >= 2 paired seeds, got {len(d)}")
