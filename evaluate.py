@@ -231,7 +231,8 @@ def choose_device(name: str | None) -> torch.device:
     n = torch.cuda.device_count()
     usable = ["cpu"] + ["cuda"] * (n > 0) + [f"cuda:{i}" for i in range(n)]
     if name is not None and name not in usable:
-        raise ValueError(f"--device {name}: expected one of this machine's devices, {', '.join(usable)}")
+        raise ValueError(f"--device {name}: expected one of this machine's devices, {', '.join(usable)} "
+                         f"(--device cpu always works)")
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
