@@ -1,28 +1,21 @@
 """The GZSL metric (paper section 4.2), the test loop that scores a model, and the evaluation CLI.
 
 Reading order
-    confusion_matrix, harmonic, gzsl_miou   the metric: (K, K) pixel counts -> per-class IoU, S, U, H
-    evaluate_model, test_sets, evaluate_sets  the test loop (sharded under torchrun) over a benchmark's test sets
-    format_table, as_metrics     the printed per-class table; the result keyed by class name (metrics.json)
-    scored_classes               a checkpoint's classes against the dataset's, and the label renumbering
-    read_checkpoint, load_checkpoint, choose_device   train.py's checkpoints, SIGN rebuilt from one, --device
-    save_panels, predict_images  pictures image | ground truth | prediction; --image on any image file
-    latent_statistics            what SIM's z carries (--latent-stats)
-    reproduction_tables, CLAIMS  run folders of ``train.py --reproduce`` -> Tables 1-4, Fig. 5, paired claims
-    main                         the CLI; settings default to those stored in the checkpoint
+    the metric      confusion_matrix, harmonic, gzsl_miou: (K, K) pixel counts -> per-class IoU, S, U, H
+    the test loop   evaluate_model, test_sets, evaluate_sets (sharded under torchrun); format_table, as_metrics
+    checkpoints     scored_classes (a checkpoint's classes against the dataset's), read_ / load_checkpoint
+    pictures        save_panels (image | ground truth | prediction), predict_images (``--image``, any file)
+    what z carries  latent_statistics (``--latent-stats``)
+    tables          reproduction_tables, CLAIMS: ``train.py --reproduce`` run folders -> Tables 1-4, Fig. 5
+    CLI             main; settings default to those stored in the checkpoint
 
 Convention (PROTOCOL section 5), pinned by ``tests/test_metrics.py``
-    * One confusion matrix per test set, rows = ground truth t, columns = prediction p; IoU is
-      computed once from it, never averaged over images.
-    * Pixels labelled ``ignore_index`` (255) never count; the datasets map VOC's background to it.
-    * IoU_c = TP_c / (TP_c + FP_c + FN_c), in percent. A class absent from both ground truth and
-      prediction has no IoU: its mean skips it, ``per_class`` omits it, it never counts as 0.
-      A class predicted but absent from the ground truth has IoU 0 and counts.
-    * S, U = mean IoU over the present seen / unseen classes (0 when none is present);
-      H = 2 S U / (S + U), 0 when S or U is 0.
-    * ``eval_res="full"`` (default) scores logits upsampled bilinearly to the label's size;
-      ``"feature"`` (the lineage: ZS3Net, CaGNet) warps images and labels to 513 x 513 and scores
-      C's feature-map logits against nearest-downsampled labels.
+    One confusion matrix per test set (rows ground truth t, columns prediction p), never averaged over images;
+    pixels labelled ``ignore_index`` (255, also VOC's background) never count. IoU_c = TP_c / (TP_c + FP_c + FN_c)
+    in %; a class absent from both ground truth and prediction has no IoU (the means skip it, ``per_class`` omits
+    it), one only predicted has IoU 0. S, U = mean IoU of the present seen / unseen classes (0 if none);
+    H = 2 S U / (S + U), 0 if S or U is 0. ``eval_res="full"`` (default) scores logits upsampled bilinearly to the
+    label; ``"feature"`` (ZS3Net, CaGNet) warps images to 513 x 513 and scores the feature-map logits at their size.
 
 Symbols
     K            number of classes, seen first then unseen (``data.py``'s model order)
@@ -38,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import draw_segmentation_masks
@@ -51,103 +43,76 @@ import data
 from sign import IGNORE as IGNORE_INDEX, SIGN, resize_labels
 
 EVAL_RES = ("full", "feature")
+GAP, LEGEND_W, ROW, MIN_TILE = 4, 200, 14, 128  # the pictures, in pixels: spacing, legend width, text row, least tile
 
 
-# ----------------------------------------------------------------------------- the metric
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """confusion[t, p], (K, K) int64 on the inputs' device, from integer ``pred`` and ``target`` of one
     shape, e.g. (B, H, W). Pixels whose target is ``ignore_index`` are dropped; the rest lie in [0, K)."""
     K = num_classes
-    if K < 1:
-        raise ValueError(f"confusion_matrix: num_classes must be >= 1, got {K}")
-    if pred.shape != target.shape:
-        raise ValueError(f"confusion_matrix: pred and target must have the same shape, got "
-                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
-    if pred.is_floating_point() or target.is_floating_point():
-        raise ValueError(f"confusion_matrix: expected integer class indices (argmax of the logits), got "
-                         f"pred {pred.dtype} and target {target.dtype}")
+    if K < 1 or pred.shape != target.shape or pred.is_floating_point() or target.is_floating_point():
+        raise ValueError(f"confusion_matrix: num_classes must be >= 1 and pred, target integer class indices of the "
+                         f"same shape; got {K}, {pred.dtype} {tuple(pred.shape)}, {target.dtype} {tuple(target.shape)}")
     valid = target != ignore_index
     t, p = target[valid].long(), pred[valid].long()  # (N,) each, N = labelled pixels
     for name, v in (("target", t), ("pred", p)):
         if v.numel() and (v.min() < 0 or v.max() >= K):
-            raise ValueError(f"confusion_matrix: {name} values at labelled pixels must lie in [0, {K}) "
-                             f"(or be the ignore index {ignore_index} in target), found "
-                             f"[{int(v.min())}, {int(v.max())}]")
-    # Row-major index t * K + p turns the 2-D histogram into one bincount.
-    return torch.bincount(t * K + p, minlength=K * K).reshape(K, K)  # (K, K)
+            raise ValueError(f"confusion_matrix: {name} values at labelled pixels must lie in [0, {K}) (or be "
+                             f"the ignore index {ignore_index} in target), found [{int(v.min())}, {int(v.max())}]")
+    return torch.bincount(t * K + p, minlength=K * K).reshape(K, K)  # (K, K): row-major t * K + p, one bincount
 
 
 def harmonic(s: float, u: float) -> float:
     """H = 2 S U / (S + U) of two non-negative scores; 0 when either is 0 (no division by 0)."""
-    # Not statistics.harmonic_mean: it sums 1/S + 1/U exactly and so differs in the last bit
-    # about every other time, and metrics.json stores H unrounded.
+    # Not statistics.harmonic_mean: it sums 1/S + 1/U exactly, so differs in the last bit about every other time.
     if s < 0 or u < 0:
         raise ValueError(f"harmonic: expected non-negative scores, got {s} and {u}")
     return 0.0 if s == 0 or u == 0 else 2 * s * u / (s + u)
 
 
 def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> dict:
-    """Seen / unseen / harmonic mIoU (percent) from an accumulated (K, K) confusion matrix:
-    ``{"seen_miou": S, "unseen_miou": U, "harmonic_miou": H, "per_class": {class index: IoU}}``,
-    ``per_class`` in index order, present classes only (so never NaN)."""
-    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
-        raise ValueError(f"gzsl_miou: expected a square (K, K) confusion matrix, got shape "
-                         f"{tuple(confusion.shape)}")
-    if confusion.is_floating_point():
-        raise ValueError(f"gzsl_miou: expected integer pixel counts, got dtype {confusion.dtype}")
-    if confusion.numel() and confusion.min() < 0:
-        raise ValueError("gzsl_miou: the confusion matrix holds negative counts")
+    """Seen / unseen / harmonic mIoU (percent) from an accumulated (K, K) confusion matrix: ``{"seen_miou": S,
+    "unseen_miou": U, "harmonic_miou": H, "per_class": {class index: IoU}}``, present classes only (never NaN)."""
+    negative = int((confusion < 0).sum())
+    if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1] or confusion.is_floating_point() or negative:
+        raise ValueError(f"gzsl_miou: expected a square (K, K) matrix of non-negative integer pixel counts, got "
+                         f"shape {tuple(confusion.shape)}, dtype {confusion.dtype}, {negative} negative")
     K = confusion.shape[0]
-    # GZSL scores every class of the test set once: a class in neither list, or in both, would
-    # silently vanish from a mean or count twice, which is always a bookkeeping mistake.
-    if sorted([*seen, *unseen]) != list(range(K)):
+    if sorted([*seen, *unseen]) != list(range(K)):  # else a class would vanish from the means or count twice
         raise ValueError(f"gzsl_miou: seen {list(seen)} and unseen {list(unseen)} must split the classes "
                          f"[0, {K}) into disjoint lists, each class once")
-    # float64 on the CPU: counts of a whole test set (up to ~10^10 pixels) stay exact.
-    n = confusion.detach().to("cpu", torch.float64)  # (K, K)
+    n = confusion.detach().to("cpu", torch.float64)  # (K, K); float64: a test set's ~10^10 pixel counts stay exact
     tp = n.diagonal()  # (K,)
     union = n.sum(0) + n.sum(1) - tp  # (K,) predicted as c or labelled c: TP + FP + FN
     per_class = {c: 100.0 * tp[c].item() / union[c].item() for c in range(K) if union[c] > 0}
-
-    def mean(classes: Sequence[int]) -> float:
-        present = [per_class[c] for c in classes if c in per_class]
-        return sum(present) / len(present) if present else 0.0
-
-    S, U = mean(seen), mean(unseen)
+    present = [[per_class[c] for c in classes if c in per_class] for classes in (seen, unseen)]
+    S, U = (sum(ious) / len(ious) if ious else 0.0 for ious in present)
     return {"seen_miou": S, "unseen_miou": U, "harmonic_miou": harmonic(S, U), "per_class": per_class}
 
 
-# ----------------------------------------------------------------------------- the test loop
 @torch.inference_mode()
 def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, device: torch.device | str,
                    eval_res: str = "full", ignore_index: int = IGNORE_INDEX, quiet: bool = False,
                    label_map: Tensor | None = None, sharded: bool = False) -> Tensor:
-    """Sum of ``confusion_matrix`` over a loader of (image (B, 3, H, W), label (B, H, W)), on the CPU;
-    the model runs in eval mode and is given back in its own. ``label_map`` (256,) renumbers the labels
-    (``scored_classes``); ``sharded``: the loader holds this rank's shard, the ranks' matrices are summed."""
+    """Sum of ``confusion_matrix`` over (image (B, 3, H, W), label (B, H, W)) batches, in eval mode, on the CPU.
+    ``label_map`` (256,) renumbers the labels (``scored_classes``); ``sharded``: the ranks' matrices are summed."""
     if eval_res not in EVAL_RES:
         raise ValueError(f"evaluate_model: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
-    if eval_res == "feature" and not (hasattr(model, "features") and hasattr(model, "C")):
-        raise ValueError(f"evaluate_model: eval_res='feature' needs a model with SIGN's `features(x)` "
-                         f"and `C` (logits before upsampling); {type(model).__name__} has not")
     K, was_training = num_classes, model.training
     model.eval()
     confusion = torch.zeros(K, K, dtype=torch.long, device=device)
-    try:
-        for x, y in tqdm(loader, desc=f"evaluate ({eval_res})", leave=False, disable=quiet):
-            x, y = x.to(device), y.to(device)  # (B, 3, H, W), (B, H, W)
-            y = y if label_map is None else label_map.to(device)[y]  # the dataset's ids -> the scored order
-            logits = model(x) if eval_res == "full" else model.C(model.features(x)[0])  # (B, K', H', W')
-            if logits.dim() != 4 or not 0 < logits.shape[1] <= K:  # fewer: a model that knows only the
-                # first classes (train.py --seen-only) predicts none of the others
-                raise ValueError(f"evaluate_model: expected logits (B, K' <= {K}, H, W), got {tuple(logits.shape)}")
-            if eval_res == "full" and logits.shape[-2:] != y.shape[-2:]:
-                logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
-            elif eval_res == "feature":
-                y = resize_labels(y, logits.shape[-2:])  # (B, h, w), nearest
-            confusion += confusion_matrix(logits.argmax(1), y, K, ignore_index)  # (K, K)
-    finally:
-        model.train(was_training)
+    for x, y in tqdm(loader, desc=f"evaluate ({eval_res})", leave=False, disable=quiet):
+        x, y = x.to(device), y.to(device)  # (B, 3, H, W), (B, H, W)
+        y = y if label_map is None else label_map.to(device)[y]  # the dataset's ids -> the scored order
+        logits = model(x) if eval_res == "full" else model.C(model.features(x)[0])  # (B, K', H', W')
+        if logits.dim() != 4 or not 0 < logits.shape[1] <= K:  # fewer: a --seen-only model never predicts the rest
+            raise ValueError(f"evaluate_model: expected logits (B, K' <= {K}, H, W), got {tuple(logits.shape)}")
+        if eval_res == "full" and logits.shape[-2:] != y.shape[-2:]:
+            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        elif eval_res == "feature":
+            y = resize_labels(y, logits.shape[-2:])  # (B, h, w), nearest
+        confusion += confusion_matrix(logits.argmax(1), y, K, ignore_index)  # (K, K)
+    model.train(was_training)
     if sharded:  # each rank scored its shard (evaluate_sets): the sum is the whole test set's
         dist.all_reduce(confusion)
     return confusion.cpu()
@@ -156,23 +121,20 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
 def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, eval_res: str = "full",
               num_images: int | Sequence[int] | None = None, layout: str = "context", seed: int = 0
               ) -> dict[str, torch.utils.data.Dataset]:
-    """shapes: ``{str(s): Shapes("test", size=s, ...)}`` per size (default [64, 128]), ``num_images``
-    one count or one per size, ``seed`` the scenes (0: the benchmark's; others: independent test sets
-    of the same task); voc ``{"val": ...}``, context / cocostuff ``{"test": ...}``: whole images at
-    their own size, or warped to ``sizes[0]`` (default 513) when ``eval_res="feature"``."""
-    if eval_res not in EVAL_RES:
-        raise ValueError(f"test_sets: eval_res must be one of {EVAL_RES}, got {eval_res!r}")
+    """shapes: ``{str(s): Shapes("test", size=s, seed=seed)}`` per size (default [64, 128]), ``num_images`` one count
+    or one per size; real data: ``{"val" or "test": whole images}``, warped to ``sizes[0]`` (513) for "feature"."""
+    # Real data at several sizes would silently use sizes[0] and hide a typo.
+    if eval_res not in EVAL_RES or (dataset != "shapes" and sizes is not None and len(sizes) != 1):
+        raise ValueError(f"test_sets: eval_res must be one of {EVAL_RES} and real data is tested at one size; got "
+                         f"{eval_res!r} and sizes {sizes} for {dataset}")
     if dataset == "shapes":
         sizes = sizes or [64, 128]
         counts = list(num_images) if isinstance(num_images, (list, tuple)) else [num_images]
-        counts = counts * len(sizes) if len(counts) == 1 else counts
-        if len(counts) != len(sizes):
+        if len(counts) not in (1, len(sizes)):
             raise ValueError(f"test_sets: {len(counts)} test-image counts {counts} for {len(sizes)} test "
                              f"sizes {list(sizes)}; give one count, or one per size")
         return {str(s): data.Shapes("test", size=s, num_images=n, layout=layout, seed=seed)
-                for s, n in zip(sizes, counts)}
-    if sizes is not None and len(sizes) != 1:  # silently using sizes[0] would hide a typo
-        raise ValueError(f"test_sets: {dataset} is tested at one size, got sizes {list(sizes)}")
+                for s, n in zip(sizes, counts * len(sizes) if len(counts) == 1 else counts)}
     size = (sizes or [513])[0] if eval_res == "feature" else None
     return {"val" if dataset == "voc" else "test": data.build_dataset(
         dataset, "test", root=root, transform=data.eval_transform(size))}
@@ -181,40 +143,33 @@ def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, ev
 def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], num_seen: int,
                   device: torch.device | str, eval_res: str = "full", batch_size: int = 16, workers: int = 0,
                   quiet: bool = False, title: str = "", label_map: Tensor | None = None) -> dict[str, dict]:
-    """evaluate_model -> gzsl_miou -> printed format_table for each set; ``{set name: as_metrics}``.
-    Classes [0, num_seen) are seen, the rest of ``class_names`` unseen."""
+    """evaluate_model -> gzsl_miou -> printed format_table per set: ``{name: as_metrics}``; [0, num_seen) seen."""
     K, metrics = len(class_names), {}
     seen, unseen = list(range(num_seen)), list(range(num_seen, K))
     distributed = dist.is_available() and dist.is_initialized()  # under torchrun: each rank scores a shard
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     for name, dataset in sets.items():  # real images differ in size, so they go one at a time
         shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset  # no image twice
-        loader = DataLoader(shard, batch_size=batch_size if isinstance(dataset, data.Shapes) else 1,
-                            num_workers=workers)
+        loader = DataLoader(shard, batch_size if isinstance(dataset, data.Shapes) else 1, num_workers=workers)
         confusion = evaluate_model(model, loader, num_classes=K, device=device, eval_res=eval_res, quiet=quiet,
                                    label_map=label_map, sharded=world > 1)
         result = gzsl_miou(confusion, seen, unseen)
         metrics[name] = as_metrics(result, class_names)
         if rank == 0:
-            print(f"\n{f'[{title}] ' if title else ''}test set {name}\n"
-                  + format_table(result, class_names, seen, unseen))
+            print(f"\n{title and f'[{title}] '}test set {name}\n" + format_table(result, class_names, seen, unseen))
     return metrics
 
 
 def format_table(result: dict, class_names: Sequence[str], seen: Sequence[int], unseen: Sequence[int]) -> str:
-    """A per-class IoU table (seen classes, then unseen, 'absent' for classes with no IoU)
-    followed by one summary line: seen / unseen / harmonic mIoU, all in percent."""
+    """Per-class IoU % (seen classes, then unseen; 'absent' without IoU), then a line of S, U and H."""
     width = max([len("class")] + [len(class_names[c]) for c in (*seen, *unseen)])
     lines = [f"{'#':>4}  {'class':<{width}}  {'split':<6}  {'IoU %':>6}"]
-    for split, classes in (("seen", seen), ("unseen", unseen)):
-        for c in classes:
-            iou = result["per_class"].get(c)
-            lines.append(f"{c:>4}  {class_names[c]:<{width}}  {split:<6}  "
-                         + (f"{iou:6.2f}" if iou is not None else f"{'absent':>6}"))
-    present = [sum(c in result["per_class"] for c in cs) for cs in (seen, unseen)]
-    lines.append(f"mIoU %  seen {result['seen_miou']:.2f} ({present[0]}/{len(seen)} classes present)  "
-                 f"unseen {result['unseen_miou']:.2f} ({present[1]}/{len(unseen)})  "
-                 f"harmonic {result['harmonic_miou']:.2f}")
+    iou = result["per_class"]
+    lines += [f"{c:>4}  {class_names[c]:<{width}}  {split:<6}  " + (f"{iou[c]:6.2f}" if c in iou else f"{'absent':>6}")
+              for split, classes in (("seen", seen), ("unseen", unseen)) for c in classes]
+    present = [sum(c in iou for c in cs) for cs in (seen, unseen)]
+    lines.append(f"mIoU %  seen {result['seen_miou']:.2f} ({present[0]}/{len(seen)} classes present)  unseen "
+                 f"{result['unseen_miou']:.2f} ({present[1]}/{len(unseen)})  harmonic {result['harmonic_miou']:.2f}")
     return "\n".join(lines)
 
 
@@ -225,13 +180,10 @@ def as_metrics(result: dict, class_names: Sequence[str]) -> dict:
     return {**result, "per_class": {class_names[c]: iou for c, iou in result["per_class"].items()}}
 
 
-# ----------------------------------------------------------------------------- checkpoints, devices
 def scored_classes(model_names: Sequence[str], dataset_names: Sequence[str], num_seen: int
                    ) -> tuple[list[str], Tensor | None]:
-    """The classes a model is scored over: its own (a checkpoint's ``class_names``: fewer than the
-    dataset's after ``train.py --seen-only``, more after ``--add-classes``), then the dataset's it does
-    not know (never predicted); and the (256,) map of the dataset's label ids into that order, None
-    for the identity. Both must share the seen classes; names compare case-insensitively."""
+    """A model's classes (fewer than the dataset's after ``train.py --seen-only``, more after ``--add-classes``),
+    then the dataset's it does not know; and the (256,) map of the dataset's label ids into that order (None: same)."""
     known = [n.lower() for n in model_names]
     if known[:num_seen] != [n.lower() for n in dataset_names[:num_seen]]:
         raise CheckpointError(f"the checkpoint's seen classes ({', '.join(model_names[:num_seen])}) are not the "
@@ -246,34 +198,24 @@ class CheckpointError(Exception):
     """A checkpoint file is missing, unreadable, or not a model written by train.py."""
 
 
-def _a_file(path, what: str, error: type[Exception] = ValueError) -> Path:
-    """``path`` if it is a file; else ``error`` naming it as ``what`` (a folder, or nothing there)."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{what} {path} " + ("is a folder, not a file" if path.is_dir() else "does not exist"))
-    return path
-
-
 def read_checkpoint(path, keys: Sequence[str] = ("model", "config")) -> dict:
-    """The dict ``train.py`` saved at ``path``, holding at least ``keys``, read with ``weights_only=True``
-    (never unpickles code); anything else is a one-line ``CheckpointError`` naming the path. torch's own
-    message is left out: for a foreign file it suggests ``weights_only=False``, which would run its code."""
-    path = _a_file(path, "checkpoint", CheckpointError)
+    """The dict ``train.py`` saved at ``path``, holding ``keys``, read with ``weights_only=True``; else a one-line
+    ``CheckpointError`` naming the path, without torch's advice of ``weights_only=False`` (that runs foreign code)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # nothing there, a folder, no permission
+        raise CheckpointError(f"{path} is not a train.py checkpoint: {e.strerror or e}") from None
     except Exception as e:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(f"{path} is not a train.py checkpoint: torch.load cannot read it "
                               f"({type(e).__name__}; truncated, corrupt, or not written by torch.save)") from e
-    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys)
-    if missing:
+    if missing := [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else list(keys):
         raise CheckpointError(f"{path} is not a train.py checkpoint: it holds a {type(ckpt).__name__} "
                               f"without {', '.join(map(repr, missing))}")
     return ckpt
 
 
 def load_checkpoint(path, device: torch.device | str) -> tuple[SIGN, dict]:
-    """(SIGN rebuilt from the checkpoint's config and state dict, M's table included, on ``device`` in
-    eval mode; the checkpoint dict). Every failure is a one-line ``CheckpointError``."""
+    """SIGN rebuilt from the checkpoint (M's table included) on ``device`` in eval mode, and the checkpoint dict."""
     ckpt = read_checkpoint(path, keys=("model", "config", "args", "stage", "iteration", "class_names"))
     try:
         model = SIGN.from_config(ckpt["config"])
@@ -285,9 +227,7 @@ def load_checkpoint(path, device: torch.device | str) -> tuple[SIGN, dict]:
 
 
 def choose_device(name: str | None) -> torch.device:
-    """``--device``: None picks cuda when available, else cpu; a name that is not cpu or one of this
-    machine's CUDA devices is a ValueError naming the flag. Nothing is allocated: under torchrun
-    each rank picks its own GPU afterwards."""
+    """``--device``: one of this machine's devices; None: cuda if available, else cpu. Nothing is allocated."""
     n = torch.cuda.device_count()
     usable = ["cpu"] + ["cuda"] * (n > 0) + [f"cuda:{i}" for i in range(n)]
     if name is not None and name not in usable:
@@ -296,15 +236,10 @@ def choose_device(name: str | None) -> torch.device:
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-# ----------------------------------------------------------------------------- pictures
-GAP, LEGEND_W, ROW, MIN_TILE = 4, 200, 14, 128  # pixels: spacing, legend width, text row, smallest tile
-
-
 def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], class_names: Sequence[str],
            num_seen: int, colours: np.ndarray, notes: dict | None = None) -> Image.Image:
-    """The picture of both CLIs: ``tiles`` {title: (H, W, 3) uint8} side by side under their titles,
-    then a legend, ``heading`` and one row per class in ``present``: its colour, name and ``notes[c]``,
-    unseen classes marked "(unseen)" in red."""
+    """``tiles`` {title: (H, W, 3) uint8} side by side under their titles, then the legend: ``heading`` and a
+    row per class in ``present`` (colour, name, ``notes[c]``), unseen classes marked "(unseen)" in red."""
     h, w = next(iter(tiles.values())).shape[:2]
     x = len(tiles) * (w + GAP) + GAP  # the legend's left edge
     panel = Image.new("RGB", (x + LEGEND_W, ROW + max(h, len(present) * ROW) + GAP), "white")
@@ -324,12 +259,9 @@ def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], c
 def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Sequence[str], num_seen: int,
                 device: torch.device | str, palette: np.ndarray | None = None,
                 label_map: Tensor | None = None) -> list[Path]:
-    """The first ``num`` items as ``out_dir/<index>.png``: image (de-normalised) | ground truth
-    (renumbered by ``label_map``, ignore black) | prediction, in ``data.label_colours`` of ``palette``
-    (default: the dataset's), with a legend of the classes in either map; the model is left in eval mode.
-    Tiles under MIN_TILE rows are upscaled by an integer factor (nearest), so small images stay legible."""
-    colours = data.label_colours(len(class_names), getattr(dataset, "palette", None) if palette is None
-                                 else palette)  # (256, 3)
+    """The first ``num`` items as ``out_dir/<index>.png``: image | ground truth (renumbered by ``label_map``) |
+    prediction in ``data.label_colours`` of ``palette`` (default: the dataset's); the model is left in eval mode."""
+    colours = data.label_colours(len(class_names), getattr(dataset, "palette", None) if palette is None else palette)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (dataset.mean, dataset.std))
     out_dir, paths = Path(out_dir), []
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -339,7 +271,7 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
         label = label if label_map is None else label_map[label.long()]
         pred = model(image[None].to(device)).argmax(1)[0].cpu().numpy()  # (H, W)
         rgb = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
-        f = -(-MIN_TILE // label.shape[0])  # ceil: the smallest integer upscaling to >= MIN_TILE rows
+        f = -(-MIN_TILE // label.shape[0])  # ceil: small images upscaled (nearest) to >= MIN_TILE rows, legible
         tiles = {title: t.repeat(f, 0).repeat(f, 1) for title, t in  # (fH, fW, 3) each
                  (("image", rgb), ("ground truth", colours[label.numpy()]), ("prediction", colours[pred]))}
         present = sorted((set(label.unique().tolist()) - {IGNORE_INDEX}) | set(np.unique(pred).tolist()))
@@ -348,29 +280,20 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
     return paths
 
 
-def read_image(path) -> Tensor:
-    """An image file as (3, H, W) uint8 RGB, or a ValueError naming it."""
-    path = _a_file(path, "--image")
-    try:
-        with Image.open(path) as image:
-            return TF.pil_to_tensor(image.convert("RGB"))  # convert decodes: a broken file fails here
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"--image {path}: not a readable image ({type(e).__name__}: {e})") from None
-
-
 @torch.inference_mode()
 def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: Sequence[str], num_seen: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str, size: int | None = None,
                    palette: np.ndarray | None = None) -> list[tuple[Path, dict[str, float]]]:
-    """For each image file ``out_dir/<stem>.png``: the image | the prediction overlaid on it, with a
-    legend of the classes present and their share of pixels. The image is normalised by ``mean`` /
-    ``std`` and predicted at its own size, or warped to ``size`` x ``size`` (``eval_res`` feature)
-    with the prediction resized back; the model is left in eval mode. Returns (file written,
-    {class name: % of pixels})."""
-    colours, out_dir = data.label_colours(len(class_names), palette), Path(out_dir)
-    images = [read_image(p) for p in paths]  # every file is checked before any work
+    """Each image file predicted at its own size (or warped to ``size`` x ``size`` and back: eval_res feature) into
+    ``out_dir/<stem>.png``: image | prediction overlaid, legend. Returns [(file, {class name: % of pixels})]."""
+    colours, out_dir, results = data.label_colours(len(class_names), palette), Path(out_dir), []
+    images = []  # (3, H, W) uint8 each; every file is read before any is predicted
+    for path in paths:
+        try:  # convert decodes: a broken file fails here
+            images.append(TF.pil_to_tensor(Image.open(path).convert("RGB")))
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ValueError(f"--image {path}: not a readable image ({getattr(e, 'strerror', None) or e})") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = []
     model.eval()
     for path, image in zip(paths, images):
         x = TF.normalize(image.float() / 255, mean, std)[None]  # (1, 3, H, W)
@@ -388,88 +311,68 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
     return results
 
 
-# ----------------------------------------------------------------------------- what z carries
-def _linear_probe(x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, num_classes: int, steps: int = 300) -> float:
-    """Balanced accuracy (mean recall over the classes in y_test, %) of a softmax regression fitted
-    to (x, y) by full-batch Adam, on standardised inputs, each class weighted by 1 / its pixel count:
-    unweighted, a probe on weak evidence predicts the most frequent class (sky) everywhere."""
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
-    x, x_test = (x - mean) / std, (x_test - mean) / std
-    weight = 1 / torch.bincount(y, minlength=num_classes).clamp_min(1).float()  # (num_classes,)
-    probe = nn.Linear(x.shape[1], num_classes)
-    for p in probe.parameters():  # the loss is convex: zeros are as good a start, and draw no random numbers
-        nn.init.zeros_(p)
-    opt = torch.optim.Adam(probe.parameters(), lr=0.05)
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(probe(x), y, weight=weight).backward()
-            opt.step()
-    pred = probe(x_test).argmax(1)
-    return 100 * float(np.mean([(pred[y_test == c] == c).float().mean() for c in y_test.unique()]))
-
-
 @torch.no_grad()
 def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels: int = 40_000,
                       device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float | int]:
-    """What the z that G receives in Training Step (G) carries (z = mu + sigma eps, SIM in training
-    mode), on the labelled seen pixels of the first ``num_images`` items at feature resolution:
-    ``mu2``, ``sigma2``, the means of mu^2 and sigma^2 (the prior: 0 and 1); ``snr``, the per-channel
-    var(mu) / E[sigma^2] (median, max): how much of z changes with the pixel rather than with eps;
-    balanced accuracies of linear probes for the seen class from z (``probe_z``), from N(0, 1) noise
-    of z's shape (``probe_noise``, chance) and from mu (``probe_mu``, the ceiling: mu is a linear map
-    of SIM's features at any scale). Probes fit on the first half of the images, score on the second."""
+    """What G's z (z = mu + sigma eps, SIM in training mode as in Training Step (G)) carries on the labelled seen
+    pixels of the first ``num_images`` items: the means ``mu2``, ``sigma2``; var(mu) / E[sigma^2] per channel
+    (``snr_median``, ``snr_max``); balanced accuracies (%) of linear probes from z, N(0, 1) noise and mu."""
     if model.SIM is None:
         raise ValueError("latent_statistics: this model has no SIM, so G's latent is pure noise")
     was_training, n = model.training, min(num_images, len(dataset))
     model.eval().SIM.train()  # training mode for SIM alone: z is sampled as Training Step (G) sees it
-    zs, mus, variances, labels, halves = [], [], [], [], []
-    cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):  # eps is drawn from a seed of its own, the caller's stream is kept
-        torch.manual_seed(seed)
-        try:
-            for i in range(n):
-                x, y = dataset[i]
-                _, z, mu, logvar = model.features(x[None].to(device))  # (1, L, h, w) each
-                y = resize_labels(y[None].to(device), z.shape[-2:]).flatten()  # (h*w,)
-                keep = y < model.num_seen  # labelled seen pixels; 255 is above every class index
-                for store, t in ((zs, z), (mus, mu), (variances, logvar.exp())):
-                    store.append(t[0].flatten(1).T[keep].float().cpu())  # (pixels, L)
-                labels.append(y[keep].cpu())
-                halves.append(torch.full((int(keep.sum()),), i >= n // 2))
-        finally:
-            model.train(was_training)
-    z, mu, var, y, test = (torch.cat(t) for t in (zs, mus, variances, labels, halves))
+    pixels = []  # per image: z, mu, sigma^2 (pixels, L) each, the labels and the half of each pixel (pixels,)
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+        torch.manual_seed(seed)  # eps is drawn from a seed of its own; fork_rng keeps the caller's stream
+        for i in range(n):
+            x, y = dataset[i]
+            _, z, mu, logvar = model.features(x[None].to(device))  # (1, L, h, w) each
+            y = resize_labels(y[None].to(device), z.shape[-2:]).flatten()  # (h*w,)
+            keep = y < model.num_seen  # labelled seen pixels; 255 is above every class index
+            pixels.append([t[0].flatten(1).T[keep].float().cpu() for t in (z, mu, logvar.exp())]
+                          + [y[keep].cpu(), torch.full((int(keep.sum()),), i >= n // 2)])
+    model.train(was_training)
+    z, mu, var, y, test = (torch.cat(t) for t in zip(*pixels))
     if test.all() or not test.any():
         raise ValueError(f"latent_statistics: need labelled seen pixels in both halves of {n} images")
     g = torch.Generator().manual_seed(seed)
     def pick(mask):  # at most max_pixels / 2 random pixels of the half
         return mask.nonzero()[:, 0][torch.randperm(int(mask.sum()), generator=g)[:max_pixels // 2]]
     fit, score = pick(~test), pick(test)
-    noise = torch.randn(z.shape, generator=g)
     snr = mu.var(0) / var.mean(0)  # (L,): Var over pixels of mu_c, against the mean of sigma_c^2
-    probe = {f"probe_{k}": _linear_probe(v[fit], y[fit], v[score], y[score], model.num_seen)
-             for k, v in (("z", z), ("noise", noise), ("mu", mu))}
-    return {"mu2": mu.pow(2).mean().item(), "sigma2": var.mean().item(), "snr_median": snr.median().item(),
-            "snr_max": snr.max().item(), **probe, "pixels": len(fit) + len(score)}
+    stats = {"mu2": mu.pow(2).mean().item(), "sigma2": var.mean().item(), "snr_median": snr.median().item(),
+             "snr_max": snr.max().item()}
+    # The probes: softmax regressions fitted by full-batch Adam on standardised inputs, each class weighted by 1 / its
+    # pixel count (unweighted, a probe on weak evidence predicts the most frequent class, sky, everywhere).
+    weight = 1 / torch.bincount(y[fit], minlength=model.num_seen).clamp_min(1).float()  # (num_seen,)
+    for name, v in (("z", z), ("noise", torch.randn(z.shape, generator=g)), ("mu", mu)):
+        mean, std = v[fit].mean(0), v[fit].std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
+        x, x_test = (v[fit] - mean) / std, (v[score] - mean) / std
+        probe = nn.Linear(x.shape[1], model.num_seen)
+        for p in probe.parameters():  # the loss is convex: zeros are as good a start as any
+            nn.init.zeros_(p)
+        opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+        with torch.enable_grad():
+            for _ in range(300):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(probe(x), y[fit], weight=weight).backward()
+                opt.step()
+        pred, y_test = probe(x_test).argmax(1), y[score]
+        recalls = [(pred[y_test == c] == c).float().mean() for c in y_test.unique()]  # balanced: mean recall
+        stats[f"probe_{name}"] = 100 * float(np.mean(recalls))
+    return stats | {"pixels": len(fit) + len(score)}
 
 
-# ----------------------------------------------------------------------------- the paper's tables on shapes
-# Run folders root/<name>/seed<k>/metrics.json as ``python train.py --reproduce`` writes them
-# (train.EXPERIMENTS names them); the tables aggregate whatever runs they find.
 TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5's AST temperatures: runs sign-ast-T<T>
-# The paper's claims as paired comparisons: runs of two methods with the same seed share the
-# benchmark, the batch order and the test set, so the per-seed difference cancels what they share.
-# (claim, (run, stage) of A, (run, stage) of B, test size: "first" (training size) or "new", key)
-CLAIMS = [("SIGN > ZS3Net (Table 1)", ("sign", "transfer"), ("zs3net", "transfer"), "first", "harmonic_miou"),
-          ("SIGN + AST > SIGN (Table 1)", ("sign-ast-T2", "self_training"), ("sign", "transfer"), "first",
-           "harmonic_miou"),
-          ("RPE > APE at a new size (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "harmonic_miou"),
-          ("RPE > APE at a new size, sky/water (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new",
-           "sky+water"),
-          ("SIM helps seen classes (Table 4)", ("sign", "train"), ("zs3net", "train"), "first", "seen_miou"),
-          ("AST > ST (Fig. 5)", ("sign-ast-T2", "self_training"), ("sign-st", "self_training"), "first",
-           "harmonic_miou")]
+# The paper's claims, paired by seed (runs with one seed share the benchmark, batches and test set, which A - B
+# cancels): (claim, (run, stage) of A, (run, stage) of B, test size "first" or "new", key)
+CLAIMS = [
+    ("SIGN > ZS3Net (Table 1)", ("sign", "transfer"), ("zs3net", "transfer"), "first", "harmonic_miou"),
+    ("SIGN + AST > SIGN (Table 1)", ("sign-ast-T2", "self_training"), ("sign", "transfer"), "first", "harmonic_miou"),
+    ("RPE > APE at a new size (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "harmonic_miou"),
+    ("RPE > APE at a new size, sky/water (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "sky+water"),
+    ("SIM helps seen classes (Table 4)", ("sign", "train"), ("zs3net", "train"), "first", "seen_miou"),
+    ("AST > ST (Fig. 5)", ("sign-ast-T2", "self_training"), ("sign-st", "self_training"), "first", "harmonic_miou")]
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
          12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # Student's t, 97.5 % quantile, by degrees of freedom
 
@@ -500,8 +403,7 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def _by_seed(runs: dict, name: str, stage: str, test: str, key: str) -> dict[int, float]:
-    """{seed: value} for the seeds that have it; key is a metrics field, or class names joined by '+'
-    ('sky+water': the mean IoU of the two, from seeds where both classes have an IoU)."""
+    """{seed: value} of a metrics field, or of class names joined by '+' (their mean IoU, where all have one)."""
     out, classes = {}, key.split("+")
     for seed, metrics in runs.get(name, {}).items():
         m = metrics.get(stage, {}).get(test)
@@ -517,18 +419,6 @@ def final_stage(runs: dict, name: str) -> str:
     return "self_training" if any("self_training" in m for m in runs.get(name, {}).values()) else "transfer"
 
 
-def _sim_params(root: Path, name: str) -> str:
-    """SIM's parameter count from the run's first checkpoint (state-dict keys 'SIM.*')."""
-    for path in sorted(root.glob(f"{name}/seed*/checkpoint_train.pt")):
-        state = read_checkpoint(path)["model"]
-        return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k"
-    return "–"
-
-
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    return "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows])
-
-
 def reproduction_tables(root) -> str:
     """Tables 1-4 and Fig. 5 (Markdown, mean ± std over seeds) and the paired claims, from run folders."""
     root, runs = Path(root), collect_runs(root)
@@ -537,22 +427,25 @@ def reproduction_tables(root) -> str:
     tests = sorted({t for r in runs.values() for m in r.values() for s in m.values() for t in s},
                    key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))  # "64" before "128"
     n = lambda name, stage: len(_by_seed(runs, name, stage, tests[0], "seen_miou"))  # seeds that finished stage
-
+    markdown = lambda head, rows: "\n".join("| " + " | ".join(r) + " |" for r in [head, ["---"] * len(head), *rows])
     def cell(name, stage, t, key):  # a cell averaging fewer seeds than its row's "runs" says so
         v = list(_by_seed(runs, name, stage, t, key).values())
         return mean_std(v) + (f" (n = {len(v)})" if len(v) != n(name, stage) else "")
-
-    def table(title, first, rows, stage, keys, sim_params=False):  # a row per run; stage None: the run's last
+    def sim_params(name):  # SIM's parameter count (state-dict keys 'SIM.*'), from the run's first checkpoint
+        for path in sorted(root.glob(f"{name}/seed*/checkpoint_train.pt")):
+            state = read_checkpoint(path)["model"]
+            return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k"
+        return "–"
+    def table(title, first, rows, stage, keys, with_sim=False):  # a row per run; stage None: the run's last
         short = {"seen_miou": "seen", "unseen_miou": "unseen", "harmonic_miou": "H", "sky+water": "sky/water"}
-        head = [first, "runs"] + ["SIM parameters"] * sim_params + [f"{short[k]} {t}" for t in tests for k in keys]
-        body = [[label, str(n(name, stage or final_stage(runs, name)))] + [_sim_params(root, name)] * sim_params
+        head = [first, "runs"] + ["SIM parameters"] * with_sim + [f"{short[k]} {t}" for t in tests for k in keys]
+        body = [[label, str(n(name, stage or final_stage(runs, name)))] + ([sim_params(name)] if with_sim else [])
                 + [cell(name, stage or final_stage(runs, name), t, k) for t in tests for k in keys]
                 for label, name in rows]
-        return [f"\n**{title[0]}** ({title[1]})\n", _table(head, body)]
+        return [f"\n**{title[0]}** ({title[1]})\n", markdown(head, body)]
 
     smh = ("seen_miou", "unseen_miou", "harmonic_miou")
-    sims = [("conv", "sim-conv"), ("attention", "sim-attention"), ("self-attention", "sim-self-attention"),
-            ("multihead", "sign")]
+    sims = [(sim, f"sim-{sim}") for sim in ("conv", "attention", "self-attention")] + [("multihead", "sign")]
     out = [f"Seeds found: {sorted({s for r in runs.values() for s in r})}. Cells: mean ± sample standard "
            "deviation over the seeds that finished the row's stage (runs = how many)."]
     out += table(("Table 1", "seen / unseen / harmonic mIoU, %, per test size"), "method",
@@ -560,41 +453,20 @@ def reproduction_tables(root) -> str:
                   ("CaGNet + ST", "cagnet-st"), ("SIGN", "sign"), ("SIGN + ST", "sign-st"),
                   ("SIGN + AST (T = 2)", "sign-ast-T2")], None, smh)
     out += table(("Table 2", "SIM architecture, after the transfer step"), "SIM", sims, "transfer",
-                 ("harmonic_miou",), sim_params=True)
+                 ("harmonic_miou",), with_sim=True)
     out += table(("Table 3", "positional encoding, after the transfer step; sky/water = mean IoU of the two"), "PE",
                  [("none", "pe-none"), ("APE", "pe-ape"), ("APE + interp.", "pe-ape-interp"), ("RPE", "sign")],
                  "transfer", smh + ("sky+water",))
     out += ["\n**Table 4** (seen mIoU before the transfer step; runs: "
             + ", ".join(f"{label} {n(name, 'train')}" for label, name in [("w/o SIM", "zs3net")] + sims) + ")\n",
-            _table(["test", "w/o SIM"] + [label for label, _ in sims],
+            markdown(["test", "w/o SIM"] + [label for label, _ in sims],
                    [[t] + [cell(name, "train", t, "seen_miou") for name in ["zs3net"] + [nm for _, nm in sims]]
                     for t in tests])]
     out += table(("Fig. 5", "SIGN self-training: harmonic mIoU by temperature"), "self-training",
                  [("ST", "sign-st")] + [(f"AST, T = {t:g}", f"sign-ast-T{t:g}") for t in TEMPERATURES],
                  "self_training", ("harmonic_miou",))
-    return "\n".join(out + ["\n" + claims(runs, tests)])
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Paired A - B over n >= 2 seeds: mean d, its standard error s_d / sqrt(n), the 95 % t interval
-    (t quantile of the nearest tabulated df at or below n - 1: never narrower than exact) and the
-    number of seeds with A > B. The reading: "supported" if the interval lies above 0,
-    "contradicted" if below, "not supported" if it holds 0."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    if len(d) < 2:
-        raise ValueError(f"paired_difference needs >= 2 paired seeds, got {len(d)}")
-    se = d.std(ddof=1) / np.sqrt(len(d))
-    half = T_975[max(k for k in T_975 if k <= len(d) - 1)] * se
-    low, high = d.mean() - half, d.mean() + half
-    reading = "supported" if low > 0 else "contradicted" if high < 0 else "not supported"
-    return dict(n=len(d), mean=float(d.mean()), se=float(se), low=float(low), high=float(high),
-                agree=int((d > 0).sum()), reading=reading)
-
-
-def claims(runs: dict, tests: Sequence[str]) -> str:
-    """CLAIMS as a Markdown table, each paired over the seeds both runs finished."""
-    sizes = {"first": tests[0], "new": "128" if "128" in tests else tests[-1]}
-    rows = []
+    # The claims, each paired over the seeds both of its runs finished.
+    sizes, rows = {"first": tests[0], "new": "128" if "128" in tests else tests[-1]}, []
     for claim, (a, stage_a), (b, stage_b), size, key in CLAIMS:
         va, vb = (_by_seed(runs, name, stage, sizes[size], key) for name, stage in ((a, stage_a), (b, stage_b)))
         seeds = sorted(set(va) & set(vb))
@@ -606,40 +478,50 @@ def claims(runs: dict, tests: Sequence[str]) -> str:
         p = paired_difference(A, B)
         rows.append(head + [mean_std(A), mean_std(B), f"{p['mean']:+.2f} ± {p['se']:.2f}",
                             f"[{p['low']:+.2f}, {p['high']:+.2f}]", f"{p['agree']} of {p['n']}", p["reading"]])
-    return ("**Claims**, paired by seed (A - B per seed: mean ± standard error, 95 % t interval, seeds with "
-            "A > B)\n\n" + _table(["claim", "test", "metric", "seeds", "A", "B", "A - B", "95 % interval",
-                                    "A > B", "reading"], rows))
+    out += ["\n**Claims**, paired by seed (A - B per seed: mean ± standard error, 95 % t interval, seeds with "
+            "A > B)\n", markdown(["claim", "test", "metric", "seeds", "A", "B", "A - B", "95 % interval", "A > B",
+                                "reading"], rows)]
+    return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------- CLI
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Paired A - B over n >= 2 seeds: mean d, standard error s_d / sqrt(n), 95 % t interval (t at the nearest tabulated
+    df <= n - 1: never narrower than exact), seeds with A > B; "supported" above 0, "contradicted" below, else not."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if len(d) < 2:
+        raise ValueError(f"paired_difference needs >= 2 paired seeds, got {len(d)}")
+    se = d.std(ddof=1) / np.sqrt(len(d))
+    half = T_975[max(k for k in T_975 if k <= len(d) - 1)] * se
+    low, high = d.mean() - half, d.mean() + half
+    reading = "supported" if low > 0 else "contradicted" if high < 0 else "not supported"
+    return dict(n=len(d), mean=float(d.mean()), se=float(se), low=float(low), high=float(high),
+                agree=int((d > 0).sum()), reading=reading)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Score a train.py checkpoint on its test sets and draw predictions; "
-                                "or tabulate the runs of 'python train.py --reproduce DIR'.")
+    p = argparse.ArgumentParser(description="Score a train.py checkpoint, draw its predictions, or tabulate the "
+                                "runs of 'python train.py --reproduce DIR'.")
     a = p.add_argument
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a checkpoint_<stage>.pt written by train.py")
-    what.add_argument("--tables", type=Path, metavar="DIR", help="aggregate the run folders DIR/<name>/seed<k> "
-                      "(python train.py --reproduce DIR) into DIR/tables.md: Tables 1-4, Fig. 5, the paired claims")
+    what.add_argument("--tables", type=Path, metavar="DIR", help="write DIR/tables.md (Tables 1-4, Fig. 5, the "
+                      "paired claims) from the run folders DIR/<name>/seed<k> of train.py --reproduce DIR")
     a("--dataset", choices=sorted(data.DATASETS), help="test dataset; default: the checkpoint's")
     a("--data-root", help="folder holding the real dataset (README 'Datasets'); default: the checkpoint's")
-    a("--size", type=int, nargs="+", help="shapes: render sizes; real data with --eval-res feature: the warp "
-                                          "size; default: the checkpoint's (paper: 513)")
-    a("--eval-res", choices=EVAL_RES, help="full: logits upsampled to the label; feature: 513 warp scored at "
-                                           "the feature map (the lineage); default: the checkpoint's")
-    a("--num-test", type=int, nargs="+", help="shapes: test images, one count or one per size; default: the "
-      "checkpoint's")
-    a("--test-seed", type=int, default=0, help="shapes: scene seed of the test sets; 0 (default) is the "
-      "benchmark's, others draw independent test sets of the same task (test-sampling noise)")
+    a("--size", type=int, nargs="+", help="shapes: render sizes; real data with --eval-res feature: the warp size; "
+      "default: the checkpoint's (paper: 513)")
+    a("--eval-res", choices=EVAL_RES, help="full: logits upsampled to the label; feature: 513 warp scored at the "
+      "feature map (the lineage); default: the checkpoint's")
+    a("--num-test", type=int, nargs="+", help="shapes: test images, one count or one per size; default: checkpoint's")
+    a("--test-seed", type=int, default=0, help="shapes: scene seed of the test sets; 0 (default): the benchmark's, "
+      "others draw independent test sets of the same task (test-sampling noise)")
     a("--device", help="default: cuda if available, else cpu")
-    a("--save-predictions", type=int, default=0, metavar="N",
-      help="write N PNG panels (image | ground truth | prediction) per test set (default: 0)")
-    a("--out", type=Path, help="panel folder, one subfolder per test set, or the --image pictures (default: "
-      "<checkpoint folder>/predictions)")
-    a("--image", type=Path, nargs="+", metavar="PATH", help="instead of scoring: predict on these image files, "
-      "any size, and write <out>/<stem>.png (image | prediction overlaid, legend) and the share of each class")
-    a("--latent-stats", type=int, nargs="?", const=400, metavar="IMAGES",
-      help="instead of scoring: what SIM's z carries on the first IMAGES training images (default 400): "
-           "mean mu^2 and sigma^2, per-channel SNR var(mu) / E[sigma^2], linear probes (latent_statistics)")
+    a("--save-predictions", type=int, default=0, metavar="N", help="write N PNG panels per test set (default: 0)")
+    a("--out", type=Path, help="folder of the panels or --image pictures (default: <checkpoint folder>/predictions)")
+    a("--image", type=Path, nargs="+", metavar="PATH", help="instead of scoring: predict on these image files, any "
+      "size, write <out>/<stem>.png (image | prediction overlaid, legend) and print each class's share")
+    a("--latent-stats", type=int, nargs="?", const=400, metavar="IMAGES", help="instead of scoring: what SIM's z "
+      "carries on the first IMAGES training images (default 400; README 'What z carries')")
     return p
 
 
@@ -670,31 +552,27 @@ def main(argv=None) -> int:
                 top = sorted(shares.items(), key=lambda kv: -kv[1])
                 print(f"{path}: " + ", ".join(f"{n}{' (unseen)' * (names.index(n) >= S)} {v:.1f} %" for n, v in top))
             return 0
-        dataset = args.dataset or saved["dataset"]
+        dataset, root = args.dataset or saved["dataset"], args.data_root or saved["data_root"]
         same = dataset == saved["dataset"]  # the stored sizes belong to the stored dataset only
         eval_res = args.eval_res or saved["eval_res"]
-        sets = test_sets(dataset, root=args.data_root or saved["data_root"], eval_res=eval_res,
+        sets = test_sets(dataset, root=root, eval_res=eval_res, layout=saved["layout"], seed=args.test_seed,
                          sizes=args.size or (saved["test_sizes"] if same else None),
-                         num_images=args.num_test or (saved["num_test"] if same else None),
-                         layout=saved["layout"], seed=args.test_seed)
+                         num_images=args.num_test or (saved["num_test"] if same else None))
         first = next(iter(sets.values()))
         if first.num_seen != S:
             raise CheckpointError(f"checkpoint {args.checkpoint} has {model.config['num_classes']} classes ({S} "
                                   f"seen) but {dataset} has {len(first.class_names)} ({first.num_seen} seen)")
         names, label_map = scored_classes(ckpt["class_names"], first.class_names, S)
         if n := args.latent_stats:  # on the training split of the dataset scored
-            if dataset == "shapes":
-                train_set = data.Shapes("train", size=saved["crop_size"], num_images=n, layout=saved["layout"])
-            else:
-                train_set = data.build_dataset(dataset, "train", root=args.data_root or saved["data_root"],
-                                               transform=data.eval_transform())
+            train_set = (data.Shapes("train", size=saved["crop_size"], num_images=n, layout=saved["layout"])
+                         if dataset == "shapes" else
+                         data.build_dataset(dataset, "train", root=root, transform=data.eval_transform()))
             z = latent_statistics(model, train_set, num_images=n, device=device)
             print(f"latent z of {args.checkpoint} (alpha {saved['alpha']}, latent path {model.config['latent_path']}"
-                  f"), {z['pixels']} seen pixels of {n} {dataset} training images: mean mu^2 "
-                  f"{z['mu2']:.3g}, mean sigma^2 {z['sigma2']:.4g}, SNR var(mu)/E[sigma^2] median "
-                  f"{z['snr_median']:.3g} max {z['snr_max']:.3g}; linear probe of the seen class (balanced "
-                  f"accuracy) from z {z['probe_z']:.1f} %, from N(0, 1) noise {z['probe_noise']:.1f} %, from mu "
-                  f"{z['probe_mu']:.1f} % (the ceiling)")
+                  f"), {z['pixels']} seen pixels of {n} {dataset} training images: mean mu^2 {z['mu2']:.3g}, mean "
+                  f"sigma^2 {z['sigma2']:.4g}, SNR var(mu)/E[sigma^2] median {z['snr_median']:.3g} max "
+                  f"{z['snr_max']:.3g}; linear probe of the seen class (balanced accuracy) from z {z['probe_z']:.1f} "
+                  f"%, from N(0, 1) noise {z['probe_noise']:.1f} %, from mu {z['probe_mu']:.1f} % (the ceiling)")
             return 0
         print(f"evaluate: {args.checkpoint} (stage {ckpt['stage']}, iteration {ckpt['iteration']}); "
               f"dataset {dataset}, test sets {list(sets)}, eval_res {eval_res}, device {device}")
