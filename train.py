@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -64,9 +65,9 @@ PRESETS = {  # defaults per dataset; every flag below can override them
 PRESETS["context"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 PRESETS["cocostuff"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 STAGES = ("train", "transfer", "self_training", "self_training_transfer")
-EVALUATED_AS = {"train": "train", "transfer": "transfer", "self_training_transfer": "self_training"}
 STAGE_LENGTH = {"train": "iters", "transfer": "transfer_iters", "self_training": "self_training_iters",
-                "self_training_transfer": "transfer_iters"}
+                "self_training_transfer": "transfer_iters"}  # the flag that sets a stage's iterations
+EVALUATED_AS = {"train": "train", "transfer": "transfer", "self_training_transfer": "self_training"}
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -77,13 +78,9 @@ def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: 
 
 
 def training_step_sim(run: "Run", x, y, opt, *, weight=None, seen_only=True, padding=None):
-    """Training Step (SIM), Eq. (4): L_pred^train + alpha L_KLD for E, SIM and C.
-
-    Returns SIM's outputs, detached, for Training Step (G), and the losses for the log.
-    ``seen_only`` restricts the softmax to the seen classes (Eq. 3); self-training turns it
-    off and passes the AST / ST weights of its pseudo-labels. The KL term of Eq. (2) averages
-    over the pixels inside the image: ``padding`` (B, H, W) marks the crop's padding.
-    """
+    """Training Step (SIM), Eq. (4): L_pred^train + alpha L_KLD for E, SIM and C. Returns SIM's outputs,
+    detached, for Training Step (G), and the losses. Self-training passes pseudo-labels with their ``weight``
+    over all classes (``seen_only`` off, Eq. 3). Eq. (2) averages over the image, not the crop's ``padding``."""
     with run.autocast():
         logits, F_x, z, mu, logvar = run.nets.sim(x)  # Eq. (1): F_x, z = SIM(E(x) (+) PE); C(F_x)
         logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
@@ -95,11 +92,8 @@ def training_step_sim(run: "Run", x, y, opt, *, weight=None, seen_only=True, pad
 
 
 def training_step_g(run: "Run", F_x, z, y, opt_g, opt_d):
-    """Training Step (G), Eqs. (7)-(8): D maximises L_adv, G minimises L_adv + beta L_MMD.
-
-    E and SIM are fixed: F_x and z arrive detached. Without SIM, or with ``--latent noise``
-    (ZS3Net-style), z is None and G draws z ~ N(0, 1).
-    """
+    """Training Step (G), Eqs. (7)-(8): D maximises L_adv, G minimises L_adv + beta L_MMD. E and SIM are fixed
+    (F_x, z detached); z is None without SIM or with ``--latent noise`` (ZS3Net): G draws z ~ N(0, 1)."""
     args, model = run.args, run.model
     with run.autocast():
         y = resize_labels(y, F_x.shape[-2:])  # (B, h, w)
@@ -124,12 +118,9 @@ def random_label_map(B: int, h: int, w: int, *, num_seen: int, num_unseen: int, 
 
 
 def transfer_step(run: "Run", x, y, opt_c, *, weight=None):
-    """Transfer Learning Step, Eqs. (9)-(10): C on real features and G's synthetic ones.
-
-    E, SIM and G are fixed (the model is in eval mode, so z = mu for the real features and
-    z ~ N(0, 1) for the synthetic ones). ``y`` may hold self-training pseudo-labels with
-    per-pixel ``weight``.
-    """
+    """Transfer Learning Step, Eqs. (9)-(10): C on real features and G's synthetic ones. E, SIM and G are
+    fixed in eval mode (z = mu for the real features, z ~ N(0, 1) for the synthetic ones); ``y`` may hold
+    self-training pseudo-labels with per-pixel ``weight``."""
     model = run.model
     with torch.no_grad(), run.autocast():
         F_x = model.features(x)[0]  # (B, F, h, w)
@@ -162,13 +153,11 @@ def train_all(run: "Run", resume: dict | None) -> int:
     teacher's pseudo-labels (D and G follow on the real seen labels), then runs the transfer step
     again with them. Each stage ends with a checkpoint and the test sets' scores."""
     args, model = run.args, run.model
-    plan = [("train", args.iters)] + [("transfer", args.transfer_iters)] * (not args.seen_only)
-    if args.self_training != "none" and not args.seen_only:
-        plan += [("self_training", args.self_training_iters), ("self_training_transfer", args.transfer_iters)]
+    plan = STAGES[:1] if args.seen_only else STAGES[:2] if args.self_training == "none" else STAGES
     restore(run, resume)
     resumed, teacher = STAGES.index(resume["stage"]) if resume else -1, None
-    for stage, total in plan:
-        here = STAGES.index(stage)
+    for here, stage in enumerate(plan):
+        total = getattr(args, STAGE_LENGTH[stage])
         start = resume["iteration"] if args.resume and here == resumed else 0
         if here < resumed or (here == resumed and (not args.resume or 0 < total <= start)):  # finished
             if here == resumed and stage in EVALUATED_AS and EVALUATED_AS[stage] not in run.metrics:
@@ -186,27 +175,24 @@ def train_all(run: "Run", resume: dict | None) -> int:
         transfer = "transfer" in stage
         run.nets = step_networks(model, run.world, transfer=transfer)
         opts = make_optimizers(model, args, transfer=transfer)
-        if transfer:
-            def step(x, y, padding):
-                target, weight = (y, None) if stage == "transfer" else teach(run, teacher, x, y, padding)
+
+        def step(x, y, padding):
+            target, weight = (y, None) if stage in ("train", "transfer") else teach(run, teacher, x, y, padding)
+            if transfer:
                 return transfer_step(run, x, target, opts["c"], weight=weight)
-        else:
-            def step(x, y, padding):
-                target, weight = (None, None) if stage == "train" else teach(run, teacher, x, y, padding)
-                F_x, z, logs = training_step_sim(run, x, y if target is None else target, opts["sim"],
-                                                 weight=weight, seen_only=target is None, padding=padding)
-                z = z if args.latent == "sim" else None  # None: G draws z ~ N(0, 1) (ZS3Net)
-                return {**logs, **training_step_g(run, F_x, z, y, opts["g"], opts["d"])}
+            F_x, z, logs = training_step_sim(run, x, target, opts["sim"], weight=weight,
+                                             seen_only=stage == "train", padding=padding)
+            z = z if args.latent == "sim" else None  # None: G draws z ~ N(0, 1) (ZS3Net)
+            return {**logs, **training_step_g(run, F_x, z, y, opts["g"], opts["d"])}
         if start:
             for k, o in opts.items():
                 o.load_state_dict(resume["optimizers"][k])
             run.scaler.load_state_dict(resume["scaler"])
-        poly = poly_schedule(opts["c" if transfer else "sim"], total, start)
         if run.rank == 0:
             print(f"\n== stage {stage}: iterations {start}..{total} ==")
         try:
-            run_stage(run, stage, total, step, poly, start, save=lambda i: save_checkpoint(run, stage, i, opts))
-        except NonFiniteLoss as err:
+            run_stage(run, stage, total, step, opts, start)
+        except FloatingPointError as err:  # run_stage's: nothing was stepped or saved
             print(f"error: {err}", file=sys.stderr)
             return 3
         save_checkpoint(run, stage, total, opts)  # before evaluating: a bad test file loses no training
@@ -226,45 +212,30 @@ def train_all(run: "Run", resume: dict | None) -> int:
 
 
 # ----------------------------------------------------------------------------- what a run holds, what each step trains
-class Segmenter(nn.Module):
-    """E, SIM and C, what Eq. (4) trains: x -> (C(F_x), F_x, z, mu, logvar)."""
-    def __init__(self, model: SIGN):
+class Networks(nn.Module):
+    """Some of SIGN's networks and the function a step calls them through, as one module: wrapped in
+    DistributedDataParallel it averages exactly their gradients."""
+    def __init__(self, function, *networks: nn.Module | None):
         super().__init__()
-        self.E, self.SIM, self.C = model.E, model.SIM, model.C
+        self.function, self.networks = function, nn.ModuleList(n for n in networks if n is not None)
 
-    def forward(self, x: torch.Tensor):
-        f = self.E(x)  # (B, F, h, w)
-        F_x, z, mu, logvar = (f, None, None, None) if self.SIM is None else self.SIM(f)  # Eq. (1)
-        return self.C(F_x), F_x, z, mu, logvar  # (B, K, h, w), then SIM's outputs
+    def forward(self, *inputs):
+        return self.function(*inputs)
 
 
-class Synthesis(nn.Module):
-    """M and G, what Eq. (8) trains: (y, z) -> F^_x = G(M(y) (+) z); z detached (SIM learns from Eq. 4)."""
-    def __init__(self, model: SIGN):
-        super().__init__()
-        self.M, self.G = model.M, model.G
-
-    def forward(self, labels: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # (B, h, w), (B, L, h, w)
-        return self.G.from_table(self.M.table, self.M.rows(labels), z.detach())  # (B, F, h, w)
-
-
-@dataclass
-class StepNets:
-    """What each step trains: E + SIM + C for Eq. (4), M + G for Eq. (8), D for Eq. (7), C for Eq. (10)."""
-    sim: nn.Module
-    G: nn.Module
-    D: nn.Module
-    C: nn.Module
-
-
-def step_networks(model: SIGN, world: int = 1, *, transfer: bool = False) -> StepNets:
-    """With ``world`` > 1 the networks the stage trains are wrapped in DistributedDataParallel, which
-    averages exactly their gradients; the detaches in sign.py's losses decide which network a loss
-    reaches (D's side of Eq. 8 is called unwrapped), so a wrapper averages only its own step's gradients."""
+def step_networks(model: SIGN, world: int = 1, *, transfer: bool = False) -> SimpleNamespace:
+    """What each step trains: E + SIM + C for Eq. (4), M + G for Eq. (8), D for Eq. (7), C for Eq. (10). With
+    ``world`` > 1 the stage's are in DistributedDataParallel; the detaches in sign.py's losses decide which
+    network a loss reaches (D's side of Eq. 8 is called unwrapped), so each averages only its step's gradients."""
     def wrap(module: nn.Module, trained: bool) -> nn.Module:
         return DistributedDataParallel(module) if world > 1 and trained else module
-    return StepNets(sim=wrap(Segmenter(model), not transfer), G=wrap(Synthesis(model), not transfer),
-                    D=wrap(model.D, not transfer), C=wrap(model.C, transfer))
+
+    def segment(x):  # x -> (C(F_x), F_x, z, mu, logvar)
+        F_x, z, mu, logvar = model.features(x)  # Eq. (1)
+        return model.C(F_x), F_x, z, mu, logvar  # (B, K, h, w), then SIM's outputs
+    return SimpleNamespace(sim=wrap(Networks(segment, model.E, model.SIM, model.C), not transfer),
+                           G=wrap(Networks(model.generate, model.G), not transfer),  # (y, z) -> F^_x, z detached
+                           D=wrap(model.D, not transfer), C=wrap(model.C, transfer))
 
 
 def amp_dtype(device: torch.device, amp: bool) -> torch.dtype:
@@ -274,7 +245,7 @@ def amp_dtype(device: torch.device, amp: bool) -> torch.dtype:
 
 @dataclass
 class Run:
-    """What one training process holds. ``nets`` are the current stage's (``step_networks``)."""
+    """What one training process holds; ``nets``: what the current stage's steps train (``step_networks``)."""
     args: argparse.Namespace
     device: torch.device
     model: SIGN
@@ -286,8 +257,6 @@ class Run:
     world: int = 1
     metrics: dict = field(default_factory=dict)
     at: str = "starting"  # where the run is, for the message of an interruption or a failure
-    nets: StepNets = field(init=False)
-    scaler: torch.amp.GradScaler = field(init=False)
 
     def __post_init__(self):
         self.nets = step_networks(self.model)
@@ -302,13 +271,12 @@ class Run:
         return self.model.config["num_classes"] - self.model.num_seen
 
 
-# ----------------------------------------------------------------------------- optimisers
 def make_optimizers(model: SIGN, args, *, transfer: bool) -> dict[str, torch.optim.Optimizer]:
-    """A stage's optimisers. Transfer steps: C's alone, E, SIM and G fixed in eval mode (z = mu).
-    Otherwise E + SIM + C, and G and D with the paper's Adam. E + SIM + C (or C) take the paper's SGD
-    (section 4.2), or Adam, which trains the small encoder from scratch faster, in DeepLab-v2's groups:
-    the backbone (the ResNet body, all of the small encoder) at the base rate, the new layers (ASPP,
-    SIM, C) at ``lr_mult`` times it for weights, twice that for biases without weight decay."""
+    """A stage's optimisers: C's alone in the transfer steps (E, SIM and G fixed in eval mode: z = mu), else
+    E + SIM + C's and the paper's Adam for G and D. E + SIM + C (or C) take the paper's SGD (section 4.2) or
+    Adam (faster for the small encoder from scratch), in DeepLab-v2's groups: the backbone (ResNet body, all of
+    the small encoder) at the base rate, the new layers (ASPP, SIM, C) at ``lr_mult`` times it for weights,
+    twice that for biases without weight decay."""
     model.train(not transfer)
     parts = ([], [model.C]) if transfer else ([getattr(model.E, "body", model.E)],
                                               [getattr(model.E, "aspp", None), model.SIM, model.C])
@@ -336,10 +304,6 @@ def poly_schedule(optimizer: torch.optim.Optimizer, total: int, start: int = 0) 
 
 
 # ----------------------------------------------------------------------------- the loop
-class NonFiniteLoss(RuntimeError):
-    """A loss became NaN or inf; the run stops before anything is stepped or saved."""
-
-
 def iteration_seed(seed: int, stage: str, iteration: int) -> int:
     return (seed * 1000003 + STAGES.index(stage) * 100003 + iteration) % 2**63
 
@@ -376,18 +340,27 @@ def batch_stream(dataset, args, stage: str, start: int, device: torch.device, ra
             it += 1
 
 
-def run_stage(run: Run, stage: str, total: int, step, poly, start: int = 0, save=None) -> None:
-    """Iterations ``start..total-1`` of a stage: reseed, ``step(x, y, padding) -> losses``, stop on a
-    non-finite loss, follow the poly schedule, log to losses.jsonl, ``save`` every --save-every."""
+def run_stage(run: Run, stage: str, total: int, step, optimizers: dict, start: int = 0) -> None:
+    """Iterations ``start..total-1`` of a stage: reseed, ``step(x, y, padding) -> losses``, stop on a loss
+    that is not finite on any rank (through the averaged gradients it reaches all), follow the poly schedule,
+    log to losses.jsonl, checkpoint the run folder every --save-every."""
     args = run.args
     batches = batch_stream(run.train_set, args, stage, start, run.device, run.rank, run.world)
+    poly = poly_schedule(next(iter(optimizers.values())), total, start)  # C's, or E + SIM + C's
     bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=args.quiet or run.rank > 0)
     for i in bar:
         run.at = f"stage {stage}, iteration {i}"
         torch.manual_seed(rank_seed(iteration_seed(args.seed, stage, i), run.rank))
         x, y, padding = next(batches)
         logs = step(x, y, padding)
-        check_finite(run, logs)
+        bad = next((k for k, v in logs.items() if not torch.isfinite(v).all()), None)
+        if run.world > 1:
+            everywhere = torch.tensor(float(bad is None), device=run.device)
+            dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
+            bad = bad or ("on another rank" if everywhere.item() < 1 else None)
+        if bad:
+            value = f" = {logs[bad].item()}" if bad in logs else ""
+            raise FloatingPointError(f"non-finite loss {bad}{value} at {run.at}; nothing was saved for this iteration")
         run.scaler.update()
         poly.step()
         if i % args.log_every == 0 or i == total - 1:
@@ -396,20 +369,8 @@ def run_stage(run: Run, stage: str, total: int, step, poly, start: int = 0, save
             if run.out and run.rank == 0:
                 with open(run.out / "losses.jsonl", "a") as f:
                     f.write(json.dumps({"stage": stage, "iteration": i, **logs}) + "\n")
-        if save and args.save_every and (i + 1) % args.save_every == 0 and i + 1 < total:
-            save(i + 1)
-
-
-def check_finite(run: Run, logs: dict[str, torch.Tensor]) -> None:
-    """Stop when a loss is NaN or inf on any rank: through the averaged gradients, it reaches all."""
-    bad = next((k for k, v in logs.items() if not torch.isfinite(v).all()), None)
-    if run.world > 1:
-        everywhere = torch.tensor(float(bad is None), device=run.device)
-        dist.all_reduce(everywhere, op=dist.ReduceOp.MIN)
-        bad = bad or ("on another rank" if everywhere.item() < 1 else None)
-    if bad:
-        value = f" = {logs[bad].item()}" if bad in logs else ""
-        raise NonFiniteLoss(f"non-finite loss {bad}{value} at {run.at}; nothing was saved for this iteration")
+        if run.out and args.save_every and (i + 1) % args.save_every == 0 and i + 1 < total:
+            save_checkpoint(run, stage, i + 1, optimizers)
 
 
 def same_weights_on_every_rank(model: nn.Module) -> None:
@@ -452,14 +413,13 @@ def evaluate_stage(run: Run, stage: str) -> None:
 
 
 def write_metrics(run: Run) -> None:
-    """metrics.json (``evaluate.py --tables`` never reads half a file); rank 0 alone."""
-    if run.rank == 0:
+    if run.rank == 0:  # atomically: evaluate.py --tables never reads half a file
         write_atomically(run.out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(run.metrics, indent=2)))
 
 
 def save_checkpoint(run: Run, stage: str, iteration: int, optimizers: dict, path: Path | None = None) -> None:
-    """Everything needed to continue or evaluate, to ``path`` (default: ``checkpoint_<stage>.pt`` in
-    the run folder). Rank 0 alone."""
+    """Everything needed to continue or evaluate, to ``path`` (default: the run folder's
+    ``checkpoint_<stage>.pt``). Rank 0 alone."""
     if run.rank:
         return
     state = {"model": run.model.state_dict(), "config": run.model.config, "args": vars(run.args),
@@ -470,10 +430,6 @@ def save_checkpoint(run: Run, stage: str, iteration: int, optimizers: dict, path
     path = path or run.out / f"checkpoint_{stage}.pt"
     run.at = f"writing {path.name} at stage {stage}, iteration {iteration}"
     write_atomically(path, lambda tmp: torch.save(state, tmp))
-
-
-class WriteError(OSError):
-    """A file could not be written (a full disk, most often); the previous version is intact."""
 
 
 def write_atomically(path: Path, write) -> None:
@@ -490,19 +446,12 @@ def write_atomically(path: Path, write) -> None:
         free = shutil.disk_usage(path.parent).free  # torch.save reports a full disk without an errno
         why = ("no space left on the device" if getattr(err, "errno", None) == errno.ENOSPC or free < 2**20
                else f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
-        raise WriteError(f"cannot write {path}: {why} ({free / 2**20:.0f} MiB free)") from err
+        raise OSError(f"cannot write {path}: {why} ({free / 2**20:.0f} MiB free)") from err
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoint files, the latest stage first."""
     return [p for p in (run_dir / f"checkpoint_{s}.pt" for s in reversed(STAGES)) if p.is_file()]
-
-
-def resumable(out: Path) -> str:
-    """Where an interrupted run can go on from, for its last message."""
-    last = next(iter(checkpoints(out)), None) if out.is_dir() else None
-    return (f"the last checkpoint, {last}, is intact: continue with python train.py --resume {out}" if last
-            else "no checkpoint was written yet")
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -560,8 +509,6 @@ def ranged(kind: type, ok, rule: str):
 positive_int, count = ranged(int, lambda v: v >= 1, ">= 1"), ranged(int, lambda v: v >= 0, ">= 0")
 image_size = ranged(int, lambda v: v >= 8, ">= 8")
 finite_positive = ranged(float, lambda v: v > 0, "a finite number > 0")
-finite_non_negative = ranged(float, lambda v: v >= 0, "a finite number >= 0")
-unit_interval = ranged(float, lambda v: 0 <= v <= 1, "in [0, 1]")
 DEFAULTS = dict(dataset="shapes", data_root="data", layout="context", embeddings_order="raw", seed=0, amp=False,
                 quiet=False, seen_only=False, sim="multihead", latent_path="gate", pe="rpe", self_training="ast",
                 keep=0.75, eval_res="full", log_every=10, save_every=0, mmd_sigmas=list(DEFAULT_SIGMAS))
@@ -608,15 +555,17 @@ def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
         key = name.replace("-", "_")
         m(f"--{name}", type=typ, help=f"{what}; shapes: {PRESETS['shapes'][key]}, real data: {PRESETS['voc'][key]}")
     o = p.add_argument_group("optimisation (paper section 4.2; preset values shapes / voc)").add_argument
+    non_negative = ranged(float, lambda v: v >= 0, "a finite number >= 0")
     for name, typ, paper in [
             ("iters", count, "40000"), ("transfer-iters", count, "6000 VOC, 10000 Context"),
             ("self-training-iters", count, "not stated"), ("batch-size", positive_int, "8"),
             ("crop-size", image_size, "368"), ("lr", finite_positive, "2.5e-4 SGD, poly 0.9"),
             ("lr-transfer", finite_positive, "not stated"), ("lr-g", finite_positive, "2e-4 Adam"),
-            ("lr-d", finite_positive, "not stated; lineage 2.5e-4"), ("alpha", finite_non_negative, "100"),
-            ("beta", finite_non_negative, "50"), ("temperature", finite_positive, "2"),
-            ("unseen-rate", unit_interval, "not stated"), ("mmd-pixels", positive_int, "all pixels"),
-            ("workers", count, "-"), ("lr-mult", finite_positive, "1; lineage (DeepLab-v2): 10, biases 20")]:
+            ("lr-d", finite_positive, "not stated; lineage 2.5e-4"), ("alpha", non_negative, "100"),
+            ("beta", non_negative, "50"), ("temperature", finite_positive, "2"),
+            ("unseen-rate", ranged(float, lambda v: 0 <= v <= 1, "in [0, 1]"), "not stated"),
+            ("mmd-pixels", positive_int, "all pixels"), ("workers", count, "-"),
+            ("lr-mult", finite_positive, "1; lineage (DeepLab-v2): 10, biases 20")]:
         key = name.replace("-", "_")
         o(f"--{name}", type=typ, help=f"default: {PRESETS['shapes'][key]} / {PRESETS['voc'][key]}; paper: {paper}")
     o("--optimizer", choices=["sgd", "adam"], help="for E, SIM, C; default: adam / sgd (paper: SGD, momentum 0.9)")
@@ -667,46 +616,17 @@ def check_settings(args: argparse.Namespace) -> None:
              f">= --batch-size ({args.batch_size})"),
             (not shapes or len(args.num_test) in (1, len(args.test_sizes)), "num-test",
              f"one count for all test sizes or one per size ({len(args.test_sizes)})"),
-            (not (shapes and args.embeddings), "embeddings", "left out for shapes, which makes its own vectors")]:
+            (not (shapes and args.embeddings), "embeddings", "left out for shapes, which makes its own vectors"),
+            (all(Path(path).is_file() for path in args.embeddings or ()), "embeddings", "files that exist")]:
         if not ok:
             raise SettingsError(f"--{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
-    for path in args.embeddings or ():
-        if not Path(path).is_file():
-            raise SettingsError(f"--embeddings {path}: no such file")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise SettingsError(f"--out {out} is a file; expected a run folder")
     parent = next(p for p in [out, *out.parents] if p.exists())  # the folder mkdir would start from
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SettingsError(f"--out {out}: cannot create the run folder ({parent} is not a writable folder)")
     if not args.resume and (saved := checkpoints(out)):
         raise SettingsError(f"--out {out} already holds a run ({saved[0].name}); continue it with "
                             f"--resume {out}, or choose another folder")
-
-
-def settings(argv: Sequence[str]) -> tuple[argparse.Namespace, dict | None]:
-    """The run's settings, checked, and the checkpoint it starts from (None: from scratch):
-    --init-from's end of a stage, or --resume's newest intact checkpoint with the run's own settings."""
-    args, resume = get_args_parser().parse_args(argv), None
-    if args.resume and args.init_from:
-        raise SettingsError("--resume continues a run with its own settings; it cannot be combined with --init-from")
-    if args.init_from:
-        resume = read_checkpoint(Path(args.init_from))
-        total = resume["args"][STAGE_LENGTH[resume["stage"]]]
-        if resume["iteration"] < total:
-            raise SettingsError(f"--init-from {args.init_from}: stage {resume['stage']} stopped at iteration "
-                                f"{resume['iteration']} of {total} (a --save-every checkpoint), not at the end of "
-                                f"a stage; continue that run with --resume {Path(args.init_from).parent}")
-    if args.resume:
-        if extra := given(argv, {"resume", "device", "quiet"}):
-            raise SettingsError(f"--resume {args.resume} continues that run with its saved settings; drop "
-                                f"{extra} (only --device and --quiet may be given)")
-        resume = intact_checkpoint(Path(args.resume))
-        args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "out": args.resume,
-                                     "device": args.device or resume["args"]["device"], "quiet": args.quiet})
-    args = resolve(args)
-    check_settings(args)
-    return args, resume
 
 
 def given(argv: Sequence[str], allowed: set[str]) -> str:
@@ -741,22 +661,42 @@ def fail(err: Exception, where: str = "") -> int:
 
 
 def main(argv=None) -> int:
+    """The settings, checked before any work, and the checkpoint the run starts from: --init-from's end of a
+    stage, or --resume's newest intact checkpoint with the run's own settings; then ``run_main`` on every rank."""
     argv = sys.argv[1:] if argv is None else list(argv)
     written = {a.split("=")[0] for a in argv}
     if "--reproduce" in written:
         return reproduce_main(argv)
     if "--add-classes" in written:
         return add_classes_main(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     try:
-        args, resume = settings(argv)
+        args, resume = get_args_parser().parse_args(argv), None
+        if args.resume and args.init_from:
+            raise SettingsError("--resume continues a run with its own settings; it cannot be combined with "
+                                "--init-from")
+        if args.init_from:
+            resume = read_checkpoint(Path(args.init_from))
+            total = resume["args"][STAGE_LENGTH[resume["stage"]]]
+            if resume["iteration"] < total:
+                raise SettingsError(f"--init-from {args.init_from}: stage {resume['stage']} stopped at iteration "
+                                    f"{resume['iteration']} of {total} (a --save-every checkpoint), not at the end "
+                                    f"of a stage; continue that run with --resume {Path(args.init_from).parent}")
+        if args.resume:
+            if extra := given(argv, {"resume", "device", "quiet"}):
+                raise SettingsError(f"--resume {args.resume} continues that run with its saved settings; drop "
+                                    f"{extra} (only --device and --quiet may be given)")
+            resume = intact_checkpoint(Path(args.resume))
+            args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "out": args.resume,
+                                         "device": args.device or resume["args"]["device"], "quiet": args.quiet})
+        check_settings(resolve(args))
         device = evaluate.choose_device(args.device)
+        if args.batch_size % world:
+            raise SettingsError(f"--batch-size {args.batch_size} (the global batch) must be divisible by the "
+                                f"{world} processes")
     except (evaluate.CheckpointError, ValueError) as err:
         return fail(err)
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     if world > 1:
-        if args.batch_size % world:
-            return fail(SettingsError(f"--batch-size {args.batch_size} (the global batch) must be divisible by "
-                                      f"the {world} processes"))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":  # one GPU per process
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -788,6 +728,11 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
     if rank == 0:
         print("settings:", json.dumps(vars(args), indent=1))
     out, run = Path(args.out), None
+
+    def resumable():  # for the last message of an interrupted or failed run
+        last = next(iter(checkpoints(out)), None) if out.is_dir() else None
+        return (f"the last checkpoint, {last}, is intact: continue with python train.py --resume {out}" if last
+                else "no checkpoint was written yet")
     try:
         train_set, tests, embeddings = build_data(args)
         if args.seen_only:  # M never holds an unseen class's vector
@@ -796,42 +741,33 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
         model = build_model(args, embeddings, train_set.num_seen, device)
         if args.seen_only:  # built whole, then cut: the initial weights are the full run's, so is stage 1
             model = model.first_classes(train_set.num_seen)
-        if resume and (differ := architecture_differences(resume["config"], model.config)):
+        if resume and (differ := architecture_differences(resume["config"], model.config, args)):
             raise SettingsError(f"{args.init_from or args.resume} holds another model than these settings build "
                                 f"({differ}); give the flags it was trained with")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise SettingsError(f"--out {out}: cannot create the run folder ({err.strerror})") from None
+        out.mkdir(parents=True, exist_ok=True)
         if rank == 0:
             (out / "config.json").write_text(json.dumps(vars(args), indent=2, allow_nan=False))
         run = Run(args, device, model, train_set.class_names, train_set, tests, out, rank, world)
         return train_all(run, resume)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {run.at if run else 'building the data'}; {resumable(out)}", file=sys.stderr)
+        print(f"\ninterrupted: {run.at if run else 'building the data'}; {resumable()}", file=sys.stderr)
         return 130
-    except (data.DatasetError, WriteError, ValueError) as err:
+    except (data.DatasetError, OSError, ValueError) as err:  # OSError: a file that cannot be written
         if run and type(err) is ValueError:
             raise  # from inside the training loop a ValueError is a bug: keep its traceback
-        return fail(err, f" ({run.at}; {resumable(out)})" if run else "")
+        return fail(err, f" ({run.at}; {resumable()})" if run else "")
 
 
-CONFIG_FLAGS = {"encoder": "backbone", "feat_dim": "feat-dim", "sim": "sim", "pe": "pe", "pe_dim": "pe-dim",
-                "latent_dim": "feat-dim", "heads": "heads", "hidden": "hidden", "train_size": "crop-size",
-                "small_width": "small-width", "latent_path": "latent-path"}  # the flag behind a SIGN.config key
-
-
-def architecture_differences(saved: dict, built: dict) -> str:
-    """'--flag A in the checkpoint, --flag B in this run' for each architecture setting in which two
-    SIGN configs differ ('' if none); ``pretrained`` says only where the first weights came from,
-    ``train_size`` matters to ``pe="ape-interp"`` alone."""
-    ignored = {"pretrained"} | ({"train_size"} if built["pe"] != "ape-interp" else set())
-
+def architecture_differences(saved: dict, built: dict, args) -> str:
+    """'--flag A in the checkpoint, --flag B in this run' for each setting in which two SIGN configs differ
+    ('' if none); ``pretrained`` says only where the first weights came from, ``train_size`` matters to
+    ``pe="ape-interp"`` alone."""
     def shown(key, value):
+        flag = {"encoder": "backbone", "latent_dim": "feat_dim", "train_size": "crop_size"}.get(key, key)
         value = value[0] if key == "train_size" and value else value
-        return f"--{CONFIG_FLAGS[key]} {value}" if key in CONFIG_FLAGS else f"{key} {value}"
-    return ", ".join(f"{shown(k, saved.get(k))} in the checkpoint, {shown(k, v)} in this run"
-                     for k, v in built.items() if k not in ignored and saved.get(k) != v)
+        return f"--{flag.replace('_', '-')} {value}" if flag in vars(args) else f"{key} {value}"
+    return ", ".join(f"{shown(k, saved.get(k))} in the checkpoint, {shown(k, v)} in this run" for k, v in built.items()
+                     if saved.get(k) != v and k != "pretrained" and (k != "train_size" or built["pe"] == "ape-interp"))
 
 
 # ----------------------------------------------------------------------------- --benchmark
@@ -844,35 +780,32 @@ def benchmark(args, device: torch.device, warmup: int = 3) -> int:
     S, B, H, cuda = K - U, args.batch_size, args.crop_size, device.type == "cuda"
     torch.manual_seed(args.seed)
     table = F.normalize(torch.randn(K, 600), dim=1)  # stands in for the word vectors
-    steps = {}
-    for name, sim in (("SIGN step (Eq. 4 + Eqs. 7-8)", args.sim), ("DeepLab-v2 step (E -> C -> CE)", "none")):
-        run = Run(args, device, build_model(args, table, S, device, pretrained=False, sim=sim))
-        opts = make_optimizers(run.model, args, transfer=False)
-
-        def step(x, y, run=run, opts=opts):
-            F_x, z, _ = training_step_sim(run, x, y, opts["sim"])
-            if run.model.SIM is not None:
-                training_step_g(run, F_x, z if args.latent == "sim" else None, y, opts["g"], opts["d"])
-        steps[name] = (step, [], [])
+    runs = {name: Run(args, device, build_model(args, table, S, device, pretrained=False, sim=sim))
+            for name, sim in (("SIGN step (Eq. 4 + Eqs. 7-8)", args.sim), ("DeepLab-v2 step (E -> C -> CE)", "none"))}
+    opts = {name: make_optimizers(run.model, args, transfer=False) for name, run in runs.items()}
+    seconds, peaks = {name: [] for name in runs}, {name: [] for name in runs}
     x, y = torch.randn(B, 3, H, H, device=device), torch.randint(0, S, (B, H, H), device=device)
-    sync = torch.cuda.synchronize if cuda else lambda: None
     for i in tqdm(range(warmup + args.benchmark), desc="benchmark", disable=args.quiet):
-        for step, times, peaks in steps.values():
+        for name, run in runs.items():
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            sync()
+                torch.cuda.synchronize()
             start = time.perf_counter()
-            step(x, y)
-            sync()
+            F_x, z, _ = training_step_sim(run, x, y, opts[name]["sim"])
+            if run.model.SIM is not None:
+                training_step_g(run, F_x, z if args.latent == "sim" else None, y, opts[name]["g"], opts[name]["d"])
+            if cuda:
+                torch.cuda.synchronize()
             if i >= warmup:
-                times.append(time.perf_counter() - start)
-                peaks.append(torch.cuda.max_memory_allocated(device) if cuda else 0)
+                seconds[name].append(time.perf_counter() - start)
+                peaks[name].append(torch.cuda.max_memory_allocated(device) if cuda else 0)
     print(f"benchmark: {args.dataset} preset, {args.backbone}, batch {B}, crop {H}, {device} "
           f"({torch.get_num_threads()} threads), {args.amp_dtype}, {args.benchmark} iterations after {warmup} warm-up")
-    for name, (_, times, peaks) in steps.items():
-        seconds, memory = statistics.fmean(times), f", peak {max(peaks) / 2**30:.2f} GiB allocated" if cuda else ""
-        print(f"  {name:32s} {B / seconds:8.2f} img/s  {seconds:.3f} s/iteration{memory}")
-    sign_s, plain_s = (statistics.fmean(times) for _, times, _ in steps.values())
+    mean = {name: statistics.fmean(times) for name, times in seconds.items()}
+    for name, step_s in mean.items():
+        memory = f", peak {max(peaks[name]) / 2**30:.2f} GiB allocated" if cuda else ""
+        print(f"  {name:32s} {B / step_s:8.2f} img/s  {step_s:.3f} s/iteration{memory}")
+    sign_s, plain_s = mean.values()
     print(f"  ratio SIGN / DeepLab-v2 step time: {sign_s / plain_s:.2f}")
     if not cuda:  # ru_maxrss is in KiB on Linux
         print(f"  peak RSS of the process (both models): "
@@ -915,8 +848,7 @@ def add_classes_main(argv: Sequence[str]) -> int:
     run = Run(saved, device, model, names + args.add_classes, train_set, at="the transfer step")
     run.nets = step_networks(model, transfer=True)
     opts = make_optimizers(model, saved, transfer=True)
-    run_stage(run, "transfer", saved.transfer_iters, lambda x, y, padding: transfer_step(run, x, y, opts["c"]),
-              poly_schedule(opts["c"], saved.transfer_iters))
+    run_stage(run, "transfer", saved.transfer_iters, lambda x, y, padding: transfer_step(run, x, y, opts["c"]), opts)
     save_checkpoint(run, "transfer", saved.transfer_iters, opts, path=Path(args.save_as))
     span = f"class {len(names)}" if len(rows) == 1 else f"classes {len(names)}-{len(run.class_names) - 1}"
     print(f"added {', '.join(args.add_classes)} (unseen, {span}) and re-fitted C in {saved.transfer_iters} "
@@ -955,7 +887,7 @@ def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, nam
     names = list(EXPERIMENTS) if names is None else list(names)
     if unknown := [n for n in names if n not in EXPERIMENTS]:
         raise ValueError(f"--experiments: unknown {unknown}; expected names from {list(EXPERIMENTS)}")
-    names += [EXPERIMENTS[n][1] for n in names if EXPERIMENTS[n][1] and EXPERIMENTS[n][1] not in names]
+    names = set(names) | {EXPERIMENTS[n][1] for n in names}  # and their base runs
     waves = [[], []]  # base runs, then the runs that start from their checkpoint_transfer.pt
     for seed, name in itertools.product(seeds, [n for n in EXPERIMENTS if n in names]):
         flags, base = EXPERIMENTS[name]
