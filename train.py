@@ -55,12 +55,12 @@ PRESETS = {  # defaults per dataset; every flag below can override them
                    optimizer="adam", lr=3e-3, lr_transfer=1e-3, lr_g=1e-3, lr_d=1e-3, alpha=10.0, beta=50.0,
                    crop_size=64, batch_size=16, iters=2000, transfer_iters=400, self_training_iters=400,
                    temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0, lr_mult=1.0,
-                   num_test=[2000, 300]),
+                   num_test=[2000, 300], pretrained=False),
     "voc": dict(backbone="resnet101", small_width=64, feat_dim=600, pe_dim=600, heads=8, hidden=256,
                 optimizer="sgd", lr=2.5e-4, lr_transfer=2.5e-4, lr_g=2e-4, lr_d=2.5e-4, alpha=100.0, beta=50.0,
                 crop_size=368, batch_size=8, iters=40000, transfer_iters=6000, self_training_iters=6000,
                 temperature=2.0, unseen_rate=0.5, mmd_pixels=256, test_sizes=[513], workers=4, lr_mult=10.0,
-                num_test=None),
+                num_test=None, pretrained=True),
 }
 PRESETS["context"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 PRESETS["cocostuff"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
@@ -272,11 +272,10 @@ class Run:
 
 
 def make_optimizers(model: SIGN, args, *, transfer: bool) -> dict[str, torch.optim.Optimizer]:
-    """A stage's optimisers: C's alone in the transfer steps (E, SIM and G fixed in eval mode: z = mu), else
-    E + SIM + C's and the paper's Adam for G and D. E + SIM + C (or C) take the paper's SGD (section 4.2) or
-    Adam (faster for the small encoder from scratch), in DeepLab-v2's groups: the backbone (ResNet body, all of
-    the small encoder) at the base rate, the new layers (ASPP, SIM, C) at ``lr_mult`` times it for weights,
-    twice that for biases without weight decay."""
+    """A stage's optimisers: C's alone in the transfer steps (E, SIM, G fixed in eval mode: z = mu), else E + SIM
+    + C's and the paper's Adam for G and D. E + SIM + C (or C): the paper's SGD (section 4.2) or Adam, in
+    DeepLab-v2's groups: the backbone (ResNet body, or all of the small encoder) at the base rate, the new layers
+    (ASPP, SIM, C) at ``lr_mult`` times it for weights, twice that for biases without weight decay."""
     model.train(not transfer)
     parts = ([], [model.C]) if transfer else ([getattr(model.E, "body", model.E)],
                                               [getattr(model.E, "aspp", None), model.SIM, model.C])
@@ -547,7 +546,7 @@ def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
     m("--latent", choices=["sim", "noise"], help="G's latent: SIM's z (paper) or N(0, 1) noise (ZS3Net; --sim none)")
     m("--pe", choices=["none", "ape", "ape-interp", "rpe"], help="positional encoding (Table 3)")
     m("--backbone", choices=["resnet101", "resnet50", "resnet18", "small"], help="E; paper: resnet101 (DeepLab-v2)")
-    m("--pretrained", action=argparse.BooleanOptionalAction, help="ImageNet weights; default: on for real data")
+    m("--pretrained", action=argparse.BooleanOptionalAction, help="E's ImageNet weights; default: on for real data")
     for name, typ, what in [("feat-dim", positive_int, "feature channels F (paper: 600)"),
                             ("pe-dim", int, "PE channels (paper: 600)"), ("small-width", int, "small CNN's channels"),
                             ("heads", positive_int, "attention heads (paper: not stated)"),
@@ -590,8 +589,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for key, value in PRESETS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.pretrained is None:
-        args.pretrained = args.dataset != "shapes"
     if args.latent is None:
         args.latent = "noise" if args.sim == "none" else "sim"
     if args.out is None:
@@ -637,7 +634,7 @@ def given(argv: Sequence[str], allowed: set[str]) -> str:
 
 def intact_checkpoint(run_dir: Path) -> dict:
     """--resume: the run's newest checkpoint that reads; an unreadable newer one is named."""
-    if not (saved := checkpoints(run_dir) if run_dir.is_dir() else []):
+    if not (saved := checkpoints(run_dir)):
         raise SettingsError(f"--resume {run_dir}: no run folder with a checkpoint_<stage>.pt")
     for path in saved:
         try:
@@ -661,8 +658,8 @@ def fail(err: Exception, where: str = "") -> int:
 
 
 def main(argv=None) -> int:
-    """The settings, checked before any work, and the checkpoint the run starts from: --init-from's end of a
-    stage, or --resume's newest intact checkpoint with the run's own settings; then ``run_main`` on every rank."""
+    """Checks the settings before any work and reads the checkpoint the run starts from (--resume's newest
+    intact one, with that run's settings, or --init-from's end of a stage); then ``run_main`` on every rank."""
     argv = sys.argv[1:] if argv is None else list(argv)
     written = {a.split("=")[0] for a in argv}
     if "--reproduce" in written:
@@ -672,16 +669,6 @@ def main(argv=None) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     try:
         args, resume = get_args_parser().parse_args(argv), None
-        if args.resume and args.init_from:
-            raise SettingsError("--resume continues a run with its own settings; it cannot be combined with "
-                                "--init-from")
-        if args.init_from:
-            resume = read_checkpoint(Path(args.init_from))
-            total = resume["args"][STAGE_LENGTH[resume["stage"]]]
-            if resume["iteration"] < total:
-                raise SettingsError(f"--init-from {args.init_from}: stage {resume['stage']} stopped at iteration "
-                                    f"{resume['iteration']} of {total} (a --save-every checkpoint), not at the end "
-                                    f"of a stage; continue that run with --resume {Path(args.init_from).parent}")
         if args.resume:
             if extra := given(argv, {"resume", "device", "quiet"}):
                 raise SettingsError(f"--resume {args.resume} continues that run with its saved settings; drop "
@@ -689,6 +676,13 @@ def main(argv=None) -> int:
             resume = intact_checkpoint(Path(args.resume))
             args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "out": args.resume,
                                          "device": args.device or resume["args"]["device"], "quiet": args.quiet})
+        elif args.init_from:
+            resume = read_checkpoint(Path(args.init_from))
+            total = resume["args"][STAGE_LENGTH[resume["stage"]]]
+            if resume["iteration"] < total:
+                raise SettingsError(f"--init-from {args.init_from}: stage {resume['stage']} stopped at iteration "
+                                    f"{resume['iteration']} of {total} (a --save-every checkpoint), not at the end "
+                                    f"of a stage; continue that run with --resume {Path(args.init_from).parent}")
         check_settings(resolve(args))
         device = evaluate.choose_device(args.device)
         if args.batch_size % world:
@@ -730,7 +724,7 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
     out, run = Path(args.out), None
 
     def resumable():  # for the last message of an interrupted or failed run
-        last = next(iter(checkpoints(out)), None) if out.is_dir() else None
+        last = next(iter(checkpoints(out)), None)
         return (f"the last checkpoint, {last}, is intact: continue with python train.py --resume {out}" if last
                 else "no checkpoint was written yet")
     try:
@@ -876,11 +870,11 @@ RESERVED = ("--seed", "--out", "--resume", "--init-from", "--self-training", "--
 
 def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, names: Sequence[str] | None = None,
               jobs: int = 1) -> list[str]:
-    """Every run of EXPERIMENTS (or of ``names`` and their base runs) for every seed, as
-    ``root/<name>/seed<k>``: ``jobs`` ``python train.py`` processes at a time (on two cores two runs of
-    one thread each beat one of two; a failing run takes no other down), logging to ``train.log``; base
-    runs first. A finished run is kept, an interrupted one resumes, if its config.json matches these
-    settings (else a ValueError names the differences). Returns the folders of the runs that failed."""
+    """Every run of EXPERIMENTS (or of ``names`` and their base runs) for every seed, base runs first, as
+    ``root/<name>/seed<k>``: ``jobs`` ``python train.py`` processes at a time (on two cores two runs of one
+    thread each beat one of two; a failing run takes no other down), logging to ``train.log``. A finished run
+    is kept, an interrupted one resumes, if its config.json matches these settings (else a ValueError names
+    the differences). Returns the folders of the runs that failed."""
     root = Path(root).resolve()  # absolute: --init-from paths are stored in config.json
     if reserved := [a for a in train_args if a.split("=")[0] in RESERVED]:
         raise ValueError(f"--reproduce sets {reserved} itself; remove them")
