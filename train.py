@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -212,30 +211,45 @@ def train_all(run: "Run", resume: dict | None) -> int:
 
 
 # ----------------------------------------------------------------------------- what a run holds, what each step trains
-class Networks(nn.Module):
-    """Some of SIGN's networks and the function a step calls them through, as one module: wrapped in
-    DistributedDataParallel it averages exactly their gradients."""
-    def __init__(self, function, *networks: nn.Module | None):
+class Segmenter(nn.Module):
+    """E, SIM and C, what Eq. (4) trains: x -> (C(F_x), F_x, z, mu, logvar)."""
+    def __init__(self, model: SIGN):
         super().__init__()
-        self.function, self.networks = function, nn.ModuleList(n for n in networks if n is not None)
+        self.E, self.SIM, self.C = model.E, model.SIM, model.C
 
-    def forward(self, *inputs):
-        return self.function(*inputs)
+    def forward(self, x: torch.Tensor):
+        f = self.E(x)  # (B, F, h, w)
+        F_x, z, mu, logvar = (f, None, None, None) if self.SIM is None else self.SIM(f)  # Eq. (1)
+        return self.C(F_x), F_x, z, mu, logvar  # (B, K, h, w), then SIM's outputs
 
 
-def step_networks(model: SIGN, world: int = 1, *, transfer: bool = False) -> SimpleNamespace:
-    """What each step trains: E + SIM + C for Eq. (4), M + G for Eq. (8), D for Eq. (7), C for Eq. (10). With
-    ``world`` > 1 the stage's are in DistributedDataParallel; the detaches in sign.py's losses decide which
-    network a loss reaches (D's side of Eq. 8 is called unwrapped), so each averages only its step's gradients."""
+class Synthesis(nn.Module):
+    """M and G, what Eq. (8) trains: (y, z) -> F^_x = G(M(y) (+) z); z detached (SIM learns from Eq. 4)."""
+    def __init__(self, model: SIGN):
+        super().__init__()
+        self.M, self.G = model.M, model.G
+
+    def forward(self, labels: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # (B, h, w), (B, L, h, w)
+        return self.G.from_table(self.M.table, self.M.rows(labels), z.detach())  # (B, F, h, w)
+
+
+@dataclass
+class StepNets:
+    """What each step trains: E + SIM + C for Eq. (4), M + G for Eq. (8), D for Eq. (7), C for Eq. (10)."""
+    sim: nn.Module
+    G: nn.Module
+    D: nn.Module
+    C: nn.Module
+
+
+def step_networks(model: SIGN, world: int = 1, *, transfer: bool = False) -> StepNets:
+    """With ``world`` > 1 the networks the stage trains are wrapped in DistributedDataParallel, which
+    averages exactly their gradients; the detaches in sign.py's losses decide which network a loss
+    reaches (D's side of Eq. 8 is called unwrapped), so a wrapper averages only its own step's gradients."""
     def wrap(module: nn.Module, trained: bool) -> nn.Module:
         return DistributedDataParallel(module) if world > 1 and trained else module
-
-    def segment(x):  # x -> (C(F_x), F_x, z, mu, logvar)
-        F_x, z, mu, logvar = model.features(x)  # Eq. (1)
-        return model.C(F_x), F_x, z, mu, logvar  # (B, K, h, w), then SIM's outputs
-    return SimpleNamespace(sim=wrap(Networks(segment, model.E, model.SIM, model.C), not transfer),
-                           G=wrap(Networks(model.generate, model.G), not transfer),  # (y, z) -> F^_x, z detached
-                           D=wrap(model.D, not transfer), C=wrap(model.C, transfer))
+    return StepNets(sim=wrap(Segmenter(model), not transfer), G=wrap(Synthesis(model), not transfer),
+                    D=wrap(model.D, not transfer), C=wrap(model.C, transfer))
 
 
 def amp_dtype(device: torch.device, amp: bool) -> torch.dtype:
@@ -257,6 +271,9 @@ class Run:
     world: int = 1
     metrics: dict = field(default_factory=dict)
     at: str = "starting"  # where the run is, for the message of an interruption or a failure
+    nets: StepNets = field(init=False)
+    scaler: torch.amp.GradScaler = field(init=False)
+    dtype: torch.dtype = field(init=False)
 
     def __post_init__(self):
         self.nets = step_networks(self.model)
