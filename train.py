@@ -54,12 +54,14 @@ PRESETS = {  # defaults per dataset; every flag below can override them
                    optimizer="adam", lr=3e-3, lr_transfer=1e-3, lr_g=1e-3, lr_d=1e-3, alpha=10.0, beta=50.0,
                    crop_size=64, batch_size=16, iters=2000, transfer_iters=400, self_training_iters=400,
                    temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0, lr_mult=1.0,
-                   num_test=[2000, 300], pretrained=False),
+                   num_test=[2000, 300], pretrained=False, warmup=0, clip_grad=0.0,
+                   gan_schedule="constant"),
     "voc": dict(backbone="resnet101", small_width=64, feat_dim=600, pe_dim=600, heads=8, hidden=256,
                 optimizer="sgd", lr=2.5e-4, lr_transfer=2.5e-4, lr_g=2e-4, lr_d=2.5e-4, alpha=100.0, beta=50.0,
                 crop_size=368, batch_size=8, iters=40000, transfer_iters=6000, self_training_iters=6000,
                 temperature=2.0, unseen_rate=0.5, mmd_pixels=256, test_sizes=[513], workers=4, lr_mult=10.0,
-                num_test=None, pretrained=True),
+                num_test=None, pretrained=True, warmup=0, clip_grad=0.0,
+                gan_schedule="constant"),
 }
 PRESETS["context"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 PRESETS["cocostuff"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
@@ -70,9 +72,14 @@ EVALUATED_AS = {"train": "train", "transfer": "transfer", "self_training_transfe
 
 
 # ----------------------------------------------------------------------------- the algorithm
-def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  clip: float = 0.0) -> None:
+    """One update; ``clip`` > 0 caps the gradient's norm over the optimiser's parameters first."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
     scaler.step(optimizer)
 
 
@@ -86,7 +93,7 @@ def training_step_sim(run: "Run", x, y, opt, *, weight=None, seen_only=True, pad
         inside = None if padding is None else resize_labels(padding.long(), F_x.shape[-2:]) == 0  # (B, h, w)
         loss, logs = sim_step_loss(logits, y, mu, logvar, num_seen=run.model.num_seen if seen_only else None,
                                    alpha=run.args.alpha, weight=weight, kl_mask=inside)  # Eq. (4)
-    backward_step(loss, opt, run.scaler)
+    backward_step(loss, opt, run.scaler, run.args.clip_grad)
     return F_x.detach(), None if z is None else z.detach(), {"sim": loss.detach(), **logs}
 
 
@@ -312,11 +319,13 @@ def make_optimizers(model: SIGN, args, *, transfer: bool) -> dict[str, torch.opt
             "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
 
 
-def poly_schedule(optimizer: torch.optim.Optimizer, total: int, start: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def poly_schedule(optimizer: torch.optim.Optimizer, total: int, start: int = 0,
+                  warmup: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """DeepLab's poly schedule (section 4.2), every group at its first rate x (1 - i / total)^0.9 from
-    ``start``, in closed form: PolynomialLR's step-by-step product would make a resumed run differ."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 - i / max(total, 1)) ** 0.9,
-                                             last_epoch=start - 1)
+    ``start``, after a linear ramp over the first ``warmup`` iterations; in closed form: PolynomialLR's
+    step-by-step product would make a resumed run differ."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)) * (1 - i / max(total, 1)) ** 0.9, last_epoch=start - 1)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -362,7 +371,8 @@ def run_stage(run: Run, stage: str, total: int, step, optimizers: dict, start: i
     log to losses.jsonl, checkpoint the run folder every --save-every."""
     args = run.args
     batches = batch_stream(run.train_set, args, stage, start, run.device, run.rank, run.world)
-    poly = poly_schedule(next(iter(optimizers.values())), total, start)  # C's, or E + SIM + C's
+    scheduled = list(optimizers.values())[:None if args.gan_schedule == "poly" else 1]  # C's, or E + SIM + C's
+    polys = [poly_schedule(o, total, start, args.warmup if stage == "train" else 0) for o in scheduled]
     bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=args.quiet or run.rank > 0)
     for i in bar:
         run.at = f"stage {stage}, iteration {i}"
@@ -378,7 +388,8 @@ def run_stage(run: Run, stage: str, total: int, step, optimizers: dict, start: i
             value = f" = {logs[bad].item()}" if bad in logs else ""
             raise FloatingPointError(f"non-finite loss {bad}{value} at {run.at}; nothing was saved for this iteration")
         run.scaler.update()
-        poly.step()
+        for poly in polys:
+            poly.step()
         if i % args.log_every == 0 or i == total - 1:
             logs = {k: round(v.item(), 5) for k, v in logs.items()}
             bar.set_postfix(logs, refresh=False)
@@ -581,10 +592,14 @@ def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
             ("beta", non_negative, "50"), ("temperature", finite_positive, "2"),
             ("unseen-rate", ranged(float, lambda v: 0 <= v <= 1, "in [0, 1]"), "not stated"),
             ("mmd-pixels", positive_int, "all pixels"), ("workers", count, "-"),
-            ("lr-mult", finite_positive, "1; lineage (DeepLab-v2): 10, biases 20")]:
+            ("lr-mult", finite_positive, "1; lineage (DeepLab-v2): 10, biases 20"),
+            ("warmup", count, "none (stage 1's E + SIM + C: linear ramp, iterations)"),
+            ("clip-grad", non_negative, "none (Eq. 4's gradient norm; 0: off)")]:
         key = name.replace("-", "_")
         o(f"--{name}", type=typ, help=f"default: {PRESETS['shapes'][key]} / {PRESETS['voc'][key]}; paper: {paper}")
     o("--optimizer", choices=["sgd", "adam"], help="for E, SIM, C; default: adam / sgd (paper: SGD, momentum 0.9)")
+    o("--gan-schedule", choices=["constant", "poly"], help="G's and D's learning rates: constant (paper, Adam) "
+      "or stage 1's schedule")
     o("--self-training", choices=["none", "st", "ast"], help="stage 3: AST, Eq. (17) (default), ZS3Net's ST, none")
     o("--keep", type=ranged(float, lambda v: 0 < v <= 1, "in (0, 1]"), help="ST: fraction kept per class; 0.75")
     o("--mmd-sigmas", type=finite_positive, nargs="+", help="MMD bandwidths; paper: 1 (README 'Deviations')")
