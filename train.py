@@ -54,14 +54,12 @@ PRESETS = {  # defaults per dataset; every flag below can override them
                    optimizer="adam", lr=3e-3, lr_transfer=1e-3, lr_g=1e-3, lr_d=1e-3, alpha=10.0, beta=50.0,
                    crop_size=64, batch_size=16, iters=2000, transfer_iters=400, self_training_iters=400,
                    temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0, lr_mult=1.0,
-                   num_test=[2000, 300], pretrained=False, warmup=0, clip_grad=0.0,
-                   gan_schedule="constant"),
+                   num_test=[2000, 300], pretrained=False, warmup=0, clip_grad=0.0),
     "voc": dict(backbone="resnet101", small_width=64, feat_dim=600, pe_dim=600, heads=8, hidden=256,
                 optimizer="sgd", lr=2.5e-4, lr_transfer=2.5e-4, lr_g=2e-4, lr_d=2.5e-4, alpha=100.0, beta=50.0,
                 crop_size=368, batch_size=8, iters=40000, transfer_iters=6000, self_training_iters=6000,
                 temperature=2.0, unseen_rate=0.5, mmd_pixels=256, test_sizes=[513], workers=4, lr_mult=10.0,
-                num_test=None, pretrained=True, warmup=0, clip_grad=0.0,
-                gan_schedule="constant"),
+                num_test=None, pretrained=True, warmup=0, clip_grad=0.0),
 }
 PRESETS["context"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 PRESETS["cocostuff"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
@@ -371,8 +369,8 @@ def run_stage(run: Run, stage: str, total: int, step, optimizers: dict, start: i
     log to losses.jsonl, checkpoint the run folder every --save-every."""
     args = run.args
     batches = batch_stream(run.train_set, args, stage, start, run.device, run.rank, run.world)
-    scheduled = list(optimizers.values())[:None if args.gan_schedule == "poly" else 1]  # C's, or E + SIM + C's
-    polys = [poly_schedule(o, total, start, args.warmup if stage == "train" else 0) for o in scheduled]
+    poly = poly_schedule(next(iter(optimizers.values())), total, start,  # C's, or E + SIM + C's
+                         args.warmup if stage == "train" else 0)
     bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=args.quiet or run.rank > 0)
     for i in bar:
         run.at = f"stage {stage}, iteration {i}"
@@ -388,8 +386,7 @@ def run_stage(run: Run, stage: str, total: int, step, optimizers: dict, start: i
             value = f" = {logs[bad].item()}" if bad in logs else ""
             raise FloatingPointError(f"non-finite loss {bad}{value} at {run.at}; nothing was saved for this iteration")
         run.scaler.update()
-        for poly in polys:
-            poly.step()
+        poly.step()
         if i % args.log_every == 0 or i == total - 1:
             logs = {k: round(v.item(), 5) for k, v in logs.items()}
             bar.set_postfix(logs, refresh=False)
@@ -598,8 +595,6 @@ def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
         key = name.replace("-", "_")
         o(f"--{name}", type=typ, help=f"default: {PRESETS['shapes'][key]} / {PRESETS['voc'][key]}; paper: {paper}")
     o("--optimizer", choices=["sgd", "adam"], help="for E, SIM, C; default: adam / sgd (paper: SGD, momentum 0.9)")
-    o("--gan-schedule", choices=["constant", "poly"], help="G's and D's learning rates: constant (paper, Adam) "
-      "or stage 1's schedule")
     o("--self-training", choices=["none", "st", "ast"], help="stage 3: AST, Eq. (17) (default), ZS3Net's ST, none")
     o("--keep", type=ranged(float, lambda v: 0 < v <= 1, "in (0, 1]"), help="ST: fraction kept per class; 0.75")
     o("--mmd-sigmas", type=finite_positive, nargs="+", help="MMD bandwidths; paper: 1 (README 'Deviations')")

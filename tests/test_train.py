@@ -335,11 +335,3 @@ def test_clip_grad_caps_the_gradient_norm_of_the_step_and_zero_leaves_it_alone()
         norm = torch.cat([p.grad.flatten() for p in layer.parameters()]).norm().item()
         assert norm == pytest.approx(0.5, rel=1e-4) if clip else norm > 10
 
-
-@pytest.mark.parametrize("schedule", ["constant", "poly"])
-def test_the_gan_schedule_decays_g_and_d_to_zero_by_the_end_of_stage_1_or_keeps_them(tmp_path, schedule):
-    assert train.main(TINY + ["--out", str(tmp_path), "--seen-only", "--gan-schedule", schedule]) == 0
-    saved = train.read_checkpoint(tmp_path / "checkpoint_train.pt")
-    args = saved["args"]
-    for name, lr in (("g", args["lr_g"]), ("d", args["lr_d"])):
-        assert saved["optimizers"][name]["param_groups"][0]["lr"] == (0.0 if schedule == "poly" else lr)
