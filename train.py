@@ -52,9 +52,9 @@ from sign import SIGN, discriminator_loss, generator_loss, resize_labels, sim_st
 PRESETS = {  # defaults per dataset; every flag below can override them
     "shapes": dict(backbone="small", small_width=64, feat_dim=64, pe_dim=32, heads=4, hidden=128,
                    optimizer="adam", lr=3e-3, lr_transfer=1e-3, lr_g=1e-3, lr_d=1e-3, alpha=10.0, beta=50.0,
-                   crop_size=64, batch_size=16, iters=2000, transfer_iters=400, self_training_iters=400,
+                   crop_size=64, batch_size=8, iters=2000, transfer_iters=400, self_training_iters=400,
                    temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0, lr_mult=1.0,
-                   num_test=[2000, 300], pretrained=False, warmup=0, clip_grad=0.0),
+                   num_test=[2000, 300], pretrained=False, warmup=200, clip_grad=1.0),
     "voc": dict(backbone="resnet101", small_width=64, feat_dim=600, pe_dim=600, heads=8, hidden=256,
                 optimizer="sgd", lr=2.5e-4, lr_transfer=2.5e-4, lr_g=2e-4, lr_d=2.5e-4, alpha=100.0, beta=50.0,
                 crop_size=368, batch_size=8, iters=40000, transfer_iters=6000, self_training_iters=6000,
