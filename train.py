@@ -534,8 +534,8 @@ positive_int, count = ranged(int, lambda v: v >= 1, ">= 1"), ranged(int, lambda 
 image_size = ranged(int, lambda v: v >= 8, ">= 8")
 finite_positive = ranged(float, lambda v: v > 0, "a finite number > 0")
 DEFAULTS = dict(dataset="shapes", data_root="data", layout="context", embeddings_order="raw", seed=0, amp=False,
-                quiet=False, seen_only=False, sim="multihead", latent_path="gate", pe="rpe", self_training="ast",
-                keep=0.75, eval_res="full", log_every=10, save_every=0, mmd_sigmas=list(DEFAULT_SIGMAS))
+                quiet=False, seen_only=False, sim="multihead", latent_path="gate", small_context="wide", pe="rpe",
+                self_training="ast", keep=0.75, eval_res="full", log_every=10, save_every=0, mmd_sigmas=list(DEFAULT_SIGMAS))
 
 
 def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
@@ -571,6 +571,8 @@ def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
     m("--latent", choices=["sim", "noise"], help="G's latent: SIM's z (paper) or N(0, 1) noise (ZS3Net; --sim none)")
     m("--pe", choices=["none", "ape", "ape-interp", "rpe"], help="positional encoding (Table 3)")
     m("--backbone", choices=["resnet101", "resnet50", "resnet18", "small"], help="E; paper: resnet101 (DeepLab-v2)")
+    m("--small-context", choices=["wide", "local"], help="small CNN's receptive field: wide, 63 px (default), "
+      "or local, 15 px (README 'Why SIGN trails ZS3Net here')")
     m("--pretrained", action=argparse.BooleanOptionalAction, help="E's ImageNet weights; default: on for real data")
     for name, typ, what in [("feat-dim", positive_int, "feature channels F (paper: 600)"),
                             ("pe-dim", int, "PE channels (paper: 600)"), ("small-width", int, "small CNN's channels"),
@@ -636,6 +638,8 @@ def check_settings(args: argparse.Namespace) -> None:
              "noise with --sim none (no SIM makes z: use --latent noise)"),
             (args.backbone != "small" or (w >= 2 and all(c % min(8, c) == 0 for c in (w // 2, w))), "small-width",
              "an even number up to 8 or a multiple of 16"),  # GroupNorm: min(8, c) groups divide c
+            (args.backbone == "small" or args.small_context == "wide", "small-context",
+             "wide (its default) unless --backbone small"),
             (not shapes or args.num_train is None or args.num_train >= args.batch_size, "num-train",
              f">= --batch-size ({args.batch_size})"),
             (not shapes or len(args.num_test) in (1, len(args.test_sizes)), "num-test",
@@ -737,7 +741,8 @@ def build_model(args, embeddings: torch.Tensor, num_seen: int, device: torch.dev
     return SIGN(embeddings, **{**dict(
         num_seen=num_seen, encoder=args.backbone, pretrained=args.pretrained, feat_dim=args.feat_dim, sim=args.sim,
         pe=args.pe, pe_dim=args.pe_dim, heads=args.heads, hidden=args.hidden, small_width=args.small_width,
-        latent_path=args.latent_path, train_size=(args.crop_size, args.crop_size)), **changes}).to(device)
+        small_context=args.small_context, latent_path=args.latent_path,
+        train_size=(args.crop_size, args.crop_size)), **changes}).to(device)
 
 
 def run_main(args, resume: dict | None, device: torch.device, world: int) -> int:
