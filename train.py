@@ -535,7 +535,8 @@ image_size = ranged(int, lambda v: v >= 8, ">= 8")
 finite_positive = ranged(float, lambda v: v > 0, "a finite number > 0")
 DEFAULTS = dict(dataset="shapes", data_root="data", layout="context", embeddings_order="raw", seed=0, amp=False,
                 quiet=False, seen_only=False, sim="multihead", latent_path="gate", small_context="wide", pe="rpe",
-                self_training="ast", keep=0.75, eval_res="full", log_every=10, save_every=0, mmd_sigmas=list(DEFAULT_SIGMAS))
+                self_training="ast", keep=0.75, eval_res="full", log_every=10, save_every=0,
+                mmd_sigmas=list(DEFAULT_SIGMAS))
 
 
 def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
