@@ -95,16 +95,20 @@ class DeepLabV2(nn.Sequential):
 
 
 class SmallEncoder(nn.Sequential):
-    """E for the CPU benchmark, (B, 3, H, W) -> (B, out, H/os, W/os): strided convs to 1/os, a 3x3
-    conv and two dilated convs (receptive field 63 px at os = 4), a linear 1x1 head. GroupNorm, not
-    BatchNorm: freezing E later (transfer, self-training) leaves no running statistics to drift."""
-    def __init__(self, out_channels: int = 64, *, width: int = 64, output_stride: int = 4):
-        if output_stride not in (4, 8):
-            raise ValueError(f"SmallEncoder: output_stride must be 4 or 8, got {output_stride}")
+    """E for the CPU benchmark, (B, 3, H, W) -> (B, out, H/os, W/os): strided convs to 1/os, three
+    3x3 convs, a linear 1x1 head. ``context`` "wide": the three at dilations 1, 2, 4 (receptive field
+    63 px at os = 4); "local": one 3x3 and two 1x1 (15 px), a feature that cannot see the whole scene.
+    GroupNorm, not BatchNorm: freezing E later (transfer, self-training) leaves no running statistics to drift."""
+    def __init__(self, out_channels: int = 64, *, width: int = 64, output_stride: int = 4, context: str = "wide"):
+        if output_stride not in (4, 8) or context not in ("wide", "local"):
+            raise ValueError(f"SmallEncoder: output_stride must be 4 or 8 and context 'wide' or 'local', "
+                             f"got {output_stride}, {context!r}")
         block = partial(Conv2dNormActivation, norm_layer=lambda c: nn.GroupNorm(min(8, c), c), bias=True)
+        kernels, dilations = ((3, 3, 3), (1, 2, 4)) if context == "wide" else ((3, 1, 1), (1, 1, 1))
         super().__init__(block(3, width // 2, stride=2), block(width // 2, width, stride=2),
                          *([block(width, width, stride=2)] if output_stride == 8 else []),
-                         *(block(width, width, dilation=d) for d in (1, 2, 4)), nn.Conv2d(width, out_channels, 1))
+                         *(block(width, width, k, dilation=d) for k, d in zip(kernels, dilations)),
+                         nn.Conv2d(width, out_channels, 1))
         self.output_stride = output_stride
 
 
@@ -257,7 +261,7 @@ class SIGN(nn.Module):
                  pe: str = "rpe", pe_dim: int = 600, latent_dim: int | None = None, heads: int = 8,
                  hidden: int = 256, train_size: tuple[int, int] | None = None, rpe_c: float = 512.0,
                  rpe_endpoint: bool = False, small_width: int = 64, output_stride: int | None = None,
-                 latent_path: str = "gate"):
+                 latent_path: str = "gate", small_context: str = "wide"):
         super().__init__()
         K, e_dim = embeddings.shape
         if encoder not in ENCODERS or sim not in ("none",) + SIM_ARCHS:
@@ -273,9 +277,10 @@ class SIGN(nn.Module):
                            latent_dim=latent_dim, heads=heads, hidden=hidden,
                            train_size=list(train_size) if train_size else None, rpe_c=rpe_c,
                            rpe_endpoint=rpe_endpoint, small_width=small_width, output_stride=output_stride,
-                           latent_path=latent_path)
+                           latent_path=latent_path, small_context=small_context)
         self.num_seen, self.latent_dim = num_seen, latent_dim
-        self.E = (SmallEncoder(feat_dim, width=small_width, output_stride=output_stride or 4) if encoder == "small"
+        self.E = (SmallEncoder(feat_dim, width=small_width, output_stride=output_stride or 4, context=small_context)
+                  if encoder == "small"
                   else DeepLabV2(feat_dim, depth=ENCODERS[encoder], pretrained=pretrained))
         self.SIM = None if sim == "none" else SIM(
             feat_dim, arch=sim, pe=pe, pe_dim=pe_dim, latent_dim=latent_dim, heads=heads,

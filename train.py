@@ -52,14 +52,14 @@ from sign import SIGN, discriminator_loss, generator_loss, resize_labels, sim_st
 PRESETS = {  # defaults per dataset; every flag below can override them
     "shapes": dict(backbone="small", small_width=64, feat_dim=64, pe_dim=32, heads=4, hidden=128,
                    optimizer="adam", lr=3e-3, lr_transfer=1e-3, lr_g=1e-3, lr_d=1e-3, alpha=10.0, beta=50.0,
-                   crop_size=64, batch_size=16, iters=2000, transfer_iters=400, self_training_iters=400,
+                   crop_size=64, batch_size=8, iters=2000, transfer_iters=400, self_training_iters=400,
                    temperature=2.0, unseen_rate=0.5, mmd_pixels=64, test_sizes=[64, 128], workers=0, lr_mult=1.0,
-                   num_test=[2000, 300], pretrained=False),
+                   num_test=[2000, 300], pretrained=False, warmup=200, clip_grad=1.0),
     "voc": dict(backbone="resnet101", small_width=64, feat_dim=600, pe_dim=600, heads=8, hidden=256,
                 optimizer="sgd", lr=2.5e-4, lr_transfer=2.5e-4, lr_g=2e-4, lr_d=2.5e-4, alpha=100.0, beta=50.0,
                 crop_size=368, batch_size=8, iters=40000, transfer_iters=6000, self_training_iters=6000,
                 temperature=2.0, unseen_rate=0.5, mmd_pixels=256, test_sizes=[513], workers=4, lr_mult=10.0,
-                num_test=None, pretrained=True),
+                num_test=None, pretrained=True, warmup=0, clip_grad=0.0),
 }
 PRESETS["context"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
 PRESETS["cocostuff"] = dict(PRESETS["voc"], transfer_iters=10000, self_training_iters=10000)
@@ -70,9 +70,14 @@ EVALUATED_AS = {"train": "train", "transfer": "transfer", "self_training_transfe
 
 
 # ----------------------------------------------------------------------------- the algorithm
-def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+def backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  clip: float = 0.0) -> None:
+    """One update; ``clip`` > 0 caps the gradient's norm over the optimiser's parameters first."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
     scaler.step(optimizer)
 
 
@@ -86,7 +91,7 @@ def training_step_sim(run: "Run", x, y, opt, *, weight=None, seen_only=True, pad
         inside = None if padding is None else resize_labels(padding.long(), F_x.shape[-2:]) == 0  # (B, h, w)
         loss, logs = sim_step_loss(logits, y, mu, logvar, num_seen=run.model.num_seen if seen_only else None,
                                    alpha=run.args.alpha, weight=weight, kl_mask=inside)  # Eq. (4)
-    backward_step(loss, opt, run.scaler)
+    backward_step(loss, opt, run.scaler, run.args.clip_grad)
     return F_x.detach(), None if z is None else z.detach(), {"sim": loss.detach(), **logs}
 
 
@@ -312,11 +317,13 @@ def make_optimizers(model: SIGN, args, *, transfer: bool) -> dict[str, torch.opt
             "d": torch.optim.Adam(model.D.parameters(), lr=args.lr_d)}
 
 
-def poly_schedule(optimizer: torch.optim.Optimizer, total: int, start: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def poly_schedule(optimizer: torch.optim.Optimizer, total: int, start: int = 0,
+                  warmup: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
     """DeepLab's poly schedule (section 4.2), every group at its first rate x (1 - i / total)^0.9 from
-    ``start``, in closed form: PolynomialLR's step-by-step product would make a resumed run differ."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: (1 - i / max(total, 1)) ** 0.9,
-                                             last_epoch=start - 1)
+    ``start``, after a linear ramp over the first ``warmup`` iterations; in closed form: PolynomialLR's
+    step-by-step product would make a resumed run differ."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / (warmup + 1)) * (1 - i / max(total, 1)) ** 0.9, last_epoch=start - 1)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -362,7 +369,8 @@ def run_stage(run: Run, stage: str, total: int, step, optimizers: dict, start: i
     log to losses.jsonl, checkpoint the run folder every --save-every."""
     args = run.args
     batches = batch_stream(run.train_set, args, stage, start, run.device, run.rank, run.world)
-    poly = poly_schedule(next(iter(optimizers.values())), total, start)  # C's, or E + SIM + C's
+    poly = poly_schedule(next(iter(optimizers.values())), total, start,  # C's, or E + SIM + C's
+                         args.warmup if stage == "train" else 0)
     bar = tqdm(range(start, total), desc=stage, dynamic_ncols=True, disable=args.quiet or run.rank > 0)
     for i in bar:
         run.at = f"stage {stage}, iteration {i}"
@@ -526,8 +534,9 @@ positive_int, count = ranged(int, lambda v: v >= 1, ">= 1"), ranged(int, lambda 
 image_size = ranged(int, lambda v: v >= 8, ">= 8")
 finite_positive = ranged(float, lambda v: v > 0, "a finite number > 0")
 DEFAULTS = dict(dataset="shapes", data_root="data", layout="context", embeddings_order="raw", seed=0, amp=False,
-                quiet=False, seen_only=False, sim="multihead", latent_path="gate", pe="rpe", self_training="ast",
-                keep=0.75, eval_res="full", log_every=10, save_every=0, mmd_sigmas=list(DEFAULT_SIGMAS))
+                quiet=False, seen_only=False, sim="multihead", latent_path="gate", small_context="wide", pe="rpe",
+                self_training="ast", keep=0.75, eval_res="full", log_every=10, save_every=0,
+                mmd_sigmas=list(DEFAULT_SIGMAS))
 
 
 def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
@@ -563,6 +572,8 @@ def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
     m("--latent", choices=["sim", "noise"], help="G's latent: SIM's z (paper) or N(0, 1) noise (ZS3Net; --sim none)")
     m("--pe", choices=["none", "ape", "ape-interp", "rpe"], help="positional encoding (Table 3)")
     m("--backbone", choices=["resnet101", "resnet50", "resnet18", "small"], help="E; paper: resnet101 (DeepLab-v2)")
+    m("--small-context", choices=["wide", "local"], help="small CNN's receptive field: wide, 63 px (default), "
+      "or local, 15 px (README 'Why SIGN trails ZS3Net here')")
     m("--pretrained", action=argparse.BooleanOptionalAction, help="E's ImageNet weights; default: on for real data")
     for name, typ, what in [("feat-dim", positive_int, "feature channels F (paper: 600)"),
                             ("pe-dim", int, "PE channels (paper: 600)"), ("small-width", int, "small CNN's channels"),
@@ -581,7 +592,9 @@ def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
             ("beta", non_negative, "50"), ("temperature", finite_positive, "2"),
             ("unseen-rate", ranged(float, lambda v: 0 <= v <= 1, "in [0, 1]"), "not stated"),
             ("mmd-pixels", positive_int, "all pixels"), ("workers", count, "-"),
-            ("lr-mult", finite_positive, "1; lineage (DeepLab-v2): 10, biases 20")]:
+            ("lr-mult", finite_positive, "1; lineage (DeepLab-v2): 10, biases 20"),
+            ("warmup", count, "none (stage 1's E + SIM + C: linear ramp, iterations)"),
+            ("clip-grad", non_negative, "none (Eq. 4's gradient norm; 0: off)")]:
         key = name.replace("-", "_")
         o(f"--{name}", type=typ, help=f"default: {PRESETS['shapes'][key]} / {PRESETS['voc'][key]}; paper: {paper}")
     o("--optimizer", choices=["sgd", "adam"], help="for E, SIM, C; default: adam / sgd (paper: SGD, momentum 0.9)")
@@ -626,6 +639,8 @@ def check_settings(args: argparse.Namespace) -> None:
              "noise with --sim none (no SIM makes z: use --latent noise)"),
             (args.backbone != "small" or (w >= 2 and all(c % min(8, c) == 0 for c in (w // 2, w))), "small-width",
              "an even number up to 8 or a multiple of 16"),  # GroupNorm: min(8, c) groups divide c
+            (args.backbone == "small" or args.small_context == "wide", "small-context",
+             "wide (its default) unless --backbone small"),
             (not shapes or args.num_train is None or args.num_train >= args.batch_size, "num-train",
              f">= --batch-size ({args.batch_size})"),
             (not shapes or len(args.num_test) in (1, len(args.test_sizes)), "num-test",
@@ -727,7 +742,8 @@ def build_model(args, embeddings: torch.Tensor, num_seen: int, device: torch.dev
     return SIGN(embeddings, **{**dict(
         num_seen=num_seen, encoder=args.backbone, pretrained=args.pretrained, feat_dim=args.feat_dim, sim=args.sim,
         pe=args.pe, pe_dim=args.pe_dim, heads=args.heads, hidden=args.hidden, small_width=args.small_width,
-        latent_path=args.latent_path, train_size=(args.crop_size, args.crop_size)), **changes}).to(device)
+        small_context=args.small_context, latent_path=args.latent_path,
+        train_size=(args.crop_size, args.crop_size)), **changes}).to(device)
 
 
 def run_main(args, resume: dict | None, device: torch.device, world: int) -> int:

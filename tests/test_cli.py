@@ -52,6 +52,7 @@ BAD_FLAGS = [
     (["--alpha", "nan"], "--alpha"), (["--beta", "-1"], "--beta"), (["--mmd-sigmas", "1", "0"], "--mmd-sigmas"),
     (["--workers", "-1"], "--workers"), (["--pe-dim", "6"], "--pe-dim"), (["--heads", "5"], "--heads"),
     (["--mmd-pixels", "0"], "--mmd-pixels"), (["--small-width", "12"], "--small-width"),
+    (["--dataset", "voc", "--small-context", "local"], "--small-context"),
     (["--crop-size", "7"], "--crop-size"), (["--test-sizes", "64", "7"], "--test-sizes"),
     (["--num-train", "3"], "--num-train"), (["--num-test", "0"], "--num-test"),
     (["--num-test", "1", "2", "3"], "--num-test"), (["--sim", "none", "--latent", "sim"], "--latent"),

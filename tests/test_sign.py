@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import sign
 from mmd import classwise_mmd
-from sign import (ASPP, SIGN, SIM, DeepLabV2, SemanticMapping, discriminator_loss,
+from sign import (ASPP, SIGN, SIM, DeepLabV2, SemanticMapping, SmallEncoder, discriminator_loss,
                   generator_loss, kl_loss, prediction_loss, resize_labels, sim_step_loss,
                   transfer_loss)
 
@@ -178,6 +178,18 @@ def test_encoder_output_is_one_over_output_stride_of_the_input(encoder, stride):
 def test_small_encoder_supports_output_stride_8():
     model = tiny_model(output_stride=8)
     assert model.E(torch.randn(1, 3, 33, 47)).shape[-2:] == (5, 6) == model.feature_size(33, 47)
+
+
+@pytest.mark.sim
+@pytest.mark.parametrize("context, stride, field", [("wide", 4, 63), ("local", 4, 15), ("wide", 8, 127)])
+def test_small_encoder_receptive_field(context, stride, field):
+    """The pixels one feature's convolutions reach: each conv adds (k - 1) * dilation input steps."""
+    reach, step = 1, 1
+    for conv in (m for m in SmallEncoder(8, width=8, output_stride=stride, context=context).modules()
+                 if isinstance(m, nn.Conv2d)):
+        reach += (conv.kernel_size[0] - 1) * conv.dilation[0] * step
+        step *= conv.stride[0]
+    assert (reach, step) == (field, stride)
 
 
 @pytest.mark.sim

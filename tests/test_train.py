@@ -307,3 +307,31 @@ def test_every_rank_draws_from_a_seed_no_other_rank_or_iteration_uses():
     assert train.rank_seed(train.iteration_seed(0, "transfer", 7), 0) == train.iteration_seed(0, "transfer", 7)
     for rank in (1, 2, 3, 7):
         assert not seeds & {train.rank_seed(s, rank) for s in seeds}, rank
+
+
+def test_the_warm_up_ramps_linearly_into_poly_and_a_schedule_started_late_matches_one_stepped_there():
+    def lrs(start, steps):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        opt.param_groups[0]["initial_lr"] = 1.0  # as a resumed optimiser's saved state holds
+        poly = train.poly_schedule(opt, 100, start, warmup=9)
+        seen = [opt.param_groups[0]["lr"]]
+        for _ in range(steps):
+            opt.step()
+            poly.step()
+            seen.append(opt.param_groups[0]["lr"])
+        return seen
+    stepped = lrs(0, 60)
+    assert stepped[:10] == pytest.approx([(i + 1) / 10 * (1 - i / 100) ** 0.9 for i in range(10)])
+    assert stepped[10:] == pytest.approx([(1 - i / 100) ** 0.9 for i in range(10, 61)])
+    assert lrs(37, 23) == stepped[37:]  # --resume mid-stage: the same rates, exactly
+
+
+def test_clip_grad_caps_the_gradient_norm_of_the_step_and_zero_leaves_it_alone():
+    for clip in (0.0, 0.5):
+        layer = torch.nn.Linear(4, 3)
+        opt = torch.optim.SGD(layer.parameters(), lr=0.0)
+        loss = 100 * layer(torch.ones(2, 4)).square().sum()
+        train.backward_step(loss, opt, torch.amp.GradScaler("cpu", enabled=False), clip)
+        norm = torch.cat([p.grad.flatten() for p in layer.parameters()]).norm().item()
+        assert norm == pytest.approx(0.5, rel=1e-4) if clip else norm > 10
+
