@@ -336,9 +336,20 @@ def rank_seed(seed: int, rank: int) -> int:
     return (seed + rank * 0x9E3779B97F4A7C15) % 2**63
 
 
+class SeededItems(torch.utils.data.Dataset):
+    """``dataset[i]`` drawn after seeding torch from the ``(i, seed)`` the sampler hands over: in a loader
+    worker, an item's augmentation is then a function of (seed, stage, epoch, index) alone."""
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key: tuple[int, int]):
+        torch.manual_seed(key[1])
+        return self.dataset[key[0]]
+
+
 def batch_stream(dataset, args, stage: str, start: int, device: torch.device, rank: int = 0, world: int = 1):
-    """Endless training batches (x, y, padding). Epoch e's order is a permutation seeded by (seed,
-    stage, e), so a resumed run replays exactly the batches it would have drawn; each rank takes its
+    """Endless training batches (x, y, padding). Epoch e's order is a permutation seeded by (seed, stage, e),
+    so a resumed run replays exactly the batches and augmentations it would have drawn; each rank takes its
     slice of every global batch. ``padding`` (B, H, W) marks the crop's padding, ignore (255) in y."""
     B = args.batch_size
     per_epoch = len(dataset) // B
@@ -352,9 +363,12 @@ def batch_stream(dataset, args, stage: str, start: int, device: torch.device, ra
         order = order[:, rank * B // world:(rank + 1) * B // world]  # this rank's slice of every global batch
         if rank:  # the loader's augmentation seeds come from g: each rank its own
             g = torch.Generator().manual_seed(rank_seed(seed, rank))
+        batches, items = order[it % per_epoch:].tolist(), dataset
+        if args.workers:  # a worker's stream depends on which batches it took before: seed each item instead
+            batches, items = [[(i, iteration_seed(seed, stage, i)) for i in b] for b in batches], SeededItems(dataset)
         # The loader's own generator: its iterator draws a seed, which must not shift the global stream
-        loader = DataLoader(dataset, batch_sampler=order[it % per_epoch:].tolist(), generator=g,
-                            num_workers=args.workers, pin_memory=device.type == "cuda")
+        loader = DataLoader(items, batch_sampler=batches, generator=g, num_workers=args.workers,
+                            pin_memory=device.type == "cuda")
         for x, y in loader:
             padding = y == data.PADDING  # (B, H, W): outside the image, never pseudo-labelled
             y = y.masked_fill(padding, data.IGNORE)

@@ -335,3 +335,36 @@ def test_clip_grad_caps_the_gradient_norm_of_the_step_and_zero_leaves_it_alone()
         norm = torch.cat([p.grad.flatten() for p in layer.parameters()]).norm().item()
         assert norm == pytest.approx(0.5, rel=1e-4) if clip else norm > 10
 
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_a_run_resumed_mid_epoch_matches_the_uninterrupted_one_with_or_without_loader_workers(tmp_path, monkeypatch,
+                                                                                             workers):
+    """Each item's augmentation is drawn from (seed, stage, epoch, index), wherever a worker draws it."""
+    import shutil
+    flags = ["--iters", "6", "--transfer-iters", "2", "--self-training", "none", "--workers", workers,
+             "--backbone", "small", "--small-width", "8"]  # GroupNorm: a random ResNet-18 diverges in 3 steps
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    argv = {folder: tiny_voc_run(folder, *flags) for folder in (whole, cut)}
+    for folder in (whole, cut):  # 4 training images, batch 2: two batches an epoch
+        top = folder / "data" / "VOCdevkit" / "VOC2012"
+        for name in ("c", "d"):
+            shutil.copy(top / "JPEGImages" / "a.jpg", top / "JPEGImages" / f"{name}.jpg")
+            shutil.copy(top / "SegmentationClassAug" / "a.png", top / "SegmentationClassAug" / f"{name}.png")
+        (top / "ImageSets/Segmentation/train_aug.txt").write_text("a\nb\nc\nd\n")
+    assert train.main(argv[whole]) == 0
+    calls, real_step = {"n": 0}, train.training_step_sim
+
+    def interrupted(*args, **kwargs):  # iteration 3 is the middle of an epoch
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "training_step_sim", interrupted)
+    assert train.main(argv[cut] + ["--save-every", "1"]) == 130
+    assert train.read_checkpoint(cut / "run" / "checkpoint_train.pt")["iteration"] == 3
+    monkeypatch.setattr(train, "training_step_sim", real_step)
+    assert train.main(["--resume", str(cut / "run"), "--quiet"]) == 0
+    for name in ("losses.jsonl", "metrics.json"):
+        assert (cut / "run" / name).read_bytes() == (whole / "run" / name).read_bytes()
