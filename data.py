@@ -145,9 +145,21 @@ class _Segmentation(torch.utils.data.Dataset):
         self.num_seen, self.num_unseen = len(self.raw_ids) - len(self.unseen), len(self.unseen)
         self.lut = np.full(256, -1, dtype=np.int64)  # (256,) label value -> model index; -1: invalid
         self.lut[:self.num_values] = self.lut[IGNORE] = IGNORE
+        self.unseen_values = np.zeros(256, dtype=bool)  # (256,) label value -> an unseen class's?
         for value, raw in (self.value_to_raw or {r: r for r in self.raw_names}).items():
             index = self.raw_ids.index(raw)  # unseen classes are ignored in training
+            self.unseen_values[value] = index >= self.num_seen
             self.lut[value] = IGNORE if self.split == "train" and index >= self.num_seen else index
+
+    def choose_images(self, unseen_images: str) -> dict[str, int]:
+        """--unseen-images: ``ignore`` keeps every training image, its unseen pixels ignored (the lineage);
+        ``drop`` keeps only images without an unseen pixel (paper section 3.1). Returns what each keeps."""
+        _check(self.split == "train" and unseen_images in ("ignore", "drop"), f"--unseen-images {unseen_images}: "
+               f"expected ignore or drop, for a training split (this is {self.split})", ValueError)
+        holds = self.holds_unseen()  # (N,) bool
+        if unseen_images == "drop":
+            self.keep(~holds)
+        return {"ignore": len(holds), "drop": int((~holds).sum())}
 
     def _finish(self, image: torch.Tensor, label: torch.Tensor):
         """uint8 image (3, H, W) and label (H, W) -> transformed plain tensors."""
@@ -184,6 +196,14 @@ class _LabelledFiles(_Segmentation):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def holds_unseen(self) -> np.ndarray:
+        """(N,) bool: which images hold an unseen class's pixel; reads every label."""
+        return np.array([self.unseen_values[np.asarray(self._read(label)).clip(0, 255)].any() for _, label in
+                         tqdm(self.pairs, desc=f"{self.name}: labels with unseen pixels", dynamic_ncols=True)])
+
+    def keep(self, which: np.ndarray) -> None:
+        self.pairs = [pair for pair, kept in zip(self.pairs, which) if kept]
 
     def _read(self, path: Path) -> Image.Image:
         try:
@@ -314,8 +334,17 @@ def class_embedding_table(class_names: list[str], sources: list, *, source_names
            EmbeddingError)
     table = np.stack([np.concatenate([np.mean([np.asarray(v, np.float64) for v in words.values()], axis=0)
                                       for words in halves]) for halves in found])  # (C, D)
-    table /= np.linalg.norm(table, axis=1, keepdims=True).clip(min=1e-12)  # an all-zero row stays 0, not NaN
+    table /= np.linalg.norm(_finite_rows(table, class_names, " + ".join(source_names)), axis=1, keepdims=True)
     return torch.from_numpy(table).float()
+
+
+def _finite_rows(table: np.ndarray, class_names: list[str], where) -> np.ndarray:
+    """``table``, unless a class's row is all zero or holds NaN, inf or |v| >= 1e6 (word vectors are of
+    order 1): caught here, such a row would surface only later, as a non-finite loss naming no class."""
+    bad = [repr(n) for n, row in zip(class_names, table) if not (np.abs(row) < 1e6).all() or not row.any()]
+    _check(not bad, f"{where}: the vector of class(es) {', '.join(bad)} is all zero or holds NaN, inf or "
+           "values of 1e6 and more; expected finite word vectors", EmbeddingError)
+    return table
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -346,28 +375,29 @@ def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_
     """The (C, dim) table for `class_names`: from word-vector files (word2vec `.bin`, fastText `.vec`, or
     `.gz`; a half each; cached as `<first file>.<hash>.npy`), or one `.npy` in `order` "raw" or "model"."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-    if len(paths) == 1 and paths[0].suffix == ".npy":
+    key = json.dumps([class_names, [(p.name, p.stat().st_size if p.is_file() else 0) for p in paths]])
+    table_path = paths[0].with_name(f"{paths[0].name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy")
+    fresh = len(paths) > 1 or paths[0].suffix != ".npy"  # read from word-vector files, to be cached
+    if not fresh:
         table_path = paths[0]
         table = _table_rows(_load_npy(table_path), table_path, len(class_names), raw_ids, order)
+    elif fresh := not (cache and table_path.is_file()):
+        wanted = {v for n in class_names for w in _words(n) for v in _variants(w)}
+        sources = [(read_fasttext_vec if ".vec" in p.suffixes else read_word2vec_binary)(p, wanted) for p in paths]
+        table = class_embedding_table(class_names, sources, source_names=[p.name for p in paths]).numpy()
+        if table.shape[1] != dim:
+            widths = " + ".join(f"{p.name} {len(next(iter(s.values())))}" for p, s in zip(paths, sources))
+            raise EmbeddingError(f"{widths} = {table.shape[1]}-d class embeddings, expected {dim}-d")
     else:
-        key = json.dumps([class_names, [(p.name, p.stat().st_size if p.is_file() else 0) for p in paths]])
-        table_path = paths[0].with_name(f"{paths[0].name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy")
-        if cache and table_path.is_file():
-            table = _load_npy(table_path)
-        else:
-            wanted = {v for n in class_names for w in _words(n) for v in _variants(w)}
-            sources = [(read_fasttext_vec if ".vec" in p.suffixes else read_word2vec_binary)(p, wanted) for p in paths]
-            table = class_embedding_table(class_names, sources, source_names=[p.name for p in paths]).numpy()
-            if table.shape[1] != dim:
-                widths = " + ".join(f"{p.name} {len(next(iter(s.values())))}" for p, s in zip(paths, sources))
-                raise EmbeddingError(f"{widths} = {table.shape[1]}-d class embeddings, expected {dim}-d")
-            if cache:
-                try:
-                    np.save(table_path, table)
-                except OSError as e:  # a read-only folder only costs re-reading the vectors next time
-                    warnings.warn(f"could not cache the class embeddings at {table_path}: {e}")
+        table = _load_npy(table_path)
     _check(table.shape == (len(class_names), dim), f"{table_path}: shape {table.shape}, expected "
            f"({len(class_names)}, {dim}) for classes {', '.join(class_names)}", EmbeddingError)
+    _finite_rows(table, class_names, table_path)  # a cached table is checked too
+    if fresh and cache:
+        try:
+            np.save(table_path, table)
+        except OSError as e:  # a read-only folder only costs re-reading the vectors next time
+            warnings.warn(f"could not cache the class embeddings at {table_path}: {e}")
     return torch.as_tensor(table, dtype=torch.float32)
 
 
@@ -497,9 +527,17 @@ class Shapes(_Segmentation):
                   for i in range(0, n, 256)]  # chunks bound the memory of the (n, 3, S, S) masks
         self.images, labels = map(torch.cat, zip(*chunks))  # (N, 3, S, S) uint8, (N, S, S) raw ids
         self.labels = torch.from_numpy(self.lut)[labels.long()].to(torch.uint8)  # (N, S, S) model indices
+        self._unseen = torch.from_numpy(self.unseen_values)[labels.long()].flatten(1).any(1).numpy()  # (N,)
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def holds_unseen(self) -> np.ndarray:
+        return self._unseen
+
+    def keep(self, which: np.ndarray) -> None:
+        self.images, self.labels, self._unseen = self.images[which], self.labels[which], self._unseen[which]
+        self.scenes = {k: v[which] for k, v in self.scenes.items()}
 
     def __getitem__(self, i: int):
         return self._finish(self.images[i], self.labels[i])
@@ -569,31 +607,35 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
-    kwargs = {"size": args.size, "seed": args.seed, "num_images": args.num_samples, "layout": args.layout} \
-        if args.dataset == "shapes" else {}
+    kwargs = {"size": args.size, "seed": args.seed, "layout": args.layout} if args.dataset == "shapes" else {}
     try:
         for flag, value, low in (("--size", args.size, 8), ("--num-samples", args.num_samples, 1),
                                  ("--seed", args.seed, 0)):
             _check(value >= low, f"{flag} must be >= {low}, got {value}", ValueError)
         _check(not args.preview or args.preview.suffix.lower() in Image.registered_extensions(),
                f"--preview {args.preview}: expected an image file name such as preview.png", ValueError)
-        dataset = build_dataset(args.dataset, args.split, root=args.data_root, **kwargs)
+        dataset = build_dataset(args.dataset, args.split, root=args.data_root,
+                                **kwargs, **{"num_images": args.num_samples} if kwargs and not args.all else {})
         print(f"{args.dataset} {args.split}: {len(dataset)} images; {dataset.num_seen} seen classes: "
               f"{', '.join(dataset.class_names[:dataset.num_seen])}; {dataset.num_unseen} unseen: "
               f"{', '.join(dataset.class_names[dataset.num_seen:])}")
-        image, label = dataset[0]  # reading one item surfaces format errors now
-        print(f"item 0: image {tuple(image.shape)}, label {tuple(label.shape)}")
-        if args.all:  # read every item of both splits, naming each that fails
-            bad = 0
+        if not args.all:
+            image, label = dataset[0]  # reading one item surfaces format errors now
+            print(f"item 0: image {tuple(image.shape)}, label {tuple(label.shape)}")
+        else:  # read every item of both splits, naming each that fails
+            bad = []
             for split in ("train", "test"):
                 ds = build_dataset(args.dataset, split, root=args.data_root, **kwargs)
                 for i in tqdm(range(len(ds)), desc=f"{args.dataset} {split}", dynamic_ncols=True):
                     try:
                         ds[i]
                     except DatasetError as e:
-                        bad += 1
+                        bad.append(split)
                         tqdm.write(f"data.py: bad {split} item {i}: {e}", file=sys.stderr)
-            print(f"{bad} bad item(s)" if bad else "every item of both splits reads")
+                if split == "train" and not bad:
+                    kept = ds.choose_images("ignore")
+                    print(f"train: {kept['ignore']} images with --unseen-images ignore, {kept['drop']} with drop")
+            print(f"{len(bad)} bad item(s)" if bad else "every item of both splits reads")
             if bad:
                 return 1
         if args.preview:

@@ -425,19 +425,22 @@ def same_weights_on_every_rank(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- data, scores, checkpoints
 def build_data(args, tests: bool = True):
-    """Training set, test sets by name (None with ``tests=False``), and the class-embedding table behind M."""
+    """Training set (--unseen-images applied), test sets by name (None with ``tests=False``), the
+    class-embedding table behind M, and how many training images each --unseen-images choice keeps."""
     tests = evaluate.test_sets(args.dataset, root=args.data_root, sizes=args.test_sizes, eval_res=args.eval_res,
                                num_images=args.num_test, layout=args.layout) if tests else None
     if args.dataset == "shapes":  # the benchmark itself is fixed (scene seed 0); --seed varies training
         train_set = data.Shapes("train", size=args.crop_size, num_images=args.num_train, layout=args.layout)
-        return train_set, tests, data.shapes_embeddings(train_set.class_names)
-    train_set = data.build_dataset(args.dataset, "train", root=args.data_root,
-                                   transform=data.train_transform(args.crop_size))
-    if not args.embeddings:
-        raise data.EmbeddingError(f"--embeddings is required for {args.dataset}: the word2vec .bin and fastText "
-                                  f".vec files, or a .npy table (README 'Datasets')")
-    return train_set, tests, data.load_class_embeddings(args.embeddings, train_set.class_names,
-                                                        raw_ids=train_set.raw_ids, order=args.embeddings_order)
+        embeddings = data.shapes_embeddings(train_set.class_names)
+    else:
+        train_set = data.build_dataset(args.dataset, "train", root=args.data_root,
+                                       transform=data.train_transform(args.crop_size))
+        if not args.embeddings:
+            raise data.EmbeddingError(f"--embeddings is required for {args.dataset}: the word2vec .bin and fastText "
+                                      f".vec files, or a .npy table (README 'Datasets')")
+        embeddings = data.load_class_embeddings(args.embeddings, train_set.class_names, raw_ids=train_set.raw_ids,
+                                                order=args.embeddings_order)
+    return train_set, tests, embeddings, train_set.choose_images(args.unseen_images)
 
 
 def evaluate_stage(run: Run, stage: str) -> None:
@@ -548,7 +551,7 @@ positive_int, count = ranged(int, lambda v: v >= 1, ">= 1"), ranged(int, lambda 
 image_size = ranged(int, lambda v: v >= 8, ">= 8")
 finite_positive = ranged(float, lambda v: v > 0, "a finite number > 0")
 DEFAULTS = dict(dataset="shapes", data_root="data", layout="context", embeddings_order="raw", seed=0, amp=False,
-                quiet=False, seen_only=False, sim="multihead", latent_path="gate", small_context="wide", pe="rpe",
+                quiet=False, seen_only=False, unseen_images="ignore", sim="multihead", latent_path="gate", small_context="wide", pe="rpe",
                 self_training="ast", keep=0.75, eval_res="full", log_every=10, save_every=0,
                 mmd_sigmas=list(DEFAULT_SIGMAS))
 
@@ -568,6 +571,8 @@ def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
     a("--out", help="run folder; default runs/<dataset>-<timestamp>")
     a("--resume", metavar="RUN_DIR", help="continue that run from its last checkpoint, with its settings")
     a("--init-from", metavar="CHECKPOINT", help="start after the stage this end-of-stage checkpoint finished")
+    a("--unseen-images", choices=["ignore", "drop"], help="training images holding an unseen class: kept, "
+      "those pixels ignored (default, the lineage), or dropped (paper section 3.1; README 'Deviations')")
     a("--seen-only", action="store_true", help="stage 1 alone, no unseen class in M and C (for --add-classes)")
     a("--add-classes", nargs="*", metavar="NAME", help="with --init-from CK and --save-as NEW.pt: add these "
       "(unseen) classes to M and C and rerun the Transfer Learning Step, Eq. (10)")
@@ -775,7 +780,10 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
         return (f"the last checkpoint, {last}, is intact: continue with python train.py --resume {out}" if last
                 else "no checkpoint was written yet")
     try:
-        train_set, tests, embeddings = build_data(args)
+        train_set, tests, embeddings, kept = build_data(args)
+        if rank == 0:
+            print(f"training images: {len(train_set)} (--unseen-images {args.unseen_images}; ignore keeps "
+                  f"{kept['ignore']}, drop {kept['drop']})")
         if args.seen_only:  # M never holds an unseen class's vector
             embeddings = torch.cat([embeddings[:train_set.num_seen], embeddings[train_set.num_seen:] * 0])
         torch.manual_seed(args.seed)
@@ -870,7 +878,7 @@ def add_classes_main(argv: Sequence[str]) -> int:
         ckpt = read_checkpoint(Path(args.init_from))
         saved = argparse.Namespace(**{**ckpt["args"], "quiet": args.quiet, "amp": False})  # its settings, float32
         device = evaluate.choose_device(args.device)
-        train_set, _, _ = build_data(saved, tests=False)
+        train_set = build_data(saved, tests=False)[0]
         names, lowered = ckpt["class_names"], [n.lower() for n in args.add_classes]
         if clash := [n for n, low in zip(args.add_classes, lowered)
                      if low in {m.lower() for m in names} or lowered.count(low) > 1]:

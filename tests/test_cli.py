@@ -226,8 +226,11 @@ def test_a_bad_test_label_found_while_evaluating_keeps_the_stage_and_exits_2(tmp
     assert train.read_checkpoint(out / "checkpoint_train.pt")["iteration"] == 1
 
 
-def test_data_all_lists_every_bad_file_of_both_splits(tmp_path, capsys):
+def test_data_all_lists_every_bad_file_of_both_splits_and_counts_the_images_of_each_unseen_images_choice(
+        tmp_path, capsys):
     top = make_voc(tmp_path)
+    assert data.main(["--dataset", "voc", "--data-root", str(tmp_path), "--all"]) == 0
+    assert "train: 2 images with --unseen-images ignore, 0 with drop" in capsys.readouterr().out
     (top / "JPEGImages" / "b.jpg").write_bytes((top / "JPEGImages" / "b.jpg").read_bytes()[:40])  # truncated
     write_jpeg(top / "JPEGImages" / "c.jpg", 6, 8)
     write_label(top / "SegmentationClassAug" / "c.png", np.full((6, 8), 77))
@@ -238,6 +241,41 @@ def test_data_all_lists_every_bad_file_of_both_splits(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train item 1" in err and "b.jpg" in err and "test item 1" in err and "c.png" in err
     assert "Traceback" not in err
+    write_label(top / "SegmentationClassAug" / "a.png", np.full((5, 8), 0))  # item 0: not the image's size
+    assert data.main(["--dataset", "voc", "--data-root", str(tmp_path), "--all"]) == 1
+    err = capsys.readouterr().err
+    assert "train item 0" in err and "a.png" in err and "train item 1" in err and "test item 1" in err
+
+
+def voc_word_vectors(path, bad_value: str) -> None:
+    """Word vectors in ``path``'s format for every word of VOC's class names; sheep's is all ``bad_value``."""
+    from test_data import write_vec, write_word2vec
+    words = {w for name in data.VOC_CLASSES for w in name.split()}
+    rng, dim = np.random.default_rng(0), 600 if path.suffix == ".npy" else 300
+    vectors = {w: np.zeros(dim) if w == "sheep" and bad_value == "0" else rng.normal(size=dim) for w in words}
+    vectors["sheep"][:] = float(bad_value)
+    if path.suffix == ".npy":
+        np.save(path, np.stack([vectors[name.split()[-1]] for name in data.VOC_CLASSES]).astype(np.float32))
+    elif path.suffix == ".vec":
+        write_vec(path, vectors)
+    else:
+        write_word2vec(path, vectors, newline=True)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "1e30", "0"])
+@pytest.mark.parametrize("suffix", [".npy", ".vec", ".bin"])
+def test_word_vectors_with_nan_inf_huge_or_zero_values_are_refused_at_startup_naming_file_and_class(
+        suffix, value, tmp_path, capsys, monkeypatch):
+    make_voc(tmp_path / "data")
+    files = [tmp_path / f"words{suffix}"] + ([tmp_path / "other.vec"] if suffix != ".npy" else [])
+    voc_word_vectors(files[0], value)
+    if len(files) > 1:
+        voc_word_vectors(files[1], "0" if value == "0" else "1")  # a class vector, both halves, is all zero
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("the model was built"))
+    assert train.main(["--dataset", "voc", "--data-root", str(tmp_path / "data"), "--embeddings", *map(str, files),
+                       "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    one_line_error(capsys, files[0].name, "'sheep'", "expected finite word vectors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["data", *(f.name for f in files)])  # no cache
 
 
 def test_amp_on_the_cpu_runs_bfloat16_autocast_close_to_float32_and_config_json_records_it(tmp_path):

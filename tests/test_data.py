@@ -355,9 +355,10 @@ def test_load_class_embeddings_accepts_a_npy_table_in_model_or_raw_order(tmp_pat
 
 
 def raw_id_table(num_rows: int, first_id: int, dim: int = 600) -> np.ndarray:
-    """A table in raw-id order whose row for raw id r holds r in its first column."""
+    """A table in raw-id order whose row for raw id r holds r in its first column (and 1 in the second:
+    no row is all zero)."""
     table = np.zeros((num_rows, dim), np.float32)
-    table[:, 0] = np.arange(first_id, first_id + num_rows)
+    table[:, 0], table[:, 1] = np.arange(first_id, first_id + num_rows), 1
     return table
 
 
@@ -683,3 +684,22 @@ def test_cli_preview_writes_a_small_png(tmp_path, capsys):
     with Image.open(out) as im:
         assert im.size == (2 * (2 * 64 + 4), 2 * (64 + 4))
     assert out.stat().st_size < 100_000
+
+
+def test_unseen_images_drop_keeps_exactly_the_training_images_without_an_unseen_pixel(tmp_path):
+    """--unseen-images: ``ignore`` keeps every image, its unseen pixels 255; ``drop`` (paper section 3.1)
+    removes each image holding an unseen pixel, on shapes and on a real layout."""
+    kept = data.Shapes("train", num_images=64)
+    assert kept.choose_images("ignore") == {"ignore": 64, "drop": 64 - int(kept.holds_unseen().sum())}
+    assert len(kept) == 64 and 0 < kept.holds_unseen().sum() < 64
+    dropped = data.Shapes("train", num_images=64)
+    dropped.choose_images("drop")
+    assert torch.equal(dropped.images, kept.images[~kept.holds_unseen()]) and not dropped.holds_unseen().any()
+    top = make_voc(tmp_path)
+    write_jpeg(top / "JPEGImages" / "c.jpg", 6, 8)
+    write_label(top / "SegmentationClassAug" / "c.png", tile([[0, 1, 2, 3], [4, 5, 255, 14]]))  # seen only
+    (top / "ImageSets/Segmentation/train_aug.txt").write_text("a\nb\nc\n")
+    voc = data.VOC(tmp_path, "train")
+    assert voc.choose_images("drop") == {"ignore": 3, "drop": 1} and [p.stem for p, _ in voc.pairs] == ["c"]
+    with pytest.raises(ValueError, match="--unseen-images"):
+        data.VOC(tmp_path, "test").choose_images("drop")
