@@ -2,24 +2,17 @@
 lies between files on disk (or nothing at all) and `(image, label)` tensors. Reading order:
 
 1. Class lists as data.
-2. `train_transform`, `eval_transform`, and `_Segmentation`: classes in model order (seen, then
-   unseen, each in raw-id order) and a `lut` from raw label values to model indices (others -> 255;
-   training splits set unseen pixels to 255, images kept).
+2. `train_transform`, `eval_transform`, `_Segmentation`: classes in model order (seen, then unseen,
+   each in raw-id order), a `lut` from raw label values to model indices, `choose_images`.
 3. `VOC` (2012 + SBD), `Context33` (from the common 59-class PNGs), `COCOStuff` (164k).
-4. Class embeddings (paper section 4.2): `read_word2vec_binary`, `read_fasttext_vec`,
-   `class_embedding_table`, `load_class_embeddings`, `added_class_embeddings`, `shapes_embeddings`.
+4. Class embeddings (paper section 4.2): word2vec `.bin` and fastText `.vec` readers, then the tables.
 5. `Shapes`, the built-in benchmark (PROTOCOL section 7): `_shapes_scenes`, then `_render_shapes`.
-6. `build_dataset`, `label_colours`, `save_preview` and the CLI `main` (`python data.py --preview
-   docs/shapes_samples.png`; `--dataset voc --data-root DIR --all`).
+6. `build_dataset`, `label_colours`, `save_preview` and the CLI `main` (`--preview`, `--all`).
 
 Symbols: y (label map) -> `label`; e = M(y) -> a row of the class embedding table; seen / unseen
-classes -> model indices `range(num_seen)` / `range(num_seen, num_seen + num_unseen)`.
-
-Every dataset has `class_names` (model order), `num_seen`, `num_unseen`, `raw_ids` (raw id of each
-model index), `ignore_index = 255`, `mean`, `std`; items are `(image (3, H, W) float32, label (H, W)
-int64)`, without a transform normalised, never resized. Errors, never a silent skip: `DatasetError`
-(files; its subclass `EmbeddingError`: word vectors), `ValueError` (arguments). Choices versus the
-paper: README "Datasets" and "Class embeddings".
+classes -> model indices `range(num_seen)` / `range(num_seen, num_seen + num_unseen)`. Items are
+`(image (3, H, W) float32, label (H, W) int64)`. Errors, never a silent skip: `DatasetError` (files;
+`EmbeddingError`: word vectors), `ValueError` (arguments). Choices: README "Datasets", "Deviations".
 """
 import argparse
 import gzip
@@ -39,6 +32,7 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 IGNORE = 255
@@ -268,7 +262,7 @@ class COCOStuff(_LabelledFiles):
 
 
 # ------------------------------------------------------------------ 4. class embeddings (M)
-def _words(name: str) -> list[str]:
+def name_words(name: str) -> list[str]:
     return [w for w in re.split(r"[\s_\-]+", name) if w]
 
 
@@ -326,7 +320,7 @@ def class_embedding_table(class_names: list[str], sources: list, *, source_names
     words of class c's name; `sources` are word -> vector mappings."""
     source_names = source_names or [f"source {s}" for s in range(len(sources))]
     # found[c][s]: {word of class c: its vector in source s (the first spelling found), or None}
-    found = [[{w: next((src[v] for v in _variants(w) if v in src), None) for w in _words(name)} for src in sources]
+    found = [[{w: next((src[v] for v in _variants(w) if v in src), None) for w in name_words(name)} for src in sources]
              for name in class_names]
     missing = [f"class {name!r}: word {w!r} not in {s}" for name, halves in zip(class_names, found)
                for s, words in zip(source_names, halves) for w, v in words.items() if v is None]
@@ -340,7 +334,7 @@ def class_embedding_table(class_names: list[str], sources: list, *, source_names
 
 def _finite_rows(table: np.ndarray, class_names: list[str], where) -> np.ndarray:
     """``table``, unless a class's row is all zero or holds NaN, inf or |v| >= 1e6 (word vectors are of
-    order 1): caught here, such a row would surface only later, as a non-finite loss naming no class."""
+    order 1), which would surface only later, as a non-finite loss naming no class."""
     bad = [repr(n) for n, row in zip(class_names, table) if not (np.abs(row) < 1e6).all() or not row.any()]
     _check(not bad, f"{where}: the vector of class(es) {', '.join(bad)} is all zero or holds NaN, inf or "
            "values of 1e6 and more; expected finite word vectors", EmbeddingError)
@@ -375,29 +369,29 @@ def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_
     """The (C, dim) table for `class_names`: from word-vector files (word2vec `.bin`, fastText `.vec`, or
     `.gz`; a half each; cached as `<first file>.<hash>.npy`), or one `.npy` in `order` "raw" or "model"."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-    key = json.dumps([class_names, [(p.name, p.stat().st_size if p.is_file() else 0) for p in paths]])
-    table_path = paths[0].with_name(f"{paths[0].name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy")
-    fresh = len(paths) > 1 or paths[0].suffix != ".npy"  # read from word-vector files, to be cached
-    if not fresh:
+    if len(paths) == 1 and paths[0].suffix == ".npy":
         table_path = paths[0]
         table = _table_rows(_load_npy(table_path), table_path, len(class_names), raw_ids, order)
-    elif fresh := not (cache and table_path.is_file()):
-        wanted = {v for n in class_names for w in _words(n) for v in _variants(w)}
-        sources = [(read_fasttext_vec if ".vec" in p.suffixes else read_word2vec_binary)(p, wanted) for p in paths]
-        table = class_embedding_table(class_names, sources, source_names=[p.name for p in paths]).numpy()
-        if table.shape[1] != dim:
-            widths = " + ".join(f"{p.name} {len(next(iter(s.values())))}" for p, s in zip(paths, sources))
-            raise EmbeddingError(f"{widths} = {table.shape[1]}-d class embeddings, expected {dim}-d")
     else:
-        table = _load_npy(table_path)
+        key = json.dumps([class_names, [(p.name, p.stat().st_size if p.is_file() else 0) for p in paths]])
+        table_path = paths[0].with_name(f"{paths[0].name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy")
+        if cache and table_path.is_file():
+            table = _load_npy(table_path)
+        else:
+            wanted = {v for n in class_names for w in name_words(n) for v in _variants(w)}
+            sources = [(read_fasttext_vec if ".vec" in p.suffixes else read_word2vec_binary)(p, wanted) for p in paths]
+            table = class_embedding_table(class_names, sources, source_names=[p.name for p in paths]).numpy()
+            if table.shape[1] != dim:
+                widths = " + ".join(f"{p.name} {len(next(iter(s.values())))}" for p, s in zip(paths, sources))
+                raise EmbeddingError(f"{widths} = {table.shape[1]}-d class embeddings, expected {dim}-d")
+            if cache:
+                try:
+                    np.save(table_path, table)
+                except OSError as e:  # a read-only folder only costs re-reading the vectors next time
+                    warnings.warn(f"could not cache the class embeddings at {table_path}: {e}")
     _check(table.shape == (len(class_names), dim), f"{table_path}: shape {table.shape}, expected "
            f"({len(class_names)}, {dim}) for classes {', '.join(class_names)}", EmbeddingError)
-    _finite_rows(table, class_names, table_path)  # a cached table is checked too
-    if fresh and cache:
-        try:
-            np.save(table_path, table)
-        except OSError as e:  # a read-only folder only costs re-reading the vectors next time
-            warnings.warn(f"could not cache the class embeddings at {table_path}: {e}")
+    _finite_rows(table, class_names, table_path)  # a .npy table; word vectors were checked before caching
     return torch.as_tensor(table, dtype=torch.float32)
 
 
@@ -407,8 +401,8 @@ def added_class_embeddings(dataset: str, names: list[str], paths=None, *, dim: i
     if dataset == "shapes":
         _check(not paths, "--embeddings: shapes makes its own seeded word vectors; the flag is for voc, "
                "context and cocostuff", EmbeddingError)
-        vocabulary = {w.lower() for n in SHAPES_RAW for w in _words(n)}
-        missing = [f"class {n!r}: word {w!r}" for n in names for w in _words(n) if w.lower() not in vocabulary]
+        vocabulary = {w.lower() for n in SHAPES_RAW for w in name_words(n)}
+        missing = [f"class {n!r}: word {w!r}" for n in names for w in name_words(n) if w.lower() not in vocabulary]
         _check(not missing, f"not in the shapes vocabulary ({', '.join(sorted(vocabulary))}): "
                + "; ".join(missing), EmbeddingError)
         return shapes_embeddings([n.lower() for n in names], dim=dim)
@@ -421,7 +415,7 @@ def added_class_embeddings(dataset: str, names: list[str], paths=None, *, dim: i
 def shapes_embeddings(class_names: list[str], *, seed: int = 0, dim: int = 600) -> torch.Tensor:
     """Two seeded pseudo-random unit vectors per word stand in for word2vec and fastText."""
     _check(dim % 2 == 0, f"shapes_embeddings: dim must be even (two halves), got {dim}", ValueError)
-    words = {w for n in class_names for w in _words(n)}
+    words = {w for n in class_names for w in name_words(n)}
     draws = [{w: np.random.default_rng([seed, s, zlib.crc32(w.encode())]).standard_normal(dim // 2) for w in words}
              for s in range(2)]  # (dim / 2,) per word and source
     sources = [{w: v / np.linalg.norm(v) for w, v in source.items()} for source in draws]
@@ -574,20 +568,17 @@ def label_colours(num_classes: int, palette: np.ndarray | None = None) -> np.nda
 
 def save_preview(dataset, path, *, num: int = 8, cols: int = 2, size: int | None = None) -> None:
     """A PNG grid of `image | label` pairs; labels in `label_colours`, ignore (255) black."""
-    colours = label_colours(len(dataset.class_names), getattr(dataset, "palette", None))
+    colours = torch.from_numpy(label_colours(len(dataset.class_names), getattr(dataset, "palette", None)))
     mean, std = torch.tensor(dataset.mean).view(3, 1, 1), torch.tensor(dataset.std).view(3, 1, 1)
-    tiles = []
-    for i in range(min(num, len(dataset))):
-        image, label = dataset[i]
+    pairs = []
+    for image, label in (dataset[i] for i in range(min(num, len(dataset)))):
         image = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)  # undo the normalisation
         if size:
             image, label = F.resize(image, [size, size]), F.resize(tv_tensors.Mask(label), [size, size])  # nearest
-        pair = np.concatenate([image.permute(1, 2, 0).numpy(), colours[label.numpy()]], axis=1)
-        tiles.append(np.pad(pair, ((2, 2), (2, 2), (0, 0)), constant_values=255))
-    tiles += [np.full_like(tiles[0], 255)] * (-len(tiles) % cols)
-    rows = [np.concatenate(tiles[r:r + cols], axis=1) for r in range(0, len(tiles), cols)]
+        pairs.append(torch.cat([image, colours[label].permute(2, 0, 1)], dim=2))  # (3, H, 2W)
+    grid = make_grid(pairs, nrow=cols, padding=4, pad_value=255)[:, 2:-2, 2:-2]  # (3, H', W'): 2 px round each
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path, optimize=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path, optimize=True)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

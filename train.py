@@ -551,8 +551,8 @@ positive_int, count = ranged(int, lambda v: v >= 1, ">= 1"), ranged(int, lambda 
 image_size = ranged(int, lambda v: v >= 8, ">= 8")
 finite_positive = ranged(float, lambda v: v > 0, "a finite number > 0")
 DEFAULTS = dict(dataset="shapes", data_root="data", layout="context", embeddings_order="raw", seed=0, amp=False,
-                quiet=False, seen_only=False, unseen_images="ignore", sim="multihead", latent_path="gate", small_context="wide", pe="rpe",
-                self_training="ast", keep=0.75, eval_res="full", log_every=10, save_every=0,
+                quiet=False, seen_only=False, unseen_images="ignore", sim="multihead", latent_path="gate",
+                small_context="wide", pe="rpe", self_training="ast", keep=0.75, eval_res="full", log_every=10, save_every=0,
                 mmd_sigmas=list(DEFAULT_SIGMAS))
 
 
@@ -699,6 +699,16 @@ def intact_checkpoint(run_dir: Path) -> dict:
     raise SettingsError(f"--resume {run_dir}: none of its checkpoints ({', '.join(p.name for p in saved)}) reads")
 
 
+def end_of_stage(path: str) -> dict:
+    """--init-from, --add-classes: a checkpoint written at the end of a stage, not a --save-every one."""
+    ckpt = read_checkpoint(Path(path))
+    if ckpt["iteration"] < (total := ckpt["args"][STAGE_LENGTH[ckpt["stage"]]]):
+        raise SettingsError(f"{path}: stage {ckpt['stage']} stopped at iteration {ckpt['iteration']} of {total} "
+                            f"(a --save-every checkpoint), not at the end of a stage; continue that run with "
+                            f"--resume {Path(path).parent}")
+    return ckpt
+
+
 # ----------------------------------------------------------------------------- main: the run
 def fail(err: Exception, where: str = "") -> int:
     """One line on stderr, exit 2; raised in a DataLoader worker, the worker's message, not its traceback."""
@@ -728,12 +738,7 @@ def main(argv=None) -> int:
             args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "out": args.resume,
                                          "device": args.device or resume["args"]["device"], "quiet": args.quiet})
         elif args.init_from:
-            resume = read_checkpoint(Path(args.init_from))
-            total = resume["args"][STAGE_LENGTH[resume["stage"]]]
-            if resume["iteration"] < total:
-                raise SettingsError(f"--init-from {args.init_from}: stage {resume['stage']} stopped at iteration "
-                                    f"{resume['iteration']} of {total} (a --save-every checkpoint), not at the end "
-                                    f"of a stage; continue that run with --resume {Path(args.init_from).parent}")
+            resume = end_of_stage(args.init_from)
         check_settings(resolve(args))
         device = evaluate.choose_device(args.device)
         if args.batch_size % world:
@@ -875,16 +880,19 @@ def add_classes_main(argv: Sequence[str]) -> int:
         if not (args.add_classes and args.init_from and args.save_as):
             raise SettingsError("--add-classes needs one class name or more, --init-from CHECKPOINT and "
                                 "--save-as NEW.pt")
-        ckpt = read_checkpoint(Path(args.init_from))
+        ckpt = end_of_stage(args.init_from)
         saved = argparse.Namespace(**{**ckpt["args"], "quiet": args.quiet, "amp": False})  # its settings, float32
         device = evaluate.choose_device(args.device)
         train_set = build_data(saved, tests=False)[0]
-        names, lowered = ckpt["class_names"], [n.lower() for n in args.add_classes]
-        if clash := [n for n, low in zip(args.add_classes, lowered)
-                     if low in {m.lower() for m in names} or lowered.count(low) > 1]:
+        names, added = ckpt["class_names"], [" ".join(data.name_words(n)).lower() for n in args.add_classes]
+        if empty := [n for n, a in zip(args.add_classes, added) if not a]:
+            raise SettingsError(f"--add-classes: {', '.join(map(repr, empty))} holds no word; expected class names")
+        if clash := [n for n, a in zip(args.add_classes, added)  # 'Red_Triangle' and 'red-triangle': 'red triangle'
+                     if a in {" ".join(data.name_words(m)).lower() for m in names} or added.count(a) > 1]:
             raise SettingsError(f"--add-classes: {', '.join(map(repr, clash))} already in the checkpoint's classes "
-                                f"or given twice; it has {', '.join(names)}")
-        rows = data.added_class_embeddings(saved.dataset, args.add_classes, args.embeddings or saved.embeddings,
+                                f"or given twice (names compare in lower case, '_' and '-' as spaces); it has "
+                                f"{', '.join(names)}")
+        rows = data.added_class_embeddings(saved.dataset, added, args.embeddings or saved.embeddings,
                                            dim=ckpt["config"]["embed_dim"])
     except (evaluate.CheckpointError, data.DatasetError, ValueError) as err:
         return fail(err)
@@ -894,13 +902,13 @@ def add_classes_main(argv: Sequence[str]) -> int:
     # --seen-only checkpoint given its dataset's unseen names, the rows the full run starts from
     torch.manual_seed(saved.seed)
     model = model.with_classes(rows).to(device)  # (K + n classes): the new ones after the unseen
-    run = Run(saved, device, model, names + args.add_classes, train_set, at="the transfer step")
+    run = Run(saved, device, model, names + added, train_set, at="the transfer step")
     run.nets = step_networks(model, transfer=True)
     opts = make_optimizers(model, saved, transfer=True)
     run_stage(run, "transfer", saved.transfer_iters, lambda x, y, padding: transfer_step(run, x, y, opts["c"]), opts)
     save_checkpoint(run, "transfer", saved.transfer_iters, opts, path=Path(args.save_as))
     span = f"class {len(names)}" if len(rows) == 1 else f"classes {len(names)}-{len(run.class_names) - 1}"
-    print(f"added {', '.join(args.add_classes)} (unseen, {span}) and re-fitted C in {saved.transfer_iters} "
+    print(f"added {', '.join(added)} (unseen, {span}) and re-fitted C in {saved.transfer_iters} "
           f"transfer iterations: {args.save_as}, {time.perf_counter() - start:.1f} s")
     return 0
 

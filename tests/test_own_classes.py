@@ -70,11 +70,17 @@ def test_an_added_class_the_dataset_lacks_or_holds_elsewhere_is_scored_by_name(s
     assert label_map[18] == 16 and label_map[16] == 17 and label_map[255] == 255  # the dataset's blue circle is 18
 
 
-@pytest.mark.parametrize("names, says", [(["purple circle"], "'purple'"), (["Sky"], "already"),
-                                         (["red triangle", "Red Triangle"], "given twice"), ([], "one class name")])
-def test_a_name_that_cannot_be_added_is_one_line(names, says, seen_only, tmp_path, capsys):
-    assert train.main(["--add-classes", *names, "--init-from", str(seen_only / "checkpoint_train.pt"),
-                       "--save-as", str(tmp_path / "x.pt")]) == 2
+@pytest.mark.parametrize("names, says", [
+    (["purple circle"], "'purple'"), (["Sky"], "already"), (["red-circle"], "already"), ([], "one class name"),
+    (["red triangle", "Red Triangle"], "given twice"), (["red triangle", "red_triangle"], "given twice"),
+    ([""], "holds no word"), (["   "], "holds no word"), (["mid-stage"], "not at the end of a stage")])
+def test_a_name_or_checkpoint_that_cannot_be_added_to_is_one_line(names, says, seen_only, tmp_path, capsys):
+    """Names compare in lower case with '_' and '-' read as spaces; --init-from's rule for the checkpoint."""
+    checkpoint = seen_only / "checkpoint_train.pt"
+    if names == ["mid-stage"]:  # as a --save-every checkpoint: stage 1 stopped at iteration 1
+        torch.save({**torch.load(checkpoint, weights_only=False), "iteration": 1}, tmp_path / "mid.pt")
+        names, checkpoint = ["purple"], tmp_path / "mid.pt"
+    assert train.main(["--add-classes", *names, "--init-from", str(checkpoint), "--save-as", str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1 and not (tmp_path / "x.pt").exists()
 
