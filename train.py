@@ -19,12 +19,14 @@ F^_x = G(M(y) (+) z) synthetic features, alpha / beta the loss weights of Eqs. (
 T the AST temperature of Eq. (17). Where this departs from the paper, and why: README "Deviations".
 """
 import argparse
+import contextlib
 import copy
 import errno
 import itertools
 import json
 import math
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -42,6 +44,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
 
 import data
 import evaluate
@@ -159,6 +166,8 @@ def train_all(run: "Run", resume: dict | None) -> int:
     args, model = run.args, run.model
     plan = STAGES[:1] if args.seen_only else STAGES[:2] if args.self_training == "none" else STAGES
     restore(run, resume)
+    if resume and not args.resume:  # --init-from: the run keeps what it starts from (its teacher) in its folder
+        save_checkpoint(run, resume["stage"], resume["iteration"], {})
     resumed, teacher = STAGES.index(resume["stage"]) if resume else -1, None
     for here, stage in enumerate(plan):
         total = getattr(args, STAGE_LENGTH[stage])
@@ -174,8 +183,11 @@ def train_all(run: "Run", resume: dict | None) -> int:
             if run.world > 1:
                 dist.barrier()  # rank 0 has written checkpoint_transfer.pt
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            source = run.out / "checkpoint_transfer.pt"
-            teacher.load_state_dict(read_checkpoint(source if source.exists() else Path(args.init_from))["model"])
+            source = read_checkpoint(run.out / "checkpoint_transfer.pt")
+            if source["args"].get("run_id") != args.run_id:
+                raise SettingsError(f"{run.out / 'checkpoint_transfer.pt'} belongs to another run (run_id "
+                                    f"{source['args'].get('run_id')}, not {args.run_id}): the folder mixes two runs")
+            teacher.load_state_dict(source["model"])
         transfer = "transfer" in stage
         run.nets = step_networks(model, run.world, transfer=transfer)
         opts = make_optimizers(model, args, transfer=transfer)
@@ -677,6 +689,9 @@ def check_settings(args: argparse.Namespace) -> None:
                             f"--resume {out}, or choose another folder")
 
 
+RESUME_FLAGS = {"device", "quiet", "data_root", "embeddings"}  # what --resume may change: no number depends on them
+
+
 def given(argv: Sequence[str], allowed: set[str]) -> str:
     """The flags written in ``argv`` other than ``allowed``, as '--a, --b'."""
     written = vars(get_args_parser(given_only=True).parse_args(argv))
@@ -684,7 +699,8 @@ def given(argv: Sequence[str], allowed: set[str]) -> str:
 
 
 def intact_checkpoint(run_dir: Path) -> dict:
-    """--resume: the run's newest checkpoint that reads; an unreadable newer one is named."""
+    """--resume: the run's newest checkpoint that reads (an unreadable newer one is named), written with
+    the settings of the folder's config.json."""
     if not (saved := checkpoints(run_dir)):
         raise SettingsError(f"--resume {run_dir}: no run folder with a checkpoint_<stage>.pt")
     for path in saved:
@@ -695,6 +711,17 @@ def intact_checkpoint(run_dir: Path) -> dict:
             continue
         if path != saved[0]:
             print(f"note: resuming from {path.name}, the newest intact checkpoint", file=sys.stderr)
+        try:
+            if not isinstance(config := json.loads((run_dir / "config.json").read_text()), dict):
+                raise ValueError
+        except (OSError, ValueError):  # rewritten from the checkpoint, as every start writes it
+            print(f"note: {run_dir / 'config.json'} is missing or unreadable; written again from {path.name}",
+                  file=sys.stderr)
+            config = ckpt["args"]
+        if differ := [f"{k}: {ckpt['args'].get(k)!r} there, {config.get(k)!r} in config.json" for k in
+                      sorted((config.keys() | ckpt["args"].keys()) - RESUME_FLAGS - {"out", "resume", "amp_dtype"}) if ckpt["args"].get(k) != config.get(k)]:
+            raise SettingsError(f"--resume {run_dir}: {path.name} was written with other settings than its "
+                                f"config.json ({'; '.join(differ)}): the folder mixes two runs, or one file was edited")
         return ckpt
     raise SettingsError(f"--resume {run_dir}: none of its checkpoints ({', '.join(p.name for p in saved)}) reads")
 
@@ -731,14 +758,15 @@ def main(argv=None) -> int:
     try:
         args, resume = get_args_parser().parse_args(argv), None
         if args.resume:
-            if extra := given(argv, {"resume", "device", "quiet"}):
+            if extra := given(argv, {"resume", *RESUME_FLAGS}):
                 raise SettingsError(f"--resume {args.resume} continues that run with its saved settings; drop "
-                                    f"{extra} (only --device and --quiet may be given)")
+                                    f"{extra} (only --device, --quiet, --data-root and --embeddings may be given)")
             resume = intact_checkpoint(Path(args.resume))
-            args = argparse.Namespace(**{**resume["args"], "resume": args.resume, "out": args.resume,
-                                         "device": args.device or resume["args"]["device"], "quiet": args.quiet})
-        elif args.init_from:
-            resume = end_of_stage(args.init_from)
+            written = vars(get_args_parser(given_only=True).parse_args(argv))
+            args = argparse.Namespace(**{**resume["args"], **written, "out": args.resume, "quiet": args.quiet})
+        else:
+            resume = args.init_from and end_of_stage(args.init_from)
+            args.run_id = secrets.token_hex(6)  # what each checkpoint and config.json of this run carry
         check_settings(resolve(args))
         device = evaluate.choose_device(args.device)
         if args.batch_size % world:
@@ -751,9 +779,9 @@ def main(argv=None) -> int:
         if device.type == "cuda":  # one GPU per process
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        folder = [args.out]  # the default folder names a timestamp: rank 0's, for every rank
-        dist.broadcast_object_list(folder, src=0)
-        args.out = folder[0]
+        rank0 = [args.out, args.run_id]  # the default folder names a timestamp: rank 0's, for every rank
+        dist.broadcast_object_list(rank0, src=0)
+        args.out, args.run_id = rank0
     try:
         return run_main(args, resume, device, world)
     finally:
@@ -799,10 +827,11 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
             raise SettingsError(f"{args.init_from or args.resume} holds another model than these settings build "
                                 f"({differ}); give the flags it was trained with")
         out.mkdir(parents=True, exist_ok=True)
-        if rank == 0:
-            (out / "config.json").write_text(json.dumps(vars(args), indent=2, allow_nan=False))
-        run = Run(args, device, model, train_set.class_names, train_set, tests, out, rank, world)
-        return train_all(run, resume)
+        with claimed(out) if rank == 0 else contextlib.nullcontext():
+            if rank == 0:
+                (out / "config.json").write_text(json.dumps(vars(args), indent=2, allow_nan=False))
+            run = Run(args, device, model, train_set.class_names, train_set, tests, out, rank, world)
+            return train_all(run, resume)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {run.at if run else 'building the data'}; {resumable()}", file=sys.stderr)
         return 130
@@ -810,6 +839,23 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
         if run and type(err) is ValueError:
             raise  # from inside the training loop a ValueError is a bug: keep its traceback
         return fail(err, f" ({run.at}; {resumable()})" if run else "")
+
+
+@contextlib.contextmanager
+def claimed(folder: Path):
+    """One process per run folder: an exclusive lock on the folder while the run writes to it, which the
+    system also releases when the process dies (SIGKILL included)."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        if fcntl:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SettingsError(f"{folder} is in use by another train.py process (a run, or a --resume of it); "
+                                    "wait until it ends, or choose another --out") from None
+        yield
+    finally:
+        os.close(handle)
 
 
 def architecture_differences(saved: dict, built: dict, args) -> str:

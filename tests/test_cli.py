@@ -356,3 +356,17 @@ def test_an_image_that_cannot_be_read_is_one_line_naming_it(kind, finished_run, 
                           str(tmp_path / "full.jpg"), str(path), "--out", str(tmp_path / "out")]) == 2
     one_line_error(capsys, "--image", str(path))
     assert not (tmp_path / "out").exists()  # every file is checked before any is predicted
+
+
+def test_a_second_process_in_a_run_folder_is_refused_while_the_first_writes_to_it(finished_run, tmp_path, capsys):
+    """Two runs with one --out, or a --resume of a run still going, would overwrite each other's files."""
+    with train.claimed(tmp_path):  # as a run started a moment earlier holds it
+        assert train.main(TINY + ["--out", str(tmp_path)]) == 2
+        one_line_error(capsys, str(tmp_path), "in use by another train.py process")
+        assert not (tmp_path / "config.json").exists()
+    before = (finished_run / "losses.jsonl").read_bytes()
+    with train.claimed(finished_run):
+        assert train.main(["--resume", str(finished_run), "--quiet"]) == 2
+        one_line_error(capsys, "in use by another train.py process")
+    assert (finished_run / "losses.jsonl").read_bytes() == before
+    assert train.main(TINY + ["--out", str(tmp_path)]) == 0  # released

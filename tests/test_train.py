@@ -223,9 +223,9 @@ def test_a_npy_table_is_read_in_raw_id_order_unless_told_model_order(tmp_path):
     make_context(tmp_path / "data")
     np.save(tmp_path / "t.npy", raw_id_table(33, 1))  # row r - 1 holds raw id r
     base = ["--dataset", "context", "--data-root", str(tmp_path / "data"), "--embeddings", str(tmp_path / "t.npy")]
-    train_set, _, emb = train.build_data(train.resolve(train.get_args_parser().parse_args(base)))
+    train_set, _, emb, _ = train.build_data(train.resolve(train.get_args_parser().parse_args(base)))
     assert int(emb[train_set.class_names.index("cow"), 0]) == 10
-    _, _, emb = train.build_data(train.resolve(train.get_args_parser().parse_args(
+    _, _, emb, _ = train.build_data(train.resolve(train.get_args_parser().parse_args(
         base + ["--embeddings-order", "model"])))
     assert int(emb[train_set.class_names.index("cow"), 0]) == train_set.class_names.index("cow") + 1
 
@@ -259,7 +259,7 @@ def test_self_training_on_real_crops_never_pseudo_labels_their_padding(tmp_path,
 def test_the_layout_flag_reaches_the_training_and_test_sets_and_context_is_the_default():
     for flags, layout in (([], "context"), (["--layout", "uniform"], "uniform")):
         args = train.resolve(train.get_args_parser().parse_args(flags + ["--num-train", "8", "--num-test", "3", "2"]))
-        train_set, tests, _ = train.build_data(args)
+        train_set, tests, _, _ = train.build_data(args)
         assert train_set.layout == layout and [t.layout for t in tests.values()] == [layout, layout]
         assert [len(t) for t in tests.values()] == [3, 2]  # one count per test size
     assert train.resolve(train.get_args_parser().parse_args([])).self_training == "ast"  # SIGN + AST by default
