@@ -417,8 +417,11 @@ def run_stage(run: Run, stage: str, total: int, step, optimizers: dict, start: i
             logs = {k: round(v.item(), 5) for k, v in logs.items()}
             bar.set_postfix(logs, refresh=False)
             if run.out and run.rank == 0:
-                with open(run.out / "losses.jsonl", "a") as f:
-                    f.write(json.dumps({"stage": stage, "iteration": i, **logs}) + "\n")
+                try:
+                    with open(run.out / "losses.jsonl", "a") as f:
+                        f.write(json.dumps({"stage": stage, "iteration": i, **logs}) + "\n")
+                except OSError as err:  # a full disk's error names no file
+                    raise OSError(f"cannot append to {run.out / 'losses.jsonl'}: {err.strerror or err}") from err
         if run.out and args.save_every and (i + 1) % args.save_every == 0 and i + 1 < total:
             save_checkpoint(run, stage, i + 1, optimizers)
 
@@ -526,6 +529,9 @@ def restore(run: Run, resume: dict | None) -> None:
         log.unlink(missing_ok=True)
         return
     at, kept, dropped = (STAGES.index(resume["stage"]), resume["iteration"]), [], 0
+    if not log.exists():
+        print(f"note: {log} is missing: the log starts again at stage {resume['stage']}, iteration "
+              f"{resume['iteration']}", file=sys.stderr)
     for line in log.read_text().splitlines() if log.exists() else []:
         try:  # a run killed while appending leaves a half-written last line
             entry = json.loads(line)
@@ -772,8 +778,8 @@ def main(argv=None) -> int:
         if args.batch_size % world:
             raise SettingsError(f"--batch-size {args.batch_size} (the global batch) must be divisible by the "
                                 f"{world} processes")
-    except (evaluate.CheckpointError, ValueError) as err:
-        return fail(err)
+    except (evaluate.CheckpointError, ValueError) as err:  # the same on every rank: rank 0 says it
+        return fail(err) if os.environ.get("RANK", "0") == "0" else 2
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":  # one GPU per process
@@ -829,7 +835,8 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
         out.mkdir(parents=True, exist_ok=True)
         with claimed(out) if rank == 0 else contextlib.nullcontext():
             if rank == 0:
-                (out / "config.json").write_text(json.dumps(vars(args), indent=2, allow_nan=False))
+                write_atomically(out / "config.json",
+                                 lambda tmp: tmp.write_text(json.dumps(vars(args), indent=2, allow_nan=False)))
             run = Run(args, device, model, train_set.class_names, train_set, tests, out, rank, world)
             return train_all(run, resume)
     except KeyboardInterrupt:
@@ -926,6 +933,9 @@ def add_classes_main(argv: Sequence[str]) -> int:
         if not (args.add_classes and args.init_from and args.save_as):
             raise SettingsError("--add-classes needs one class name or more, --init-from CHECKPOINT and "
                                 "--save-as NEW.pt")
+        if (save_as := Path(args.save_as)).exists() or not os.access(save_as.parent, os.W_OK | os.X_OK):
+            raise SettingsError(f"--save-as {save_as}: expected a new file in a writable folder; "
+                                + ("it exists" if save_as.exists() else f"{save_as.parent} is not one"))
         ckpt = end_of_stage(args.init_from)
         saved = argparse.Namespace(**{**ckpt["args"], "quiet": args.quiet, "amp": False})  # its settings, float32
         device = evaluate.choose_device(args.device)
@@ -952,7 +962,7 @@ def add_classes_main(argv: Sequence[str]) -> int:
     run.nets = step_networks(model, transfer=True)
     opts = make_optimizers(model, saved, transfer=True)
     run_stage(run, "transfer", saved.transfer_iters, lambda x, y, padding: transfer_step(run, x, y, opts["c"]), opts)
-    save_checkpoint(run, "transfer", saved.transfer_iters, opts, path=Path(args.save_as))
+    save_checkpoint(run, "transfer", saved.transfer_iters, opts, path=save_as)
     span = f"class {len(names)}" if len(rows) == 1 else f"classes {len(names)}-{len(run.class_names) - 1}"
     print(f"added {', '.join(added)} (unseen, {span}) and re-fitted C in {saved.transfer_iters} "
           f"transfer iterations: {args.save_as}, {time.perf_counter() - start:.1f} s")
@@ -1040,7 +1050,7 @@ def reproduce_main(argv: list[str]) -> int:
                description="Run the paper's experiments on shapes (train.EXPERIMENTS) and tabulate them; other "
                "flags go to every run.")
     p.add_argument("--reproduce", type=Path, required=True, metavar="DIR", help="run folders DIR/<name>/seed<k>")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
+    p.add_argument("--seeds", type=count, nargs="+", default=[0, 1, 2], help="default: 0 1 2")
     p.add_argument("--experiments", nargs="+", metavar="NAME", help="only these runs (and the runs they start "
                    f"from); 'claimed' = {' '.join(CLAIMED)}; default: all of train.EXPERIMENTS")
     p.add_argument("--jobs", type=positive_int, default=min(2, os.cpu_count() or 1),
@@ -1051,18 +1061,22 @@ def reproduce_main(argv: list[str]) -> int:
         names = args.experiments and [n for e in args.experiments for n in (CLAIMED if e == "claimed" else [e])]
         if args.reproduce.exists() and not args.reproduce.is_dir():
             raise ValueError(f"--reproduce {args.reproduce} is a file; expected the folder of the runs")
+        if twice := sorted({s for s in args.seeds if args.seeds.count(s) > 1}):
+            raise ValueError(f"--seeds: {twice} given twice; expected each seed once")
+        if (tables_md := args.reproduce / "tables.md").exists() and not tables_md.is_file():
+            raise ValueError(f"{tables_md} is not a file; expected the tables' file, or none")
         # a bad flag or value fails here, once, before any run starts
         check_settings(resolve(get_args_parser().parse_args([*train_args, "--out", str(args.reproduce / "_")])))
         failed = reproduce(args.reproduce, args.seeds, train_args, names=names, jobs=args.jobs)
         tables = evaluate.reproduction_tables(args.reproduce)
-    except ValueError as e:
+        write_atomically(tables_md, lambda tmp: tmp.write_text(tables + "\n"))
+    except (ValueError, OSError) as e:
         return fail(e)
     except KeyboardInterrupt:  # Ctrl-C reaches the runs too: each keeps its last checkpoint
         print(f"\ninterrupted: finished runs are kept and interrupted ones resume from their last checkpoint; "
               f"continue with the same --reproduce {args.reproduce} command", file=sys.stderr)
         return 130
-    (args.reproduce / "tables.md").write_text(tables + "\n")
-    print(tables + f"\n\nwritten to {args.reproduce / 'tables.md'}; wall time {time.perf_counter() - start:.0f} s")
+    print(tables + f"\n\nwritten to {tables_md}; wall time {time.perf_counter() - start:.0f} s")
     if failed:
         print("train.py: these runs failed and are missing from the tables:\n  " + "\n  ".join(failed),
               file=sys.stderr)

@@ -334,6 +334,13 @@ def test_reproduce_checks_the_flags_and_its_folder_before_starting_any_run(tmp_p
     (tmp_path / "file").write_text("x")
     assert train.main(["--reproduce", str(tmp_path / "file")]) == 2
     one_line_error(capsys, "--reproduce", "is a file")
+    assert train.main(["--reproduce", str(tmp_path / "rep"), "--seeds", "5", "5"]) == 2
+    one_line_error(capsys, "--seeds", "[5] given twice")
+    assert train.main(["--reproduce", str(tmp_path / "rep"), "--seeds", "-1"]) == 2
+    one_line_error(capsys, "--seeds", ">= 0")
+    (tmp_path / "rep" / "tables.md").mkdir(parents=True)
+    assert train.main(["--reproduce", str(tmp_path / "rep")]) == 2
+    one_line_error(capsys, "tables.md", "not a file")
 
 
 def test_ctrl_c_in_the_reproduction_runner_is_one_line_naming_the_command_to_continue_exit_130(tmp_path, capsys,
@@ -370,3 +377,81 @@ def test_a_second_process_in_a_run_folder_is_refused_while_the_first_writes_to_i
         one_line_error(capsys, "in use by another train.py process")
     assert (finished_run / "losses.jsonl").read_bytes() == before
     assert train.main(TINY + ["--out", str(tmp_path)]) == 0  # released
+
+
+@pytest.mark.parametrize("change", ["config.json edited", "another run's checkpoint", "the same settings, another run"])
+def test_resume_refuses_a_folder_whose_files_belong_to_different_runs(change, tmp_path, monkeypatch, capsys):
+    run, other = tmp_path / "run", tmp_path / "other"
+    assert interrupted_run(run, monkeypatch) == 130  # stopped in the transfer step: checkpoint_transfer.pt
+    capsys.readouterr()
+    if change == "config.json edited":
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "lr": 0.5}))
+        named = ["config.json", "lr: 0.003 there, 0.5 in config.json"]
+    else:  # a run with other settings, or the same ones: its checkpoints are not this run's either
+        assert train.main(TINY + ["--out", str(other), "--save-every", "1", "--transfer-iters", "4"]
+                          + (["--sim", "conv"] if change == "another run's checkpoint" else [])) == 0
+        shutil.copy(other / "checkpoint_transfer.pt", run / "checkpoint_transfer.pt")
+        named = ["checkpoint_transfer.pt", "mixes two runs",
+                 "sim: 'conv' there, 'multihead'" if change == "another run's checkpoint" else "run_id"]
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert train.main(["--resume", str(run), "--quiet"]) == 2
+    one_line_error(capsys, *named)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # refused before writing anything
+
+
+def test_a_resumed_init_from_run_keeps_its_teacher_and_takes_a_moved_data_root(finished_run, tmp_path, monkeypatch,
+                                                                              capsys):
+    """The checkpoint an --init-from run starts from is copied into its folder: deleting the source does not
+    change the resumed run. --resume may be given --data-root (no number depends on where the data lies)."""
+    source = tmp_path / "source.pt"
+    shutil.copy(finished_run / "checkpoint_transfer.pt", source)
+    flags = TINY + ["--self-training", "ast", "--self-training-iters", "3", "--init-from", str(source)]
+    assert train.main(flags + ["--out", str(tmp_path / "whole")]) == 0
+    calls, real = {"n": 0}, train.training_step_sim
+
+    def step(*args, **kwargs):  # Ctrl-C in self-training's second iteration
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "training_step_sim", step)
+    assert train.main(flags + ["--out", str(tmp_path / "cut"), "--save-every", "1"]) == 130
+    monkeypatch.setattr(train, "training_step_sim", real)
+    source.unlink()
+    teacher = (tmp_path / "cut" / "checkpoint_transfer.pt").read_bytes()
+    shutil.copy(finished_run / "checkpoint_transfer.pt", tmp_path / "cut")  # another run's, as the teacher
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path / "cut"), "--quiet"]) == 2
+    one_line_error(capsys, "checkpoint_transfer.pt belongs to another run")
+    (tmp_path / "cut" / "checkpoint_transfer.pt").write_bytes(teacher)
+    assert train.main(["--resume", str(tmp_path / "cut"), "--quiet", "--data-root", str(tmp_path / "moved")]) == 0
+    for name in ("losses.jsonl", "metrics.json"):
+        assert (tmp_path / "cut" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["data_root"] == str(tmp_path / "moved")
+
+
+@pytest.mark.parametrize("name", ["losses.jsonl", "metrics.json", "config.json"])
+def test_a_full_disk_while_logging_is_one_line_naming_the_file(name, tmp_path, monkeypatch, capsys):
+    import builtins
+    from pathlib import Path
+    real_open, real_write = builtins.open, Path.write_text
+
+    def full(path):
+        if Path(path).name in (name, name + ".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(train, "open", lambda path, *a, **k: full(path) or real_open(path, *a, **k), raising=False)
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: full(self) or real_write(self, *a, **k))
+    assert train.main(TINY + ["--out", str(tmp_path)]) == 2
+    one_line_error(capsys, str(tmp_path / name), "No space left" if name == "losses.jsonl" else "no space left")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_resume_whose_log_was_deleted_says_so_and_logs_from_its_checkpoint_on(tmp_path, monkeypatch, capsys):
+    assert interrupted_run(tmp_path, monkeypatch) == 130
+    (tmp_path / "losses.jsonl").unlink()
+    capsys.readouterr()
+    assert train.main(["--resume", str(tmp_path), "--quiet"]) == 0
+    assert "losses.jsonl is missing: the log starts again at stage transfer, iteration 2" in capsys.readouterr().err
+    assert [json.loads(line)["iteration"] for line in (tmp_path / "losses.jsonl").read_text().splitlines()] == [2, 3]

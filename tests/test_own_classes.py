@@ -73,16 +73,22 @@ def test_an_added_class_the_dataset_lacks_or_holds_elsewhere_is_scored_by_name(s
 @pytest.mark.parametrize("names, says", [
     (["purple circle"], "'purple'"), (["Sky"], "already"), (["red-circle"], "already"), ([], "one class name"),
     (["red triangle", "Red Triangle"], "given twice"), (["red triangle", "red_triangle"], "given twice"),
-    ([""], "holds no word"), (["   "], "holds no word"), (["mid-stage"], "not at the end of a stage")])
+    ([""], "holds no word"), (["   "], "holds no word"), (["mid-stage"], "not at the end of a stage"),
+    (["exists"], "it exists"), (["folder"], "it exists"), (["missing folder"], "is not one")])
 def test_a_name_or_checkpoint_that_cannot_be_added_to_is_one_line(names, says, seen_only, tmp_path, capsys):
     """Names compare in lower case with '_' and '-' read as spaces; --init-from's rule for the checkpoint."""
     checkpoint = seen_only / "checkpoint_train.pt"
     if names == ["mid-stage"]:  # as a --save-every checkpoint: stage 1 stopped at iteration 1
         torch.save({**torch.load(checkpoint, weights_only=False), "iteration": 1}, tmp_path / "mid.pt")
         names, checkpoint = ["purple"], tmp_path / "mid.pt"
-    assert train.main(["--add-classes", *names, "--init-from", str(checkpoint), "--save-as", str(tmp_path / "x.pt")]) == 2
+    save_as = {"exists": checkpoint, "folder": tmp_path, "missing folder": tmp_path / "no" / "x.pt"}.get(
+        names[0] if names else "", tmp_path / "x.pt")  # --save-as must not replace a file, least of all its source
+    before = checkpoint.read_bytes()
+    assert train.main(["--add-classes", *(["purple"] if str(save_as) != str(tmp_path / "x.pt") else names),
+                       "--init-from", str(checkpoint), "--save-as", str(save_as)]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1 and not (tmp_path / "x.pt").exists()
+    assert checkpoint.read_bytes() == before
 
 
 def test_real_data_classes_are_added_from_the_word_vector_files_by_the_training_rules(tmp_path, capsys):
