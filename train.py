@@ -842,6 +842,11 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
     except KeyboardInterrupt:
         print(f"\ninterrupted: {run.at if run else 'building the data'}; {resumable()}", file=sys.stderr)
         return 130
+    except RuntimeError as err:  # a collective whose peer stopped: that rank has said why
+        if world == 1 or not (isinstance(err, dist.DistError) or "closed by peer" in str(err)):
+            raise
+        return fail(RuntimeError("another process of this torchrun stopped; its message is above"),
+                    f" ({run.at if run else 'building the data'}; {resumable()})")
     except (data.DatasetError, OSError, ValueError) as err:  # OSError: a file that cannot be written
         if run and type(err) is ValueError:
             raise  # from inside the training loop a ValueError is a bug: keep its traceback

@@ -3,6 +3,7 @@ stops on non-finite losses, and its presets and error messages hold (marker ``sl
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -368,3 +369,22 @@ def test_a_run_resumed_mid_epoch_matches_the_uninterrupted_one_with_or_without_l
     assert train.main(["--resume", str(cut / "run"), "--quiet"]) == 0
     for name in ("losses.jsonl", "metrics.json"):
         assert (cut / "run" / name).read_bytes() == (whole / "run" / name).read_bytes()
+
+
+def test_under_torchrun_a_bad_file_one_rank_reads_is_one_line_from_each_rank_and_no_traceback_of_ours(tmp_path):
+    """A label only one rank reads: that rank names it, the other says a peer stopped (torchrun adds its own report)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from test_data import write_label
+    argv = tiny_voc_run(tmp_path, "--backbone", "small", "--small-width", "8", "--iters", "2", "--transfer-iters", "1",
+                        "--self-training", "none")
+    write_label(tmp_path / "data/VOCdevkit/VOC2012/SegmentationClass/b.png", np.full((6, 8), 77))
+    code = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(29600 + os.getpid() % 300), str(Path(train.__file__)), *argv],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ours = [line for line in code.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert code.returncode != 0 and len(ours) == 2, code.stderr[-3000:]
+    assert sum("b.png" in line for line in ours) == 1 and sum("another process" in line for line in ours) == 1
+    assert 'train.py", line' not in code.stderr  # no traceback through train.py
