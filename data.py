@@ -36,7 +36,7 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 IGNORE = 255
-PADDING = 254  # label of a training crop's padding: ignored like 255, but known to lie outside the image
+PADDING = 254  # label of a training crop's padding: ignored like 255, but self-training knows it lies outside the image
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -108,8 +108,7 @@ class RandomScale(v2.Transform):
 
 def train_transform(crop_size: int, *, scale: tuple[float, float] = (0.5, 1.5), mean=IMAGENET_MEAN,
                     std=IMAGENET_STD) -> v2.Compose:
-    """The lineage's augmentation; crops smaller than `crop_size` are padded with image 0 and
-    label `PADDING`, so self-training can tell padding from unlabelled pixels of the image."""
+    """The lineage's augmentation; crops smaller than `crop_size` are padded with image 0 and label `PADDING`."""
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: PADDING}
     return v2.Compose([RandomScale(scale), v2.RandomCrop(crop_size, pad_if_needed=True, fill=fill),
                        v2.RandomHorizontalFlip(), eval_transform(mean=mean, std=std)])
@@ -133,8 +132,7 @@ class _Segmentation(torch.utils.data.Dataset):
     def __init__(self, split: str, transform):
         _check(split in self.splits, f"unknown split {split!r}; expected one of {sorted(self.splits)}", ValueError)
         self.split, self.transform = "train" if self.splits[split] == self.splits["train"] else "test", transform
-        # Model order: seen classes first, then unseen, each in raw-id order (a stable sort).
-        self.raw_ids = sorted(sorted(self.raw_names), key=lambda r: self.raw_names[r] in self.unseen)
+        self.raw_ids = sorted(self.raw_names, key=lambda r: (self.raw_names[r] in self.unseen, r))  # model order
         self.class_names = [self.raw_names[r] for r in self.raw_ids]
         self.num_seen, self.num_unseen = len(self.raw_ids) - len(self.unseen), len(self.unseen)
         self.lut = np.full(256, -1, dtype=np.int64)  # (256,) label value -> model index; -1: invalid
@@ -217,9 +215,8 @@ class _LabelledFiles(_Segmentation):
                f"{tuple(image.shape[1:])} (H, W) but label {label_path} is {raw.shape}")
         label = self.lut[raw.clip(0, 255)]  # (H, W)
         bad = (raw > 255) | (label < 0)
-        if bad.any():
-            raise DatasetError(f"{self.name}: label {label_path} holds invalid values "
-                               f"{np.unique(raw[bad]).tolist()} (valid: 0-{self.num_values - 1} and 255)")
+        _check(not bad.any(), f"{self.name}: label {label_path} holds invalid values {np.unique(raw[bad]).tolist()} "
+               f"(valid: 0-{self.num_values - 1} and 255)")
         return self._finish(image, torch.from_numpy(label))
 
 
@@ -341,54 +338,45 @@ def _finite_rows(table: np.ndarray, class_names: list[str], where) -> np.ndarray
     return table
 
 
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path)
-    except (OSError, ValueError) as e:
-        raise EmbeddingError(f"embedding table {path} is missing or not a .npy array: {e}") from e
-
-
-def _table_rows(table: np.ndarray, path: Path, num_classes: int, raw_ids, order: str) -> np.ndarray:
-    """A precomputed table's rows in model order; both row orders: README "Class embeddings"."""
-    _check(order in ("raw", "model"), f"load_class_embeddings: order must be 'raw' or 'model', got {order!r}",
-           ValueError)
-    _check(order == "model" or raw_ids is not None, "load_class_embeddings: order='raw' needs raw_ids (the "
-           f"dataset's raw id of each class) to read {path}; or pass order='model'", ValueError)
-    rows, d = table.shape if table.ndim == 2 else (None, "D")
-    if order == "model" and rows == num_classes:
-        return table
-    if order == "raw" and rows in (len(raw_ids), max(raw_ids) + 1):  # a row per class, or per raw value 0..max
-        return table[[sorted(raw_ids).index(r) for r in raw_ids] if rows == len(raw_ids) else list(raw_ids)]
-    raw = f"({len(raw_ids)}, {d}) or ({max(raw_ids) + 1}, {d})" if raw_ids is not None else "(no raw ids given)"
-    raise EmbeddingError(f"{path}: shape {table.shape} fits neither row order: raw-id order (--embeddings-order "
-                         f"raw) expects shape {raw}, model order (--embeddings-order model) ({num_classes}, {d})")
-
-
 def load_class_embeddings(paths, class_names: list[str], *, dim: int = 600, raw_ids=None, order: str = "raw",
                           cache: bool = True) -> torch.Tensor:
     """The (C, dim) table for `class_names`: from word-vector files (word2vec `.bin`, fastText `.vec`, or
     `.gz`; a half each; cached as `<first file>.<hash>.npy`), or one `.npy` in `order` "raw" or "model"."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-    if len(paths) == 1 and paths[0].suffix == ".npy":
+    if given := len(paths) == 1 and paths[0].suffix == ".npy":
         table_path = paths[0]
-        table = _table_rows(_load_npy(table_path), table_path, len(class_names), raw_ids, order)
     else:
         key = json.dumps([class_names, [(p.name, p.stat().st_size if p.is_file() else 0) for p in paths]])
         table_path = paths[0].with_name(f"{paths[0].name}.{hashlib.sha1(key.encode()).hexdigest()[:12]}.npy")
-        if cache and table_path.is_file():
-            table = _load_npy(table_path)
-        else:
-            wanted = {v for n in class_names for w in name_words(n) for v in _variants(w)}
-            sources = [(read_fasttext_vec if ".vec" in p.suffixes else read_word2vec_binary)(p, wanted) for p in paths]
-            table = class_embedding_table(class_names, sources, source_names=[p.name for p in paths]).numpy()
-            if table.shape[1] != dim:
-                widths = " + ".join(f"{p.name} {len(next(iter(s.values())))}" for p, s in zip(paths, sources))
-                raise EmbeddingError(f"{widths} = {table.shape[1]}-d class embeddings, expected {dim}-d")
-            if cache:
-                try:
-                    np.save(table_path, table)
-                except OSError as e:  # a read-only folder only costs re-reading the vectors next time
-                    warnings.warn(f"could not cache the class embeddings at {table_path}: {e}")
+    if given or (cache and table_path.is_file()):
+        try:
+            table = np.load(table_path)
+        except (OSError, ValueError) as e:
+            raise EmbeddingError(f"embedding table {table_path} is missing or not a .npy array: {e}") from e
+    else:
+        wanted = {v for n in class_names for w in name_words(n) for v in _variants(w)}
+        sources = [(read_fasttext_vec if ".vec" in p.suffixes else read_word2vec_binary)(p, wanted) for p in paths]
+        table = class_embedding_table(class_names, sources, source_names=[p.name for p in paths]).numpy()
+        if table.shape[1] != dim:
+            widths = " + ".join(f"{p.name} {len(next(iter(s.values())))}" for p, s in zip(paths, sources))
+            raise EmbeddingError(f"{widths} = {table.shape[1]}-d class embeddings, expected {dim}-d")
+        if cache:
+            try:
+                np.save(table_path, table)
+            except OSError as e:  # a read-only folder only costs re-reading the vectors next time
+                warnings.warn(f"could not cache the class embeddings at {table_path}: {e}")
+    if given:  # rows in raw-id or model order: README "Class embeddings"
+        _check(order in ("raw", "model"), f"load_class_embeddings: order must be 'raw' or 'model', got {order!r}",
+               ValueError)
+        _check(order == "model" or raw_ids is not None, "load_class_embeddings: order='raw' needs raw_ids (the "
+               f"dataset's raw id of each class) to read {table_path}; or pass order='model'", ValueError)
+        rows, d = table.shape if table.ndim == 2 else (None, "D")
+        raw = f"({len(raw_ids)}, {d}) or ({max(raw_ids) + 1}, {d})" if raw_ids is not None else "(no raw ids given)"
+        _check(rows in (len(raw_ids), max(raw_ids) + 1) if order == "raw" else rows == len(class_names),
+               f"{table_path}: shape {table.shape} fits neither row order: raw-id order (--embeddings-order raw) "
+               f"expects shape {raw}, model order (--embeddings-order model) ({len(class_names)}, {d})", EmbeddingError)
+        if order == "raw":  # a row per class, or per raw value 0..max
+            table = table[[sorted(raw_ids).index(r) for r in raw_ids] if rows == len(raw_ids) else list(raw_ids)]
     _check(table.shape == (len(class_names), dim), f"{table_path}: shape {table.shape}, expected "
            f"({len(class_names)}, {dim}) for classes {', '.join(class_names)}", EmbeddingError)
     _finite_rows(table, class_names, table_path)  # a .npy table; word vectors were checked before caching
@@ -415,9 +403,8 @@ def added_class_embeddings(dataset: str, names: list[str], paths=None, *, dim: i
 def shapes_embeddings(class_names: list[str], *, seed: int = 0, dim: int = 600) -> torch.Tensor:
     """Two seeded pseudo-random unit vectors per word stand in for word2vec and fastText."""
     _check(dim % 2 == 0, f"shapes_embeddings: dim must be even (two halves), got {dim}", ValueError)
-    words = {w for n in class_names for w in name_words(n)}
-    draws = [{w: np.random.default_rng([seed, s, zlib.crc32(w.encode())]).standard_normal(dim // 2) for w in words}
-             for s in range(2)]  # (dim / 2,) per word and source
+    draws = [{w: np.random.default_rng([seed, s, zlib.crc32(w.encode())]).standard_normal(dim // 2)
+              for n in class_names for w in name_words(n)} for s in range(2)]  # (dim / 2,) per word and source
     sources = [{w: v / np.linalg.norm(v) for w, v in source.items()} for source in draws]
     return class_embedding_table(class_names, sources, source_names=["shapes-word2vec", "shapes-fasttext"])
 
@@ -487,8 +474,7 @@ def _render_shapes(scenes: dict, size: int, base_size: int, noise: float, genera
         image = torch.where(m[:, None], sc["thing_rgb"][:, k, :, None, None].float(), image)
         label = torch.where(m, 4 + sc["thing"][:, k, None, None], label)
         instance = torch.where(m, k + 1, instance)
-    # Void: pixels with a later-drawn thing among their 8 neighbours, i.e. a 1-px ring just
-    # outside every visible thing (VOC marks object borders the same way).
+    # Void: pixels with a later-drawn thing among their 8 neighbours, a 1-px ring as VOC draws round objects.
     label[nnf.max_pool2d(instance[:, None].float(), 3, 1, 1)[:, 0] > instance] = IGNORE
     # A [1 2 1]/4 blur in both directions softens edges as a lens would; then pixel noise.
     image = nnf.pad(image, (1, 1, 1, 1), mode="replicate")
@@ -499,12 +485,10 @@ def _render_shapes(scenes: dict, size: int, base_size: int, noise: float, genera
 
 
 class Shapes(_Segmentation):
-    """The built-in benchmark (README "The built-in benchmark `shapes`"): the `scenes` of `seed` and
-    `layout`, rendered once at `size` (things keep their pixel size at `base_size`) into `images`
-    (N, 3, S, S) uint8 and `labels` (N, S, S) uint8 (model indices, 255 ignore)."""
+    """The built-in benchmark (README "The built-in benchmark `shapes`"): the `scenes` of `seed` and `layout`, rendered
+    once at `size` into `images` (N, 3, S, S) uint8 and `labels` (N, S, S) uint8 (model indices, 255 ignore)."""
     raw_names, unseen, num_values = dict(enumerate(SHAPES_RAW)), SHAPES_UNSEEN, 20
-    # Pixel statistics of the default training set, so normalised images are ~zero-mean, unit-std
-    # (ImageNet's statistics would leave the blue channel at mean 1.2).
+    # The default training set's pixel statistics: ImageNet's would leave the blue channel at mean 1.2.
     mean, std = (0.50, 0.64, 0.69), (0.20, 0.13, 0.28)
 
     def __init__(self, split: str, *, size: int = 64, num_images: int | None = None, seed: int = 0,
