@@ -143,14 +143,12 @@ class _Segmentation(torch.utils.data.Dataset):
             self.unseen_values[value] = index >= self.num_seen
             self.lut[value] = IGNORE if self.split == "train" and index >= self.num_seen else index
 
-    def choose_images(self, unseen_images: str) -> dict[str, int]:
+    def choose_images(self, unseen_images: str, quiet: bool = False) -> dict[str, int]:
         """--unseen-images: ``ignore`` keeps every training image, its unseen pixels ignored (the lineage);
         ``drop`` keeps only images without an unseen pixel (paper section 3.1). Returns what each keeps."""
-        _check(self.split == "train" and unseen_images in ("ignore", "drop"), f"--unseen-images {unseen_images}: "
-               f"expected ignore or drop, for a training split (this is {self.split})", ValueError)
-        holds = self.holds_unseen()  # (N,) bool
-        if unseen_images == "drop":
-            self.keep(~holds)
+        _check(self.split == "train", f"--unseen-images: {self.split} is not a training split", ValueError)
+        holds = self.holds_unseen(quiet)  # (N,) bool
+        self.keep({"ignore": np.ones_like(holds), "drop": ~holds}[unseen_images])
         return {"ignore": len(holds), "drop": int((~holds).sum())}
 
     def _finish(self, image: torch.Tensor, label: torch.Tensor):
@@ -189,10 +187,10 @@ class _LabelledFiles(_Segmentation):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def holds_unseen(self) -> np.ndarray:
+    def holds_unseen(self, quiet: bool = False) -> np.ndarray:
         """(N,) bool: which images hold an unseen class's pixel; reads every label."""
         return np.array([self.unseen_values[np.asarray(self._read(label)).clip(0, 255)].any() for _, label in
-                         tqdm(self.pairs, desc=f"{self.name}: labels with unseen pixels", dynamic_ncols=True)])
+                         tqdm(self.pairs, f"{self.name}: unseen pixels", dynamic_ncols=True, disable=quiet)])
 
     def keep(self, which: np.ndarray) -> None:
         self.pairs = [pair for pair, kept in zip(self.pairs, which) if kept]
@@ -510,7 +508,7 @@ class Shapes(_Segmentation):
     def __len__(self) -> int:
         return len(self.images)
 
-    def holds_unseen(self) -> np.ndarray:
+    def holds_unseen(self, quiet: bool = False) -> np.ndarray:
         return self._unseen
 
     def keep(self, which: np.ndarray) -> None:
@@ -519,10 +517,6 @@ class Shapes(_Segmentation):
 
     def __getitem__(self, i: int):
         return self._finish(self.images[i], self.labels[i])
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """A DataLoader's batch: without a transform, normalised in one call (the values of B calls)."""
-        return [self[i] for i in indices] if self.transform is not None else list(zip(*self[indices]))
 
 
 # ------------------------------------------------------------------ 6. factory, preview, CLI
@@ -539,9 +533,8 @@ def build_dataset(name: str, split: str, *, root=None, **kwargs):
 
 
 def label_colours(num_classes: int, palette: np.ndarray | None = None) -> np.ndarray:
-    """(256, 3) uint8, the colour of every label id in every picture drawn: a dataset's ``palette``
-    for its classes, else (and for classes added after training) VOC's colour map shifted by one so
-    no class is black (bit b of k + 1 goes to channel b % 3, bit 7 - b // 3); 255 (ignore) black."""
+    """(256, 3) uint8, each label id's colour in every picture: a dataset's ``palette``, else (and for added
+    classes) VOC's colour map shifted by one, no class black (bit b of k + 1 to channel b % 3, bit 7 - b // 3)."""
     bits = (np.arange(1, num_classes + 1)[:, None, None] >> np.arange(24).reshape(8, 3)) & 1  # (K, 8, 3)
     colours = np.zeros((256, 3), np.uint8)
     colours[:num_classes] = (bits << (7 - np.arange(8))[:, None]).sum(1)  # (K, 3)
@@ -584,9 +577,8 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     kwargs = {"size": args.size, "seed": args.seed, "layout": args.layout} if args.dataset == "shapes" else {}
     try:
-        for flag, value, low in (("--size", args.size, 8), ("--num-samples", args.num_samples, 1),
-                                 ("--seed", args.seed, 0)):
-            _check(value >= low, f"{flag} must be >= {low}, got {value}", ValueError)
+        for flag, n, low in ("--size", args.size, 8), ("--num-samples", args.num_samples, 1), ("--seed", args.seed, 0):
+            _check(n >= low, f"{flag} must be >= {low}, got {n}", ValueError)
         _check(not args.preview or args.preview.suffix.lower() in Image.registered_extensions(),
                f"--preview {args.preview}: expected an image file name such as preview.png", ValueError)
         dataset = build_dataset(args.dataset, args.split, root=args.data_root,
@@ -594,9 +586,8 @@ def main(argv=None) -> int:
         print(f"{args.dataset} {args.split}: {len(dataset)} images; {dataset.num_seen} seen classes: "
               f"{', '.join(dataset.class_names[:dataset.num_seen])}; {dataset.num_unseen} unseen: "
               f"{', '.join(dataset.class_names[dataset.num_seen:])}")
-        if not args.all:
-            image, label = dataset[0]  # reading one item surfaces format errors now
-            print(f"item 0: image {tuple(image.shape)}, label {tuple(label.shape)}")
+        if not args.all:  # reading one item surfaces format errors now
+            print("item 0: image {}, label {}".format(*(tuple(t.shape) for t in dataset[0])))
         else:  # read every item of both splits, naming each that fails
             bad = []
             for split in ("train", "test"):

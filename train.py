@@ -455,7 +455,7 @@ def build_data(args, tests: bool = True):
                                       f".vec files, or a .npy table (README 'Datasets')")
         embeddings = data.load_class_embeddings(args.embeddings, train_set.class_names, raw_ids=train_set.raw_ids,
                                                 order=args.embeddings_order)
-    return train_set, tests, embeddings, train_set.choose_images(args.unseen_images)
+    return train_set, tests, embeddings, train_set.choose_images(args.unseen_images, quiet=args.quiet)
 
 
 def evaluate_stage(run: Run, stage: str) -> None:
@@ -570,8 +570,8 @@ image_size = ranged(int, lambda v: v >= 8, ">= 8")
 finite_positive = ranged(float, lambda v: v > 0, "a finite number > 0")
 DEFAULTS = dict(dataset="shapes", data_root="data", layout="context", embeddings_order="raw", seed=0, amp=False,
                 quiet=False, seen_only=False, unseen_images="ignore", sim="multihead", latent_path="gate",
-                small_context="wide", pe="rpe", self_training="ast", keep=0.75, eval_res="full", log_every=10, save_every=0,
-                mmd_sigmas=list(DEFAULT_SIGMAS))
+                small_context="wide", pe="rpe", self_training="ast", keep=0.75, eval_res="full", log_every=10,
+                save_every=0, mmd_sigmas=list(DEFAULT_SIGMAS))
 
 
 def get_args_parser(*, given_only: bool = False) -> argparse.ArgumentParser:
@@ -724,8 +724,9 @@ def intact_checkpoint(run_dir: Path) -> dict:
             print(f"note: {run_dir / 'config.json'} is missing or unreadable; written again from {path.name}",
                   file=sys.stderr)
             config = ckpt["args"]
-        if differ := [f"{k}: {ckpt['args'].get(k)!r} there, {config.get(k)!r} in config.json" for k in
-                      sorted((config.keys() | ckpt["args"].keys()) - RESUME_FLAGS - {"out", "resume", "amp_dtype"}) if ckpt["args"].get(k) != config.get(k)]:
+        keys = (config.keys() | ckpt["args"].keys()) - RESUME_FLAGS - {"out", "resume", "amp_dtype"}
+        if differ := [f"{k}: {ckpt['args'].get(k)!r} there, {config.get(k)!r} in config.json" for k in sorted(keys)
+                      if ckpt["args"].get(k) != config.get(k)]:
             raise SettingsError(f"--resume {run_dir}: {path.name} was written with other settings than its "
                                 f"config.json ({'; '.join(differ)}): the folder mixes two runs, or one file was edited")
         return ckpt
