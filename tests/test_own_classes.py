@@ -70,6 +70,7 @@ def test_an_added_class_the_dataset_lacks_or_holds_elsewhere_is_scored_by_name(s
     assert label_map[18] == 16 and label_map[16] == 17 and label_map[255] == 255  # the dataset's blue circle is 18
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("names, says", [
     (["purple circle"], "'purple'"), (["Sky"], "already"), (["red-circle"], "already"), ([], "one class name"),
     (["red triangle", "Red Triangle"], "given twice"), (["red triangle", "red_triangle"], "given twice"),

@@ -371,6 +371,7 @@ def test_a_run_resumed_mid_epoch_matches_the_uninterrupted_one_with_or_without_l
         assert (cut / "run" / name).read_bytes() == (whole / "run" / name).read_bytes()
 
 
+@pytest.mark.cli
 def test_under_torchrun_a_bad_file_one_rank_reads_is_one_line_from_each_rank_and_no_traceback_of_ours(tmp_path):
     """A label only one rank reads: that rank names it, the other says a peer stopped (torchrun adds its own report)."""
     import os
