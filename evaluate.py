@@ -25,6 +25,9 @@ Symbols
 import argparse
 import json
 import sys
+import tempfile
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -32,11 +35,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import functional as TF
-from torchvision.utils import draw_segmentation_masks
 from tqdm import tqdm
 
 import data
@@ -241,6 +243,7 @@ def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], c
     """``tiles`` {title: (H, W, 3) uint8} side by side under their titles, then the legend: ``heading`` and a
     row per class in ``present`` (colour, name, ``notes[c]``), unseen classes marked "(unseen)" in red."""
     h, w = next(iter(tiles.values())).shape[:2]
+    w = max(w, MIN_TILE)  # a column at least MIN_TILE wide: the titles of narrow tiles do not overlap
     x = len(tiles) * (w + GAP) + GAP  # the legend's left edge
     panel = Image.new("RGB", (x + LEGEND_W, ROW + max(h, len(present) * ROW) + GAP), "white")
     draw = ImageDraw.Draw(panel)
@@ -255,6 +258,28 @@ def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], c
     return panel
 
 
+def writable_folder(path: Path) -> Path:
+    """``path``, created if missing; a ValueError naming it if no file can be written there (under a file, /proc)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # root may create folders where nothing can be written
+    except OSError as e:
+        raise ValueError(f"--out {path}: cannot write files into this folder ({e.strerror or e}); expected a "
+                         "writable folder") from None
+    return path
+
+
+def _save_png(picture: Image.Image, path: Path) -> None:
+    """Through a temporary name: a failed write (disk full) leaves no half-written ``path``."""
+    part = path.with_name(path.name + ".part")
+    try:
+        picture.save(part, "PNG")
+        part.replace(path)
+    except OSError as e:
+        part.unlink(missing_ok=True)
+        raise ValueError(f"cannot write {path} ({e.strerror or e})") from None
+
+
 @torch.inference_mode()
 def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Sequence[str], num_seen: int,
                 device: torch.device | str, palette: np.ndarray | None = None,
@@ -263,8 +288,7 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
     prediction in ``data.label_colours`` of ``palette`` (default: the dataset's); the model is left in eval mode."""
     colours = data.label_colours(len(class_names), getattr(dataset, "palette", None) if palette is None else palette)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (dataset.mean, dataset.std))
-    out_dir, paths = Path(out_dir), []
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir, paths = writable_folder(Path(out_dir)), []
     model.eval()
     for i in range(min(num, len(dataset))):
         image, label = dataset[i]  # (3, H, W), (H, W)
@@ -276,38 +300,70 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
                  (("image", rgb), ("ground truth", colours[label.numpy()]), ("prediction", colours[pred]))}
         present = sorted((set(label.unique().tolist()) - {IGNORE_INDEX}) | set(np.unique(pred).tolist()))
         paths.append(out_dir / f"{i:04d}.png")
-        _panel(tiles, "classes (GT or prediction)", present, class_names, num_seen, colours).save(paths[-1])
+        _save_png(_panel(tiles, "classes (GT or prediction)", present, class_names, num_seen, colours), paths[-1])
     return paths
+
+
+def read_image(path) -> Tensor:
+    """An image file as (3, H, W) uint8 RGB, EXIF orientation applied. One-channel modes wider than 8 bits: integer
+    ones ("I;16", "I": 16-bit PNG) are divided by 65535, float ("F") is kept in [0, 1] or else min-max scaled to it.
+    Over PIL's Image.MAX_IMAGE_PIXELS pixels (its decompression-bomb bound) the file is refused."""
+    try:
+        with warnings.catch_warnings():  # PIL only warns between the bound and twice the bound
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = ImageOps.exif_transpose(Image.open(path))  # decodes: a broken file fails here
+        if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+            return TF.pil_to_tensor(image.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"--image {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, refused as a possible "
+                         "decompression bomb (PIL.Image.MAX_IMAGE_PIXELS); downscale the file first") from None
+    except Exception as e:  # PIL raises many types for a broken or foreign file
+        raise ValueError(f"--image {path}: not a readable image ({getattr(e, 'strerror', None) or e})") from None
+    a = np.asarray(image, np.float32)  # (H, W)
+    if not np.isfinite(a).all():
+        raise ValueError(f"--image {path}: holds NaN or infinite pixel values; expected finite ones")
+    if image.mode != "F":
+        a = a / 65535
+    elif a.min() < 0 or a.max() > 1:  # e.g. a depth map: its own range, so that it is not black or white
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
+    return torch.from_numpy((a.clip(0, 1) * 255).round().astype(np.uint8)).expand(3, -1, -1)
 
 
 @torch.inference_mode()
 def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: Sequence[str], num_seen: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str, size: int | None = None,
-                   palette: np.ndarray | None = None) -> list[tuple[Path, dict[str, float]]]:
-    """Each image file predicted at its own size (or warped to ``size`` x ``size`` and back: eval_res feature) into
-    ``out_dir/<stem>.png``: image | prediction overlaid, legend. Returns [(file, {class name: % of pixels})]."""
+                   palette: np.ndarray | None = None, max_side: int = 0) -> list[tuple[Path, dict[str, float], str]]:
+    """Each image file (``read_image``) predicted at its own size, or its longer side scaled to ``max_side`` if
+    longer (0: never), or warped to ``size`` x ``size`` (eval_res feature); the prediction scaled back. Writes
+    ``out_dir/<stem>.png`` (``<stem>-2.png`` ... where names clash): image | prediction overlaid, legend.
+    Returns [(file, {class name: % of pixels}, "predicted at w×h, resized from W×H" or "")]."""
     colours, out_dir, results = data.label_colours(len(class_names), palette), Path(out_dir), []
-    images = []  # (3, H, W) uint8 each; every file is read before any is predicted
-    for path in paths:
-        try:  # convert decodes: a broken file fails here
-            images.append(TF.pil_to_tensor(Image.open(path).convert("RGB")))
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"--image {path}: not a readable image ({getattr(e, 'strerror', None) or e})") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
+    images = [read_image(path) for path in paths]  # (3, H, W) uint8 each; every file is read before any is predicted
+    inputs, taken = {str(Path(p).resolve()).lower() for p in paths}, set()  # lower: case-insensitive file systems
+    writable_folder(out_dir)
     model.eval()
     for path, image in zip(paths, images):
-        x = TF.normalize(image.float() / 255, mean, std)[None]  # (1, 3, H, W)
-        x = TF.resize(x, [size, size], antialias=True) if size else x
-        pred = model(x.to(device)).argmax(1).cpu()  # (1, h, w)
-        pred = TF.resize(pred, list(image.shape[-2:]), interpolation=TF.InterpolationMode.NEAREST)[0]  # (H, W)
+        (H, W), stem = image.shape[-2:], Path(path).stem
+        name, k = stem, 1
+        while name.lower() in taken or str((out_dir / f"{name}.png").resolve()).lower() in inputs:  # nor an input
+            k, name = k + 1, f"{stem}-{k + 1}"
+        taken.add(name.lower())
+        r = max_side / max(H, W) if 0 < max_side < max(H, W) else 1
+        # At least 16 pixels a side: the encoders (stride <= 8) then give GroupNorm more than one pixel per channel
+        h, w = (size, size) if size else (max(16, round(H * r)), max(16, round(W * r)))
+        x = TF.resize(image.float() / 255, [h, w], antialias=True) if (h, w) != (H, W) else image.float() / 255
+        pred = model(TF.normalize(x, mean, std)[None].to(device)).argmax(1).cpu()  # (1, h, w)
+        pred = TF.resize(pred, [H, W], interpolation=TF.InterpolationMode.NEAREST)[0]  # (H, W)
         present, counts = pred.unique(return_counts=True)
         shares = {int(c): 100 * int(n) / pred.numel() for c, n in zip(present, counts)}
-        overlay = draw_segmentation_masks(image, pred[None] == present[:, None, None], alpha=0.6,
-                                          colors=[tuple(map(int, colours[c])) for c in present])
-        tiles = {"image": image.permute(1, 2, 0).numpy(), "prediction": overlay.permute(1, 2, 0).numpy()}
-        results.append((out_dir / f"{Path(path).stem}.png", {class_names[c]: v for c, v in shares.items()}))
-        _panel(tiles, "classes predicted", present.tolist(), class_names, num_seen, colours,
-               {c: f" {v:.1f} %" for c, v in shares.items()}).save(results[-1][0])
+        overlay = (image * 0.4 + torch.from_numpy(colours)[pred].permute(2, 0, 1) * 0.6).to(torch.uint8)
+        f = -(-MIN_TILE // max(H, W))  # ceil: tiny images upscaled (nearest) to >= MIN_TILE, legible
+        tiles = {"image": image, "prediction": overlay}
+        tiles = {t: v.permute(1, 2, 0).numpy().repeat(f, 0).repeat(f, 1) for t, v in tiles.items()}  # (fH, fW, 3)
+        note = f"predicted at {w}×{h}, resized from {W}×{H}" if (h, w) != (H, W) else ""
+        results.append((out_dir / f"{name}.png", {class_names[c]: v for c, v in shares.items()}, note))
+        _save_png(_panel(tiles, "classes predicted", present.tolist(), class_names, num_seen, colours,
+                         {c: f" {v:.1f} %" for c, v in shares.items()}), results[-1][0])
     return results
 
 
@@ -360,9 +416,12 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
         pred, y_test = probe(x_test).argmax(1), y[score]
         recalls = [(pred[y_test == c] == c).float().mean() for c in y_test.unique()]  # balanced: mean recall
         stats[f"probe_{name}"] = 100 * float(np.mean(recalls))
-    return stats | {"pixels": len(fit) + len(score)}
+    return stats | {"pixels": len(fit) + len(score), "images": n}
 
 
+SMH = ("seen_miou", "unseen_miou", "harmonic_miou")
+SCORED_STAGES = ("train", "transfer", "self_training")  # the stages of a metrics.json
+SEED_FREE = ("out", "resume", "init_from", "device", "quiet", "seed")  # settings the runs of a name may differ in
 TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5's AST temperatures: runs sign-ast-T<T>
 # The paper's claims, paired by seed (runs with one seed share the benchmark, batches and test set, which A - B
 # cancels): (claim, (run, stage) of A, (run, stage) of B, test size "first" or "new", key)
@@ -377,22 +436,64 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
          12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # Student's t, 97.5 % quantile, by degrees of freedom
 
 
-def read_metrics(run_dir: Path) -> dict:
-    """A run folder's metrics.json, {} if it has none yet; a ValueError if it is not valid JSON."""
-    path = run_dir / "metrics.json"
+def read_metrics(run_dir: Path, name: str = "metrics.json") -> dict:
+    """A run folder's metrics.json (or ``name``), {} if it has none yet; a ValueError if it is not a JSON object."""
+    path = run_dir / name
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        out = json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); expected train.py's metrics.json") from e
+        raise ValueError(f"{path} is not valid JSON ({e}); expected train.py's {name}") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} holds a JSON {type(out).__name__}; expected train.py's {name}, an object")
+    return out
+
+
+def _unusable(metrics: dict) -> str:
+    """Why a run's metrics cannot be tabulated, '' if they can: train.py writes {stage: {test set: {S, U, H,
+    per_class}}}, finite numbers."""
+    for stage, tests in metrics.items():
+        if stage not in SCORED_STAGES or not isinstance(tests, dict):
+            return f"stage {stage!r}: expected one of {', '.join(SCORED_STAGES)}, holding {{test set: metrics}}"
+        for test, m in tests.items():
+            if missing := [k for k in (*SMH, "per_class") if not isinstance(m, dict) or k not in m]:
+                return f"{stage} {test} lacks {', '.join(missing)}"
+            values = [(k, m[k]) for k in SMH] + [(f"per_class {c}", v) for c, v in dict(m["per_class"]).items()]
+            if bad := [k for k, v in values if type(v) not in (int, float) or not np.isfinite(v)]:
+                return f"{stage} {test}: {', '.join(bad)} not a finite number"
+    return ""
 
 
 def collect_runs(root) -> dict[str, dict[int, dict]]:
-    """``{name: {seed: metrics.json}}`` for every ``root/<name>/seed<k>/metrics.json``."""
-    runs: dict[str, dict[int, dict]] = {}
+    """``{name: {seed: metrics.json}}`` for every ``root/<name>/seed<k>/metrics.json``. Left out, each with a note
+    on stderr: a run ``_unusable`` names, one scored on other test sets than most runs, and one whose config.json
+    differs from most of its name's in a setting (as ``train.py --reproduce`` compares them, the seed aside)."""
+    found, metrics, why = {}, {}, {}  # {(name, seed): run folder}, {run folder: metrics, why it is left out}
     for path in sorted(Path(root).glob("*/seed*/metrics.json")):
-        if not path.parent.name[4:].isdigit():
-            raise ValueError(f"{path.parent}: run folders must be named seed<k>, k an integer")
-        runs.setdefault(path.parent.parent.name, {})[int(path.parent.name[4:])] = read_metrics(path.parent)
+        run, k = path.parent, path.parent.name[4:]
+        if not (k.isascii() and k.isdigit()):
+            raise ValueError(f"{run}: run folders must be named seed<k>, k an integer")
+        if (key := (run.parent.name, int(k))) in found:
+            raise ValueError(f"{found[key]} and {run} are both seed {int(k)} of {run.parent.name}; keep one")
+        found[key], metrics[run] = run, read_metrics(run)
+        why[run] = _unusable(metrics[run])
+    def leave_out_the_odd(values: dict, reason):  # {run: value}: the runs whose value is not the most common
+        if not values:
+            return
+        common = json.loads(Counter(json.dumps(v, sort_keys=True) for v in values.values()).most_common(1)[0][0])
+        why.update({r: reason(v, common) for r, v in values.items() if v != common})
+    leave_out_the_odd({r: sorted({t for s in m.values() for t in s}) for r, m in metrics.items() if not why[r] and m},
+                      lambda v, common: f"test sets {v}, most runs' {common}")
+    for name in {name for name, _ in found}:
+        configs = {r: {k: v for k, v in read_metrics(r, "config.json").items() if k not in SEED_FREE}
+                   for (n, _), r in found.items() if n == name and not why[r] and (r / "config.json").is_file()}
+        leave_out_the_odd(configs, lambda v, c: "other settings than most runs of its name (" + ", ".join(
+            f"{k}: {v.get(k)!r}, most {c.get(k)!r}" for k in sorted(v.keys() | c.keys()) if v.get(k) != c.get(k)) + ")")
+    runs: dict[str, dict[int, dict]] = {}
+    for (name, seed), run in found.items():
+        if why[run]:
+            print(f"tables: left out {run}: {why[run]}", file=sys.stderr)
+        else:
+            runs.setdefault(name, {})[seed] = metrics[run]
     return runs
 
 
@@ -444,19 +545,18 @@ def reproduction_tables(root) -> str:
                 for label, name in rows]
         return [f"\n**{title[0]}** ({title[1]})\n", markdown(head, body)]
 
-    smh = ("seen_miou", "unseen_miou", "harmonic_miou")
     sims = [(sim, f"sim-{sim}") for sim in ("conv", "attention", "self-attention")] + [("multihead", "sign")]
     out = [f"Seeds found: {sorted({s for r in runs.values() for s in r})}. Cells: mean ± sample standard "
            "deviation over the seeds that finished the row's stage (runs = how many)."]
     out += table(("Table 1", "seen / unseen / harmonic mIoU, %, per test size"), "method",
                  [("ZS3Net", "zs3net"), ("ZS3Net + ST", "zs3net-st"), ("CaGNet", "cagnet"),
                   ("CaGNet + ST", "cagnet-st"), ("SIGN", "sign"), ("SIGN + ST", "sign-st"),
-                  ("SIGN + AST (T = 2)", "sign-ast-T2")], None, smh)
+                  ("SIGN + AST (T = 2)", "sign-ast-T2")], None, SMH)
     out += table(("Table 2", "SIM architecture, after the transfer step"), "SIM", sims, "transfer",
                  ("harmonic_miou",), with_sim=True)
     out += table(("Table 3", "positional encoding, after the transfer step; sky/water = mean IoU of the two"), "PE",
                  [("none", "pe-none"), ("APE", "pe-ape"), ("APE + interp.", "pe-ape-interp"), ("RPE", "sign")],
-                 "transfer", smh + ("sky+water",))
+                 "transfer", SMH + ("sky+water",))
     out += ["\n**Table 4** (seen mIoU before the transfer step; runs: "
             + ", ".join(f"{label} {n(name, 'train')}" for label, name in [("w/o SIM", "zs3net")] + sims) + ")\n",
             markdown(["test", "w/o SIM"] + [label for label, _ in sims],
@@ -520,6 +620,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--out", type=Path, help="folder of the panels or --image pictures (default: <checkpoint folder>/predictions)")
     a("--image", type=Path, nargs="+", metavar="PATH", help="instead of scoring: predict on these image files, any "
       "size, write <out>/<stem>.png (image | prediction overlaid, legend) and print each class's share")
+    a("--max-side", type=int, default=512, metavar="PIXELS", help="--image: predict at this longer side where the "
+      "image's is longer (default 512, the paper's test scale; attention memory grows with its square; 0: never)")
     a("--latent-stats", type=int, nargs="?", const=400, metavar="IMAGES", help="instead of scoring: what SIM's z "
       "carries on the first IMAGES training images (default 400; README 'What z carries')")
     return p
@@ -535,22 +637,24 @@ def main(argv=None) -> int:
             return 0
         for flag, values, low in (("--save-predictions", [args.save_predictions], 0), ("--size", args.size, 8),
                                   ("--num-test", args.num_test, 1), ("--test-seed", [args.test_seed], 0),
-                                  ("--latent-stats", [1 if args.latent_stats is None else args.latent_stats], 1)):
+                                  ("--latent-stats", [1 if args.latent_stats is None else args.latent_stats], 1),
+                                  ("--max-side", [args.max_side], 0)):
             if any(v < low for v in values or ()):
                 raise ValueError(f"{flag} must be >= {low}, got {' '.join(map(str, values))}")
-        if args.out and args.out.exists() and not args.out.is_dir():
-            raise ValueError(f"--out {args.out} is a file; expected the folder for the panels")
         device = choose_device(args.device)
         model, ckpt = load_checkpoint(args.checkpoint, device)
         saved, S, out = ckpt["args"], model.num_seen, args.out or args.checkpoint.parent / "predictions"
+        if args.save_predictions:  # before the scoring, which may take hours
+            writable_folder(out)
         if args.image:  # with the checkpoint's classes, normalisation and resolution rule
             kind, names = data.DATASETS[saved["dataset"]], ckpt["class_names"]
-            for path, shares in predict_images(
+            for path, shares, note in predict_images(
                     model, args.image, out, class_names=names, num_seen=S, mean=kind.mean, std=kind.std,
                     device=device, size=saved["test_sizes"][0] if saved["eval_res"] == "feature" else None,
-                    palette=data.Shapes("test", num_images=1).palette if kind is data.Shapes else None):
+                    palette=data.Shapes("test", num_images=1).palette if kind is data.Shapes else None,
+                    max_side=args.max_side):
                 top = sorted(shares.items(), key=lambda kv: -kv[1])
-                print(f"{path}: " + ", ".join(f"{n}{' (unseen)' * (names.index(n) >= S)} {v:.1f} %" for n, v in top))
+                print(f"{path}{note and f' ({note})'}: " + ", ".join(f"{n}{' (unseen)' * (names.index(n) >= S)} {v:.1f} %" for n, v in top))
             return 0
         dataset, root = args.dataset or saved["dataset"], args.data_root or saved["data_root"]
         same = dataset == saved["dataset"]  # the stored sizes belong to the stored dataset only
@@ -569,7 +673,7 @@ def main(argv=None) -> int:
                          data.build_dataset(dataset, "train", root=root, transform=data.eval_transform()))
             z = latent_statistics(model, train_set, num_images=n, device=device)
             print(f"latent z of {args.checkpoint} (alpha {saved['alpha']}, latent path {model.config['latent_path']}"
-                  f"), {z['pixels']} seen pixels of {n} {dataset} training images: mean mu^2 {z['mu2']:.3g}, mean "
+                  f"), {z['pixels']} seen pixels of {z['images']} {dataset} training images: mean mu^2 {z['mu2']:.3g}, mean "
                   f"sigma^2 {z['sigma2']:.4g}, SNR var(mu)/E[sigma^2] median {z['snr_median']:.3g} max "
                   f"{z['snr_max']:.3g}; linear probe of the seen class (balanced accuracy) from z {z['probe_z']:.1f} "
                   f"%, from N(0, 1) noise {z['probe_noise']:.1f} %, from mu {z['probe_mu']:.1f} % (the ceiling)")
