@@ -1,26 +1,15 @@
-"""The GZSL metric (paper section 4.2), the test loop that scores a model, and the evaluation CLI.
+"""The GZSL metric (paper section 4.2), the test loop that scores a model, and the evaluation CLI. In reading order:
+the metric (confusion_matrix, gzsl_miou), the test loop (evaluate_model, test_sets, evaluate_sets), checkpoints
+(scored_classes, read_ / load_checkpoint), pictures (save_panels, ``--image``: predict_images), what z carries
+(latent_statistics), the tables of ``train.py --reproduce`` run folders (reproduction_tables, CLAIMS), main.
 
-Reading order
-    the metric      confusion_matrix, harmonic, gzsl_miou: (K, K) pixel counts -> per-class IoU, S, U, H
-    the test loop   evaluate_model, test_sets, evaluate_sets (sharded under torchrun); format_table, as_metrics
-    checkpoints     scored_classes (a checkpoint's classes against the dataset's), read_ / load_checkpoint
-    pictures        save_panels (image | ground truth | prediction), predict_images (``--image``, any file)
-    what z carries  latent_statistics (``--latent-stats``)
-    tables          reproduction_tables, CLAIMS: ``train.py --reproduce`` run folders -> Tables 1-4, Fig. 5
-    CLI             main; settings default to those stored in the checkpoint
-
-Convention (PROTOCOL section 5), pinned by ``tests/test_metrics.py``
-    One confusion matrix per test set (rows ground truth t, columns prediction p), never averaged over images;
-    pixels labelled ``ignore_index`` (255, also VOC's background) never count. IoU_c = TP_c / (TP_c + FP_c + FN_c)
-    in %; a class absent from both ground truth and prediction has no IoU (the means skip it, ``per_class`` omits
-    it), one only predicted has IoU 0. S, U = mean IoU of the present seen / unseen classes (0 if none);
-    H = 2 S U / (S + U), 0 if S or U is 0. ``eval_res="full"`` (default) scores logits upsampled bilinearly to the
-    label; ``"feature"`` (ZS3Net, CaGNet) warps images to 513 x 513 and scores the feature-map logits at their size.
-
-Symbols
-    K            number of classes, seen first then unseen (``data.py``'s model order)
-    C^S, C^U     ``seen``, ``unseen``: disjoint lists of class indices covering range(K)
-    S, U, H      ``seen_miou``, ``unseen_miou``, ``harmonic_miou`` (percent)
+Convention (PROTOCOL section 5, pinned by ``tests/test_metrics.py``): one confusion matrix per test set (rows ground
+truth t, columns prediction p), never averaged over images; pixels labelled ``ignore_index`` (255, also VOC's
+background) never count. IoU_c = TP_c / (TP_c + FP_c + FN_c) in %; a class absent from both ground truth and
+prediction has no IoU (the means skip it, ``per_class`` omits it), one only predicted has IoU 0. S (``seen_miou``),
+U = mean IoU of the present seen / unseen classes of the K (seen first; 0 if none); H = 2 S U / (S + U), 0 if S or U
+is 0. ``eval_res="full"`` (default) scores logits upsampled bilinearly to the label; ``"feature"`` (ZS3Net, CaGNet)
+warps images to 513 x 513 and scores the feature-map logits at their size.
 """
 import argparse
 import json
@@ -49,8 +38,7 @@ GAP, LEGEND_W, ROW, MIN_TILE = 4, 200, 14, 128  # the pictures, in pixels: spaci
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """confusion[t, p], (K, K) int64 on the inputs' device, from integer ``pred`` and ``target`` of one
-    shape, e.g. (B, H, W). Pixels whose target is ``ignore_index`` are dropped; the rest lie in [0, K)."""
+    """confusion[t, p], (K, K) int64, of integer ``pred``, ``target`` of one shape; ``ignore_index`` pixels dropped."""
     K = num_classes
     if K < 1 or pred.shape != target.shape or pred.is_floating_point() or target.is_floating_point():
         raise ValueError(f"confusion_matrix: num_classes must be >= 1 and pred, target integer class indices of the "
@@ -84,8 +72,7 @@ def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> 
         raise ValueError(f"gzsl_miou: seen {list(seen)} and unseen {list(unseen)} must split the classes "
                          f"[0, {K}) into disjoint lists, each class once")
     n = confusion.detach().to("cpu", torch.float64)  # (K, K); float64: a test set's ~10^10 pixel counts stay exact
-    tp = n.diagonal()  # (K,)
-    union = n.sum(0) + n.sum(1) - tp  # (K,) predicted as c or labelled c: TP + FP + FN
+    tp, union = n.diagonal(), n.sum(0) + n.sum(1) - n.diagonal()  # (K,) each; union: TP + FP + FN
     per_class = {c: 100.0 * tp[c].item() / union[c].item() for c in range(K) if union[c] > 0}
     present = [[per_class[c] for c in classes if c in per_class] for classes in (seen, unseen)]
     S, U = (sum(ious) / len(ious) if ious else 0.0 for ious in present)
@@ -146,8 +133,7 @@ def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], n
                   device: torch.device | str, eval_res: str = "full", batch_size: int = 16, workers: int = 0,
                   quiet: bool = False, title: str = "", label_map: Tensor | None = None) -> dict[str, dict]:
     """evaluate_model -> gzsl_miou -> printed format_table per set: ``{name: as_metrics}``; [0, num_seen) seen."""
-    K, metrics = len(class_names), {}
-    seen, unseen = list(range(num_seen)), list(range(num_seen, K))
+    K, metrics, seen, unseen = len(class_names), {}, list(range(num_seen)), list(range(num_seen, len(class_names)))
     distributed = dist.is_available() and dist.is_initialized()  # under torchrun: each rank scores a shard
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     for name, dataset in sets.items():  # real images differ in size, so they go one at a time
@@ -192,8 +178,7 @@ def scored_classes(model_names: Sequence[str], dataset_names: Sequence[str], num
                               f"dataset's ({', '.join(dataset_names[:num_seen])})")
     names = list(model_names) + [n for n in dataset_names if n.lower() not in known]
     order = [[m.lower() for m in names].index(n.lower()) for n in dataset_names]  # dataset id -> scored index
-    identity = order == list(range(len(order)))
-    return names, None if identity else torch.tensor(order + [IGNORE_INDEX] * (256 - len(order)))
+    return names, None if order == [*range(len(order))] else torch.tensor(order + [IGNORE_INDEX] * (256 - len(order)))
 
 
 class CheckpointError(Exception):
@@ -240,8 +225,9 @@ def choose_device(name: str | None) -> torch.device:
 
 def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], class_names: Sequence[str],
            num_seen: int, colours: np.ndarray, notes: dict | None = None) -> Image.Image:
-    """``tiles`` {title: (H, W, 3) uint8} side by side under their titles, then the legend: ``heading`` and a
-    row per class in ``present`` (colour, name, ``notes[c]``), unseen classes marked "(unseen)" in red."""
+    """``tiles`` {title: (H, W, 3) uint8} side by side under titles, a legend of ``present`` (``notes``), unseen red."""
+    f = -(-MIN_TILE // max(next(iter(tiles.values())).shape[:2]))  # ceil: tiny tiles upscaled (nearest), legible
+    tiles = {title: t.repeat(f, 0).repeat(f, 1) for title, t in tiles.items()}  # (fH, fW, 3) each
     h, w = next(iter(tiles.values())).shape[:2]
     w = max(w, MIN_TILE)  # a column at least MIN_TILE wide: the titles of narrow tiles do not overlap
     x = len(tiles) * (w + GAP) + GAP  # the legend's left edge
@@ -258,28 +244,6 @@ def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], c
     return panel
 
 
-def writable_folder(path: Path) -> Path:
-    """``path``, created if missing; a ValueError naming it if no file can be written there (under a file, /proc)."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()  # root may create folders where nothing can be written
-    except OSError as e:
-        raise ValueError(f"--out {path}: cannot write files into this folder ({e.strerror or e}); expected a "
-                         "writable folder") from None
-    return path
-
-
-def _save_png(picture: Image.Image, path: Path) -> None:
-    """Through a temporary name: a failed write (disk full) leaves no half-written ``path``."""
-    part = path.with_name(path.name + ".part")
-    try:
-        picture.save(part, "PNG")
-        part.replace(path)
-    except OSError as e:
-        part.unlink(missing_ok=True)
-        raise ValueError(f"cannot write {path} ({e.strerror or e})") from None
-
-
 @torch.inference_mode()
 def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Sequence[str], num_seen: int,
                 device: torch.device | str, palette: np.ndarray | None = None,
@@ -288,65 +252,55 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
     prediction in ``data.label_colours`` of ``palette`` (default: the dataset's); the model is left in eval mode."""
     colours = data.label_colours(len(class_names), getattr(dataset, "palette", None) if palette is None else palette)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (dataset.mean, dataset.std))
-    out_dir, paths = writable_folder(Path(out_dir)), []
+    out_dir, paths = Path(out_dir), []
+    out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     for i in range(min(num, len(dataset))):
         image, label = dataset[i]  # (3, H, W), (H, W)
         label = label if label_map is None else label_map[label.long()]
         pred = model(image[None].to(device)).argmax(1)[0].cpu().numpy()  # (H, W)
         rgb = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
-        f = -(-MIN_TILE // label.shape[0])  # ceil: small images upscaled (nearest) to >= MIN_TILE rows, legible
-        tiles = {title: t.repeat(f, 0).repeat(f, 1) for title, t in  # (fH, fW, 3) each
-                 (("image", rgb), ("ground truth", colours[label.numpy()]), ("prediction", colours[pred]))}
+        tiles = {"image": rgb, "ground truth": colours[label.numpy()], "prediction": colours[pred]}  # (H, W, 3) each
         present = sorted((set(label.unique().tolist()) - {IGNORE_INDEX}) | set(np.unique(pred).tolist()))
         paths.append(out_dir / f"{i:04d}.png")
-        _save_png(_panel(tiles, "classes (GT or prediction)", present, class_names, num_seen, colours), paths[-1])
+        _panel(tiles, "classes (GT or prediction)", present, class_names, num_seen, colours).save(paths[-1])
     return paths
 
 
 def read_image(path) -> Tensor:
-    """An image file as (3, H, W) uint8 RGB, EXIF orientation applied. One-channel modes wider than 8 bits: integer
-    ones ("I;16", "I": 16-bit PNG) are divided by 65535, float ("F") is kept in [0, 1] or else min-max scaled to it.
-    Over PIL's Image.MAX_IMAGE_PIXELS pixels (its decompression-bomb bound) the file is refused."""
+    """(3, H, W) uint8 RGB, upright (EXIF), refused over PIL's Image.MAX_IMAGE_PIXELS (decompression bombs); modes
+    "I;16", "I" (16-bit PNG) are divided by 65535, "F" (float) kept in [0, 1], else min-max scaled to it."""
     try:
-        with warnings.catch_warnings():  # PIL only warns between the bound and twice the bound
+        with warnings.catch_warnings():  # between the bound and twice the bound PIL only warns
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = ImageOps.exif_transpose(Image.open(path))  # decodes: a broken file fails here
         if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
             return TF.pil_to_tensor(image.convert("RGB"))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ValueError(f"--image {path}: more than {Image.MAX_IMAGE_PIXELS} pixels, refused as a possible "
-                         "decompression bomb (PIL.Image.MAX_IMAGE_PIXELS); downscale the file first") from None
-    except Exception as e:  # PIL raises many types for a broken or foreign file
+    except Exception as e:  # PIL raises many types for a broken, foreign or too large file
         raise ValueError(f"--image {path}: not a readable image ({getattr(e, 'strerror', None) or e})") from None
     a = np.asarray(image, np.float32)  # (H, W)
     if not np.isfinite(a).all():
         raise ValueError(f"--image {path}: holds NaN or infinite pixel values; expected finite ones")
-    if image.mode != "F":
-        a = a / 65535
-    elif a.min() < 0 or a.max() > 1:  # e.g. a depth map: its own range, so that it is not black or white
-        a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
-    return torch.from_numpy((a.clip(0, 1) * 255).round().astype(np.uint8)).expand(3, -1, -1)
+    lo, hi = (0, 65535) if image.mode != "F" else (0, 1) if 0 <= a.min() <= a.max() <= 1 else (a.min(), a.max())
+    a = ((a - lo) / max(hi - lo, 1e-12)).clip(0, 1)  # a float image outside [0, 1], e.g. depth: its own range
+    return torch.from_numpy((a * 255).round().astype(np.uint8)).expand(3, -1, -1)
 
 
 @torch.inference_mode()
 def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: Sequence[str], num_seen: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str, size: int | None = None,
                    palette: np.ndarray | None = None, max_side: int = 0) -> list[tuple[Path, dict[str, float], str]]:
-    """Each image file (``read_image``) predicted at its own size, or its longer side scaled to ``max_side`` if
-    longer (0: never), or warped to ``size`` x ``size`` (eval_res feature); the prediction scaled back. Writes
-    ``out_dir/<stem>.png`` (``<stem>-2.png`` ... where names clash): image | prediction overlaid, legend.
-    Returns [(file, {class name: % of pixels}, "predicted at w×h, resized from W×H" or "")]."""
+    """Each image file predicted at its size, its longer side cut to ``max_side`` (0: never) or warped to ``size``
+    (eval_res feature), into ``out_dir/<stem>.png``: image | prediction, legend. [(file, {class: %}, size note)]."""
     colours, out_dir, results = data.label_colours(len(class_names), palette), Path(out_dir), []
     images = [read_image(path) for path in paths]  # (3, H, W) uint8 each; every file is read before any is predicted
     inputs, taken = {str(Path(p).resolve()).lower() for p in paths}, set()  # lower: case-insensitive file systems
-    writable_folder(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     for path, image in zip(paths, images):
-        (H, W), stem = image.shape[-2:], Path(path).stem
-        name, k = stem, 1
-        while name.lower() in taken or str((out_dir / f"{name}.png").resolve()).lower() in inputs:  # nor an input
-            k, name = k + 1, f"{stem}-{k + 1}"
+        (H, W), stem = image.shape[-2:], Path(path).stem  # <stem>-2 ... where names clash or an input would go
+        name = next(n for n in [stem] + [f"{stem}-{k}" for k in range(2, 2 * len(paths) + 3)]
+                    if n.lower() not in taken and str((out_dir / f"{n}.png").resolve()).lower() not in inputs)
         taken.add(name.lower())
         r = max_side / max(H, W) if 0 < max_side < max(H, W) else 1
         # At least 16 pixels a side: the encoders (stride <= 8) then give GroupNorm more than one pixel per channel
@@ -357,13 +311,12 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
         present, counts = pred.unique(return_counts=True)
         shares = {int(c): 100 * int(n) / pred.numel() for c, n in zip(present, counts)}
         overlay = (image * 0.4 + torch.from_numpy(colours)[pred].permute(2, 0, 1) * 0.6).to(torch.uint8)
-        f = -(-MIN_TILE // max(H, W))  # ceil: tiny images upscaled (nearest) to >= MIN_TILE, legible
-        tiles = {"image": image, "prediction": overlay}
-        tiles = {t: v.permute(1, 2, 0).numpy().repeat(f, 0).repeat(f, 1) for t, v in tiles.items()}  # (fH, fW, 3)
+        tiles = {"image": image.permute(1, 2, 0).numpy(), "prediction": overlay.permute(1, 2, 0).numpy()}
         note = f"predicted at {w}×{h}, resized from {W}×{H}" if (h, w) != (H, W) else ""
-        results.append((out_dir / f"{name}.png", {class_names[c]: v for c, v in shares.items()}, note))
-        _save_png(_panel(tiles, "classes predicted", present.tolist(), class_names, num_seen, colours,
-                         {c: f" {v:.1f} %" for c, v in shares.items()}), results[-1][0])
+        top = sorted(shares.items(), key=lambda kv: -kv[1])  # the largest share first
+        results.append((out_dir / f"{name}.png", {class_names[c]: v for c, v in top}, note))
+        _panel(tiles, "classes predicted", present.tolist(), class_names, num_seen, colours,
+               {c: f" {v:.1f} %" for c, v in shares.items()}).save(results[-1][0])
     return results
 
 
@@ -448,46 +401,34 @@ def read_metrics(run_dir: Path, name: str = "metrics.json") -> dict:
     return out
 
 
-def _unusable(metrics: dict) -> str:
-    """Why a run's metrics cannot be tabulated, '' if they can: train.py writes {stage: {test set: {S, U, H,
-    per_class}}}, finite numbers."""
-    for stage, tests in metrics.items():
-        if stage not in SCORED_STAGES or not isinstance(tests, dict):
-            return f"stage {stage!r}: expected one of {', '.join(SCORED_STAGES)}, holding {{test set: metrics}}"
-        for test, m in tests.items():
-            if missing := [k for k in (*SMH, "per_class") if not isinstance(m, dict) or k not in m]:
-                return f"{stage} {test} lacks {', '.join(missing)}"
-            values = [(k, m[k]) for k in SMH] + [(f"per_class {c}", v) for c, v in dict(m["per_class"]).items()]
-            if bad := [k for k, v in values if type(v) not in (int, float) or not np.isfinite(v)]:
-                return f"{stage} {test}: {', '.join(bad)} not a finite number"
-    return ""
-
-
 def collect_runs(root) -> dict[str, dict[int, dict]]:
-    """``{name: {seed: metrics.json}}`` for every ``root/<name>/seed<k>/metrics.json``. Left out, each with a note
-    on stderr: a run ``_unusable`` names, one scored on other test sets than most runs, and one whose config.json
-    differs from most of its name's in a setting (as ``train.py --reproduce`` compares them, the seed aside)."""
-    found, metrics, why = {}, {}, {}  # {(name, seed): run folder}, {run folder: metrics, why it is left out}
+    """``{name: {seed: metrics.json}}`` of ``root/<name>/seed<k>``; a note on stderr leaves out a run of malformed or
+    infinite metrics, of other test sets than most, or of other settings (config.json) than most of its name's."""
+    found, metrics, why = {}, {}, {}  # {(name, seed): run folder}, {run folder: metrics}, {run folder: why left out}
     for path in sorted(Path(root).glob("*/seed*/metrics.json")):
         run, k = path.parent, path.parent.name[4:]
         if not (k.isascii() and k.isdigit()):
             raise ValueError(f"{run}: run folders must be named seed<k>, k an integer")
         if (key := (run.parent.name, int(k))) in found:
             raise ValueError(f"{found[key]} and {run} are both seed {int(k)} of {run.parent.name}; keep one")
-        found[key], metrics[run] = run, read_metrics(run)
-        why[run] = _unusable(metrics[run])
+        found[key], m = run, metrics.setdefault(run, read_metrics(run))
+        try:  # what the tables read: a KeyError, TypeError or AttributeError where train.py's layout is not
+            why[run] = ", ".join([f"stage {s!r} unknown" for s in m if s not in SCORED_STAGES] + [
+                f"{s} {t} {key} is {v}" for s, tests in m.items() for t, r in tests.items()
+                for key, v in [*((key, r[key]) for key in SMH), *r["per_class"].items()] if not np.isfinite(v)])
+        except (AttributeError, KeyError, TypeError) as e:
+            why[run] = f"not train.py's {{stage: {{test set: {{S, U, H, per_class}}}}}}: {type(e).__name__} {e}"
     def leave_out_the_odd(values: dict, reason):  # {run: value}: the runs whose value is not the most common
-        if not values:
-            return
-        common = json.loads(Counter(json.dumps(v, sort_keys=True) for v in values.values()).most_common(1)[0][0])
+        counts = Counter(json.dumps(v, sort_keys=True) for v in values.values())
+        common = json.loads(counts.most_common(1)[0][0]) if counts else None
         why.update({r: reason(v, common) for r, v in values.items() if v != common})
     leave_out_the_odd({r: sorted({t for s in m.values() for t in s}) for r, m in metrics.items() if not why[r] and m},
                       lambda v, common: f"test sets {v}, most runs' {common}")
     for name in {name for name, _ in found}:
-        configs = {r: {k: v for k, v in read_metrics(r, "config.json").items() if k not in SEED_FREE}
-                   for (n, _), r in found.items() if n == name and not why[r] and (r / "config.json").is_file()}
-        leave_out_the_odd(configs, lambda v, c: "other settings than most runs of its name (" + ", ".join(
-            f"{k}: {v.get(k)!r}, most {c.get(k)!r}" for k in sorted(v.keys() | c.keys()) if v.get(k) != c.get(k)) + ")")
+        leave_out_the_odd({r: {k: v for k, v in read_metrics(r, "config.json").items() if k not in SEED_FREE}
+                           for (n, _), r in found.items() if n == name and not why[r] and (r / "config.json").exists()},
+                          lambda v, c: "settings unlike most runs of its name: " + ", ".join(
+                              f"{k} {v.get(k)!r}" for k in sorted(v.keys() | c.keys()) if v.get(k) != c.get(k)))
     runs: dict[str, dict[int, dict]] = {}
     for (name, seed), run in found.items():
         if why[run]:
@@ -533,10 +474,9 @@ def reproduction_tables(root) -> str:
         v = list(_by_seed(runs, name, stage, t, key).values())
         return mean_std(v) + (f" (n = {len(v)})" if len(v) != n(name, stage) else "")
     def sim_params(name):  # SIM's parameter count (state-dict keys 'SIM.*'), from the run's first checkpoint
-        for path in sorted(root.glob(f"{name}/seed*/checkpoint_train.pt")):
-            state = read_checkpoint(path)["model"]
-            return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k"
-        return "–"
+        paths = sorted(root.glob(f"{name}/seed*/checkpoint_train.pt"))
+        state = read_checkpoint(paths[0])["model"] if paths else {}
+        return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k" if paths else "–"
     def table(title, first, rows, stage, keys, with_sim=False):  # a row per run; stage None: the run's last
         short = {"seen_miou": "seen", "unseen_miou": "unseen", "harmonic_miou": "H", "sky+water": "sky/water"}
         head = [first, "runs"] + ["SIM parameters"] * with_sim + [f"{short[k]} {t}" for t in tests for k in keys]
@@ -644,8 +584,11 @@ def main(argv=None) -> int:
         device = choose_device(args.device)
         model, ckpt = load_checkpoint(args.checkpoint, device)
         saved, S, out = ckpt["args"], model.num_seen, args.out or args.checkpoint.parent / "predictions"
-        if args.save_predictions:  # before the scoring, which may take hours
-            writable_folder(out)
+        try:  # before any work, a file in the first folder of out that exists (root may create folders in /proc)
+            if args.image or args.save_predictions:
+                tempfile.TemporaryFile(dir=next(p for p in (out, *out.parents) if p.exists())).close()
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot write files into this folder ({e.strerror or e})") from None
         if args.image:  # with the checkpoint's classes, normalisation and resolution rule
             kind, names = data.DATASETS[saved["dataset"]], ckpt["class_names"]
             for path, shares, note in predict_images(
@@ -653,8 +596,8 @@ def main(argv=None) -> int:
                     device=device, size=saved["test_sizes"][0] if saved["eval_res"] == "feature" else None,
                     palette=data.Shapes("test", num_images=1).palette if kind is data.Shapes else None,
                     max_side=args.max_side):
-                top = sorted(shares.items(), key=lambda kv: -kv[1])
-                print(f"{path}{note and f' ({note})'}: " + ", ".join(f"{n}{' (unseen)' * (names.index(n) >= S)} {v:.1f} %" for n, v in top))
+                print(f"{path}{note and f' ({note})'}: " + ", ".join(
+                    f"{n}{' (unseen)' * (names.index(n) >= S)} {v:.1f} %" for n, v in shares.items()))
             return 0
         dataset, root = args.dataset or saved["dataset"], args.data_root or saved["data_root"]
         same = dataset == saved["dataset"]  # the stored sizes belong to the stored dataset only
@@ -673,8 +616,8 @@ def main(argv=None) -> int:
                          data.build_dataset(dataset, "train", root=root, transform=data.eval_transform()))
             z = latent_statistics(model, train_set, num_images=n, device=device)
             print(f"latent z of {args.checkpoint} (alpha {saved['alpha']}, latent path {model.config['latent_path']}"
-                  f"), {z['pixels']} seen pixels of {z['images']} {dataset} training images: mean mu^2 {z['mu2']:.3g}, mean "
-                  f"sigma^2 {z['sigma2']:.4g}, SNR var(mu)/E[sigma^2] median {z['snr_median']:.3g} max "
+                  f"), {z['pixels']} seen pixels of {z['images']} {dataset} training images: mean mu^2 {z['mu2']:.3g}, "
+                  f"mean sigma^2 {z['sigma2']:.4g}, SNR var(mu)/E[sigma^2] median {z['snr_median']:.3g} max "
                   f"{z['snr_max']:.3g}; linear probe of the seen class (balanced accuracy) from z {z['probe_z']:.1f} "
                   f"%, from N(0, 1) noise {z['probe_noise']:.1f} %, from mu {z['probe_mu']:.1f} % (the ceiling)")
             return 0
@@ -687,7 +630,7 @@ def main(argv=None) -> int:
             paths = save_panels(model, ds, out / name, args.save_predictions, class_names=names, num_seen=S,
                                 device=device, label_map=label_map)
             print(f"wrote {len(paths)} panels to {out / name}")
-    except (CheckpointError, data.DatasetError, ValueError) as e:
+    except (CheckpointError, data.DatasetError, ValueError, OSError) as e:  # OSError: a file that cannot be written
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     return 0

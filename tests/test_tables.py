@@ -246,15 +246,15 @@ def settings(seed, **changed):  # a config.json as train.py writes it
 
 
 UNUSABLE = {  # a run's metrics.json (or config.json) -> what its note says
-    "lacks per_class": (lambda m: m["transfer"]["64"].pop("per_class"), "transfer 64 lacks per_class"),
-    "lacks seen_miou": (lambda m: m["transfer"]["128"].pop("seen_miou"), "transfer 128 lacks seen_miou"),
-    "numeric stage": (lambda m: m.update(transfer=5), "stage 'transfer': expected one of"),
-    "unknown stage": (lambda m: m.update({"1": m["transfer"]}), "stage '1': expected one of"),
-    "nan": (lambda m: m["transfer"]["64"].update(harmonic_miou=float("nan")), "harmonic_miou not a finite number"),
-    "inf": (lambda m: m["transfer"]["64"]["per_class"].update(sky=float("inf")), "per_class sky not a finite"),
+    "lacks per_class": (lambda m: m["transfer"]["64"].pop("per_class"), "KeyError 'per_class'"),
+    "lacks seen_miou": (lambda m: m["transfer"]["128"].pop("seen_miou"), "KeyError 'seen_miou'"),
+    "numeric stage": (lambda m: m.update(transfer=5), "'int' object has no attribute 'items'"),
+    "unknown stage": (lambda m: m.update({"1": m["transfer"]}), "stage '1' unknown"),
+    "nan": (lambda m: m["transfer"]["64"].update(harmonic_miou=float("nan")), "transfer 64 harmonic_miou is nan"),
+    "inf": (lambda m: m["transfer"]["64"]["per_class"].update(sky=float("inf")), "transfer 64 sky is inf"),
     "other test sets": (lambda m: m["transfer"].update({"32": m["transfer"].pop("64")}),
                         "test sets ['128', '32'], most runs' ['128', '64']"),
-    "other settings": (None, "other settings than most runs of its name (alpha: 3.0, most 10.0, iters: 5, most 2000)"),
+    "other settings": (None, "settings unlike most runs of its name: alpha 3.0, iters 5"),
 }
 
 
