@@ -308,14 +308,13 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
         x = TF.resize(image.float() / 255, [h, w], antialias=True) if (h, w) != (H, W) else image.float() / 255
         pred = model(TF.normalize(x, mean, std)[None].to(device)).argmax(1).cpu()  # (1, h, w)
         pred = TF.resize(pred, [H, W], interpolation=TF.InterpolationMode.NEAREST)[0]  # (H, W)
-        present, counts = pred.unique(return_counts=True)
-        shares = {int(c): 100 * int(n) / pred.numel() for c, n in zip(present, counts)}
-        overlay = (image * 0.4 + torch.from_numpy(colours)[pred].permute(2, 0, 1) * 0.6).to(torch.uint8)
+        shares = dict(sorted(((int(c), 100 * int(n) / pred.numel()) for c, n in zip(*pred.unique(return_counts=True))),
+                             key=lambda kv: -kv[1]))  # {class: % of pixels}, the largest first
+        overlay = (image * 0.4 + torch.from_numpy(colours)[pred].permute(2, 0, 1) * 0.6).to(torch.uint8)  # 60 % class
         tiles = {"image": image.permute(1, 2, 0).numpy(), "prediction": overlay.permute(1, 2, 0).numpy()}
         note = f"predicted at {w}×{h}, resized from {W}×{H}" if (h, w) != (H, W) else ""
-        top = sorted(shares.items(), key=lambda kv: -kv[1])  # the largest share first
-        results.append((out_dir / f"{name}.png", {class_names[c]: v for c, v in top}, note))
-        _panel(tiles, "classes predicted", present.tolist(), class_names, num_seen, colours,
+        results.append((out_dir / f"{name}.png", {class_names[c]: v for c, v in shares.items()}, note))
+        _panel(tiles, "classes predicted", sorted(shares), class_names, num_seen, colours,
                {c: f" {v:.1f} %" for c, v in shares.items()}).save(results[-1][0])
     return results
 
@@ -345,9 +344,8 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     if test.all() or not test.any():
         raise ValueError(f"latent_statistics: need labelled seen pixels in both halves of {n} images")
     g = torch.Generator().manual_seed(seed)
-    def pick(mask):  # at most max_pixels / 2 random pixels of the half
-        return mask.nonzero()[:, 0][torch.randperm(int(mask.sum()), generator=g)[:max_pixels // 2]]
-    fit, score = pick(~test), pick(test)
+    fit, score = (mask.nonzero()[:, 0][torch.randperm(int(mask.sum()), generator=g)[:max_pixels // 2]]
+                  for mask in (~test, test))  # at most max_pixels / 2 random pixels of each half
     snr = mu.var(0) / var.mean(0)  # (L,): Var over pixels of mu_c, against the mean of sigma_c^2
     stats = {"mu2": mu.pow(2).mean().item(), "sigma2": var.mean().item(), "snr_median": snr.median().item(),
              "snr_max": snr.max().item()}
@@ -357,9 +355,8 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     for name, v in (("z", z), ("noise", torch.randn(z.shape, generator=g)), ("mu", mu)):
         mean, std = v[fit].mean(0), v[fit].std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
         x, x_test = (v[fit] - mean) / std, (v[score] - mean) / std
-        probe = nn.Linear(x.shape[1], model.num_seen)
-        for p in probe.parameters():  # the loss is convex: zeros are as good a start as any
-            nn.init.zeros_(p)
+        probe = nn.Linear(x.shape[1], model.num_seen)  # from zeros: the loss is convex, any start is as good
+        probe.load_state_dict({k: torch.zeros_like(v) for k, v in probe.state_dict().items()})
         opt = torch.optim.Adam(probe.parameters(), lr=0.05)
         with torch.enable_grad():
             for _ in range(300):
@@ -539,8 +536,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Score a train.py checkpoint, draw its predictions, or tabulate the "
-                                "runs of 'python train.py --reproduce DIR'.")
+    p = argparse.ArgumentParser(description="Score a train.py checkpoint, draw its predictions, or tabulate runs.")
     a = p.add_argument
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a checkpoint_<stage>.pt written by train.py")
