@@ -305,8 +305,12 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
         r = max_side / max(H, W) if 0 < max_side < max(H, W) else 1
         # At least 16 pixels a side: the encoders (stride <= 8) then give GroupNorm more than one pixel per channel
         h, w = (size, size) if size else (max(16, round(H * r)), max(16, round(W * r)))
-        x = TF.resize(image.float() / 255, [h, w], antialias=True) if (h, w) != (H, W) else image.float() / 255
-        pred = model(TF.normalize(x, mean, std)[None].to(device)).argmax(1).cpu()  # (1, h, w)
+        x = (TF.resize(image, [h, w], antialias=True) if (h, w) != (H, W) else image).float() / 255  # resized as uint8
+        try:
+            pred = model(TF.normalize(x, mean, std)[None].to(device)).argmax(1).cpu()  # (1, h, w)
+        except RuntimeError as e:  # a failed allocation (attention grows with the square of the pixels) is one
+            raise ValueError(f"--image {path}: predicting at {w}×{h} failed ({str(e).splitlines()[0]}); a smaller "
+                             f"--max-side needs less memory") from None
         pred = TF.resize(pred, [H, W], interpolation=TF.InterpolationMode.NEAREST)[0]  # (H, W)
         shares = dict(sorted(((int(c), 100 * int(n) / pred.numel()) for c, n in zip(*pred.unique(return_counts=True))),
                              key=lambda kv: -kv[1]))  # {class: % of pixels}, the largest first

@@ -274,6 +274,18 @@ def test_max_side_predicts_a_large_image_smaller_and_draws_it_at_its_own_size(ma
         assert im.width == 2 * (300 + evaluate.GAP) + evaluate.GAP + evaluate.LEGEND_W and im.height >= 200
 
 
+@pytest.mark.cli
+def test_a_prediction_that_runs_out_of_memory_is_one_line_naming_the_image_and_max_side(checkpoint, tmp_path, capsys,
+                                                                                     monkeypatch):
+    def out_of_memory(self, x):  # what the CPU allocator raises for attention over a 6000 x 6000 image
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 81000000000000 bytes")
+    monkeypatch.setattr(SIGN, "forward", out_of_memory)
+    path = picture(tmp_path / "a.png")
+    assert evaluate.main(["--checkpoint", str(checkpoint[0]), "--image", str(path), "--max-side", "0",
+                          "--out", str(tmp_path / "out")]) == 2
+    one_line_error(capsys, f"--image {path}: predicting at 40×30", "can't allocate memory", "--max-side")
+
+
 def exif_rotated(path):  # 40 wide, 20 high on disk, left half red; orientation 6: shown rotated 90° clockwise
     a = np.zeros((20, 40, 3), np.uint8)
     a[:, :20, 0] = 255
