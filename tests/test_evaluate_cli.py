@@ -4,6 +4,8 @@ Marker ``metrics`` for the tests that build no model, ``slow`` for those that do
 a few seconds each). ``evaluate.test_sets`` is called through the module: imported by name,
 pytest would collect it as a test.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -241,10 +243,10 @@ def picture(path, size=(40, 30)):
 @pytest.mark.parametrize("what", ["--image", "--save-predictions"])
 def test_an_out_folder_that_cannot_be_written_is_one_line_naming_it(where, what, checkpoint, tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")
-    if "proc" in where and not evaluate.Path("/proc/self").is_dir():
+    if "proc" in where and not Path("/proc/self").is_dir():
         pytest.skip("needs Linux's /proc, where not even root can write")
-    out = {"below a file": tmp_path / "file.txt" / "sub", "in /proc": evaluate.Path("/proc/sign-panels"),
-           "/proc itself": evaluate.Path("/proc")}[where]
+    out = {"below a file": tmp_path / "file.txt" / "sub", "in /proc": Path("/proc/sign-panels"),
+           "/proc itself": Path("/proc")}[where]
     flags = ["--image", str(picture(tmp_path / "a.png"))] if what == "--image" else ["--save-predictions", "1"]
     assert evaluate.main(["--checkpoint", str(checkpoint[0]), "--device", "cpu", *flags, "--out", str(out)]) == 2
     one_line_error(capsys, f"--out {out}")
@@ -258,7 +260,7 @@ def test_an_image_over_the_decompression_bomb_bound_is_refused_in_one_line(side,
     assert evaluate.main(["--checkpoint", str(checkpoint[0]), "--image", str(tmp_path / "bomb.png"),
                           "--out", str(tmp_path / "out")]) == 2
     one_line_error(capsys, f"--image {tmp_path / 'bomb.png'}", "decompression bomb")
-    assert not (tmp_path / "out").exists() and evaluate.Image.MAX_IMAGE_PIXELS == 89478485  # PIL's, untouched
+    assert not (tmp_path / "out").exists() and Image.MAX_IMAGE_PIXELS == 89478485  # PIL's, untouched
 
 
 @pytest.mark.cli
