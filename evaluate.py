@@ -398,7 +398,7 @@ def read_metrics(run_dir: Path, name: str = "metrics.json") -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); expected train.py's {name}") from e
     if not isinstance(out, dict):
-        raise ValueError(f"{path} holds a JSON {type(out).__name__}; expected train.py's {name}, an object")
+        raise ValueError(f"{path} holds {json.dumps(out)[:40]}; expected train.py's {name}, a JSON object")
     return out
 
 

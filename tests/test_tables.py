@@ -237,7 +237,7 @@ def test_a_metrics_file_that_is_not_an_object_is_one_line_naming_it(content, tmp
     (tmp_path / "sign" / "seed0" / "metrics.json").write_text(content)
     assert evaluate.main(["--tables", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"{tmp_path / 'sign' / 'seed0' / 'metrics.json'} holds a JSON" in err
+    assert len(err.splitlines()) == 1 and f"{tmp_path / 'sign' / 'seed0' / 'metrics.json'} holds {content};" in err
 
 
 def settings(seed, **changed):  # a config.json as train.py writes it
