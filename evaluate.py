@@ -1,30 +1,22 @@
-"""The GZSL metric (paper section 4.2), the test loop that scores a model, and the evaluation CLI.
+"""The GZSL metric (paper section 4.2), the test loop that scores a model, and the evaluation CLI. In reading order:
+the metric (confusion_matrix, gzsl_miou), the test loop (evaluate_model, test_sets, evaluate_sets), checkpoints
+(scored_classes, read_ / load_checkpoint), pictures (save_panels, ``--image``: predict_images), what z carries
+(latent_statistics), the tables of ``train.py --reproduce`` run folders (reproduction_tables, CLAIMS), main.
 
-Reading order
-    the metric      confusion_matrix, harmonic, gzsl_miou: (K, K) pixel counts -> per-class IoU, S, U, H
-    the test loop   evaluate_model, test_sets, evaluate_sets (sharded under torchrun); format_table, as_metrics
-    checkpoints     scored_classes (a checkpoint's classes against the dataset's), read_ / load_checkpoint
-    pictures        save_panels (image | ground truth | prediction), predict_images (``--image``, any file)
-    what z carries  latent_statistics (``--latent-stats``)
-    tables          reproduction_tables, CLAIMS: ``train.py --reproduce`` run folders -> Tables 1-4, Fig. 5
-    CLI             main; settings default to those stored in the checkpoint
-
-Convention (PROTOCOL section 5), pinned by ``tests/test_metrics.py``
-    One confusion matrix per test set (rows ground truth t, columns prediction p), never averaged over images;
-    pixels labelled ``ignore_index`` (255, also VOC's background) never count. IoU_c = TP_c / (TP_c + FP_c + FN_c)
-    in %; a class absent from both ground truth and prediction has no IoU (the means skip it, ``per_class`` omits
-    it), one only predicted has IoU 0. S, U = mean IoU of the present seen / unseen classes (0 if none);
-    H = 2 S U / (S + U), 0 if S or U is 0. ``eval_res="full"`` (default) scores logits upsampled bilinearly to the
-    label; ``"feature"`` (ZS3Net, CaGNet) warps images to 513 x 513 and scores the feature-map logits at their size.
-
-Symbols
-    K            number of classes, seen first then unseen (``data.py``'s model order)
-    C^S, C^U     ``seen``, ``unseen``: disjoint lists of class indices covering range(K)
-    S, U, H      ``seen_miou``, ``unseen_miou``, ``harmonic_miou`` (percent)
+Convention (PROTOCOL section 5, pinned by ``tests/test_metrics.py``): one confusion matrix per test set (rows ground
+truth t, columns prediction p), never averaged over images; pixels labelled ``ignore_index`` (255, also VOC's
+background) never count. IoU_c = TP_c / (TP_c + FP_c + FN_c) in %; a class absent from both ground truth and
+prediction has no IoU (the means skip it, ``per_class`` omits it), one only predicted has IoU 0. S (``seen_miou``),
+U = mean IoU of the present seen / unseen classes of the K (seen first; 0 if none); H = 2 S U / (S + U), 0 if S or U
+is 0. ``eval_res="full"`` (default) scores logits upsampled bilinearly to the label; ``"feature"`` (ZS3Net, CaGNet)
+warps images to 513 x 513 and scores the feature-map logits at their size.
 """
 import argparse
 import json
 import sys
+import tempfile
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -32,11 +24,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.transforms.v2 import functional as TF
-from torchvision.utils import draw_segmentation_masks
 from tqdm import tqdm
 
 import data
@@ -47,8 +38,7 @@ GAP, LEGEND_W, ROW, MIN_TILE = 4, 200, 14, 128  # the pictures, in pixels: spaci
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """confusion[t, p], (K, K) int64 on the inputs' device, from integer ``pred`` and ``target`` of one
-    shape, e.g. (B, H, W). Pixels whose target is ``ignore_index`` are dropped; the rest lie in [0, K)."""
+    """confusion[t, p], (K, K) int64, of integer ``pred``, ``target`` of one shape; ``ignore_index`` pixels dropped."""
     K = num_classes
     if K < 1 or pred.shape != target.shape or pred.is_floating_point() or target.is_floating_point():
         raise ValueError(f"confusion_matrix: num_classes must be >= 1 and pred, target integer class indices of the "
@@ -82,8 +72,7 @@ def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> 
         raise ValueError(f"gzsl_miou: seen {list(seen)} and unseen {list(unseen)} must split the classes "
                          f"[0, {K}) into disjoint lists, each class once")
     n = confusion.detach().to("cpu", torch.float64)  # (K, K); float64: a test set's ~10^10 pixel counts stay exact
-    tp = n.diagonal()  # (K,)
-    union = n.sum(0) + n.sum(1) - tp  # (K,) predicted as c or labelled c: TP + FP + FN
+    tp, union = n.diagonal(), n.sum(0) + n.sum(1) - n.diagonal()  # (K,) each; union: TP + FP + FN
     per_class = {c: 100.0 * tp[c].item() / union[c].item() for c in range(K) if union[c] > 0}
     present = [[per_class[c] for c in classes if c in per_class] for classes in (seen, unseen)]
     S, U = (sum(ious) / len(ious) if ious else 0.0 for ious in present)
@@ -144,8 +133,7 @@ def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], n
                   device: torch.device | str, eval_res: str = "full", batch_size: int = 16, workers: int = 0,
                   quiet: bool = False, title: str = "", label_map: Tensor | None = None) -> dict[str, dict]:
     """evaluate_model -> gzsl_miou -> printed format_table per set: ``{name: as_metrics}``; [0, num_seen) seen."""
-    K, metrics = len(class_names), {}
-    seen, unseen = list(range(num_seen)), list(range(num_seen, K))
+    K, metrics, seen, unseen = len(class_names), {}, list(range(num_seen)), list(range(num_seen, len(class_names)))
     distributed = dist.is_available() and dist.is_initialized()  # under torchrun: each rank scores a shard
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     for name, dataset in sets.items():  # real images differ in size, so they go one at a time
@@ -190,8 +178,7 @@ def scored_classes(model_names: Sequence[str], dataset_names: Sequence[str], num
                               f"dataset's ({', '.join(dataset_names[:num_seen])})")
     names = list(model_names) + [n for n in dataset_names if n.lower() not in known]
     order = [[m.lower() for m in names].index(n.lower()) for n in dataset_names]  # dataset id -> scored index
-    identity = order == list(range(len(order)))
-    return names, None if identity else torch.tensor(order + [IGNORE_INDEX] * (256 - len(order)))
+    return names, None if order == [*range(len(order))] else torch.tensor(order + [IGNORE_INDEX] * (256 - len(order)))
 
 
 class CheckpointError(Exception):
@@ -238,9 +225,11 @@ def choose_device(name: str | None) -> torch.device:
 
 def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], class_names: Sequence[str],
            num_seen: int, colours: np.ndarray, notes: dict | None = None) -> Image.Image:
-    """``tiles`` {title: (H, W, 3) uint8} side by side under their titles, then the legend: ``heading`` and a
-    row per class in ``present`` (colour, name, ``notes[c]``), unseen classes marked "(unseen)" in red."""
+    """``tiles`` {title: (H, W, 3) uint8} side by side under titles, a legend of ``present`` (``notes``), unseen red."""
+    f = -(-MIN_TILE // max(next(iter(tiles.values())).shape[:2]))  # ceil: tiny tiles upscaled (nearest), legible
+    tiles = {title: t.repeat(f, 0).repeat(f, 1) for title, t in tiles.items()}  # (fH, fW, 3) each
     h, w = next(iter(tiles.values())).shape[:2]
+    w = max(w, MIN_TILE)  # a column at least MIN_TILE wide: the titles of narrow tiles do not overlap
     x = len(tiles) * (w + GAP) + GAP  # the legend's left edge
     panel = Image.new("RGB", (x + LEGEND_W, ROW + max(h, len(present) * ROW) + GAP), "white")
     draw = ImageDraw.Draw(panel)
@@ -271,42 +260,65 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
         label = label if label_map is None else label_map[label.long()]
         pred = model(image[None].to(device)).argmax(1)[0].cpu().numpy()  # (H, W)
         rgb = ((image * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
-        f = -(-MIN_TILE // label.shape[0])  # ceil: small images upscaled (nearest) to >= MIN_TILE rows, legible
-        tiles = {title: t.repeat(f, 0).repeat(f, 1) for title, t in  # (fH, fW, 3) each
-                 (("image", rgb), ("ground truth", colours[label.numpy()]), ("prediction", colours[pred]))}
+        tiles = {"image": rgb, "ground truth": colours[label.numpy()], "prediction": colours[pred]}  # (H, W, 3) each
         present = sorted((set(label.unique().tolist()) - {IGNORE_INDEX}) | set(np.unique(pred).tolist()))
         paths.append(out_dir / f"{i:04d}.png")
         _panel(tiles, "classes (GT or prediction)", present, class_names, num_seen, colours).save(paths[-1])
     return paths
 
 
+def read_image(path) -> Tensor:
+    """(3, H, W) uint8 RGB, upright (EXIF), refused over PIL's Image.MAX_IMAGE_PIXELS (decompression bombs); modes
+    "I;16", "I" (16-bit PNG) are divided by 65535, "F" (float) kept in [0, 1], else min-max scaled to it."""
+    try:
+        with warnings.catch_warnings():  # between the bound and twice the bound PIL only warns
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = ImageOps.exif_transpose(Image.open(path))  # decodes: a broken file fails here
+        if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+            return TF.pil_to_tensor(image.convert("RGB"))
+    except Exception as e:  # PIL raises many types for a broken, foreign or too large file
+        raise ValueError(f"--image {path}: not a readable image ({getattr(e, 'strerror', None) or e})") from None
+    a = np.asarray(image, np.float32)  # (H, W)
+    if not np.isfinite(a).all():
+        raise ValueError(f"--image {path}: holds NaN or infinite pixel values; expected finite ones")
+    lo, hi = (0, 65535) if image.mode != "F" else (0, 1) if 0 <= a.min() <= a.max() <= 1 else (a.min(), a.max())
+    a = ((a - lo) / max(hi - lo, 1e-12)).clip(0, 1)  # a float image outside [0, 1], e.g. depth: its own range
+    return torch.from_numpy((a * 255).round().astype(np.uint8)).expand(3, -1, -1)
+
+
 @torch.inference_mode()
 def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: Sequence[str], num_seen: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str, size: int | None = None,
-                   palette: np.ndarray | None = None) -> list[tuple[Path, dict[str, float]]]:
-    """Each image file predicted at its own size (or warped to ``size`` x ``size`` and back: eval_res feature) into
-    ``out_dir/<stem>.png``: image | prediction overlaid, legend. Returns [(file, {class name: % of pixels})]."""
+                   palette: np.ndarray | None = None, max_side: int = 0) -> list[tuple[Path, dict[str, float], str]]:
+    """Each image file predicted at its size, its longer side cut to ``max_side`` (0: never) or warped to ``size``
+    (eval_res feature), into ``out_dir/<stem>.png``: image | prediction, legend. [(file, {class: %}, size note)]."""
     colours, out_dir, results = data.label_colours(len(class_names), palette), Path(out_dir), []
-    images = []  # (3, H, W) uint8 each; every file is read before any is predicted
-    for path in paths:
-        try:  # convert decodes: a broken file fails here
-            images.append(TF.pil_to_tensor(Image.open(path).convert("RGB")))
-        except (OSError, SyntaxError, ValueError) as e:
-            raise ValueError(f"--image {path}: not a readable image ({getattr(e, 'strerror', None) or e})") from None
+    images = [read_image(path) for path in paths]  # (3, H, W) uint8 each; every file is read before any is predicted
+    inputs, taken = {str(Path(p).resolve()).lower() for p in paths}, set()  # lower: case-insensitive file systems
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     for path, image in zip(paths, images):
-        x = TF.normalize(image.float() / 255, mean, std)[None]  # (1, 3, H, W)
-        x = TF.resize(x, [size, size], antialias=True) if size else x
-        pred = model(x.to(device)).argmax(1).cpu()  # (1, h, w)
-        pred = TF.resize(pred, list(image.shape[-2:]), interpolation=TF.InterpolationMode.NEAREST)[0]  # (H, W)
-        present, counts = pred.unique(return_counts=True)
-        shares = {int(c): 100 * int(n) / pred.numel() for c, n in zip(present, counts)}
-        overlay = draw_segmentation_masks(image, pred[None] == present[:, None, None], alpha=0.6,
-                                          colors=[tuple(map(int, colours[c])) for c in present])
+        (H, W), stem = image.shape[-2:], Path(path).stem  # <stem>-2 ... where names clash or an input would go
+        name = next(n for n in [stem] + [f"{stem}-{k}" for k in range(2, 2 * len(paths) + 3)]
+                    if n.lower() not in taken and str((out_dir / f"{n}.png").resolve()).lower() not in inputs)
+        taken.add(name.lower())
+        r = max_side / max(H, W) if 0 < max_side < max(H, W) else 1
+        # At least 16 pixels a side: the encoders (stride <= 8) then give GroupNorm more than one pixel per channel
+        h, w = (size, size) if size else (max(16, round(H * r)), max(16, round(W * r)))
+        x = (TF.resize(image, [h, w], antialias=True) if (h, w) != (H, W) else image).float() / 255  # resized as uint8
+        try:
+            pred = model(TF.normalize(x, mean, std)[None].to(device)).argmax(1).cpu()  # (1, h, w)
+        except RuntimeError as e:  # a failed allocation (attention grows with the square of the pixels) is one
+            raise ValueError(f"--image {path}: predicting at {w}×{h} failed ({str(e).splitlines()[0]}); a smaller "
+                             f"--max-side needs less memory") from None
+        pred = TF.resize(pred, [H, W], interpolation=TF.InterpolationMode.NEAREST)[0]  # (H, W)
+        shares = dict(sorted(((int(c), 100 * int(n) / pred.numel()) for c, n in zip(*pred.unique(return_counts=True))),
+                             key=lambda kv: -kv[1]))  # {class: % of pixels}, the largest first
+        overlay = (image * 0.4 + torch.from_numpy(colours)[pred].permute(2, 0, 1) * 0.6).to(torch.uint8)  # 60 % class
         tiles = {"image": image.permute(1, 2, 0).numpy(), "prediction": overlay.permute(1, 2, 0).numpy()}
-        results.append((out_dir / f"{Path(path).stem}.png", {class_names[c]: v for c, v in shares.items()}))
-        _panel(tiles, "classes predicted", present.tolist(), class_names, num_seen, colours,
+        note = f"predicted at {w}×{h}, resized from {W}×{H}" if (h, w) != (H, W) else ""
+        results.append((out_dir / f"{name}.png", {class_names[c]: v for c, v in shares.items()}, note))
+        _panel(tiles, "classes predicted", sorted(shares), class_names, num_seen, colours,
                {c: f" {v:.1f} %" for c, v in shares.items()}).save(results[-1][0])
     return results
 
@@ -336,9 +348,8 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     if test.all() or not test.any():
         raise ValueError(f"latent_statistics: need labelled seen pixels in both halves of {n} images")
     g = torch.Generator().manual_seed(seed)
-    def pick(mask):  # at most max_pixels / 2 random pixels of the half
-        return mask.nonzero()[:, 0][torch.randperm(int(mask.sum()), generator=g)[:max_pixels // 2]]
-    fit, score = pick(~test), pick(test)
+    fit, score = (mask.nonzero()[:, 0][torch.randperm(int(mask.sum()), generator=g)[:max_pixels // 2]]
+                  for mask in (~test, test))  # at most max_pixels / 2 random pixels of each half
     snr = mu.var(0) / var.mean(0)  # (L,): Var over pixels of mu_c, against the mean of sigma_c^2
     stats = {"mu2": mu.pow(2).mean().item(), "sigma2": var.mean().item(), "snr_median": snr.median().item(),
              "snr_max": snr.max().item()}
@@ -348,9 +359,8 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     for name, v in (("z", z), ("noise", torch.randn(z.shape, generator=g)), ("mu", mu)):
         mean, std = v[fit].mean(0), v[fit].std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
         x, x_test = (v[fit] - mean) / std, (v[score] - mean) / std
-        probe = nn.Linear(x.shape[1], model.num_seen)
-        for p in probe.parameters():  # the loss is convex: zeros are as good a start as any
-            nn.init.zeros_(p)
+        probe = nn.Linear(x.shape[1], model.num_seen)  # from zeros: the loss is convex, any start is as good
+        probe.load_state_dict({k: torch.zeros_like(v) for k, v in probe.state_dict().items()})
         opt = torch.optim.Adam(probe.parameters(), lr=0.05)
         with torch.enable_grad():
             for _ in range(300):
@@ -360,9 +370,12 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
         pred, y_test = probe(x_test).argmax(1), y[score]
         recalls = [(pred[y_test == c] == c).float().mean() for c in y_test.unique()]  # balanced: mean recall
         stats[f"probe_{name}"] = 100 * float(np.mean(recalls))
-    return stats | {"pixels": len(fit) + len(score)}
+    return stats | {"pixels": len(fit) + len(score), "images": n}
 
 
+SMH = ("seen_miou", "unseen_miou", "harmonic_miou")
+SCORED_STAGES = ("train", "transfer", "self_training")  # the stages of a metrics.json
+SEED_FREE = ("out", "resume", "init_from", "device", "quiet", "seed")  # settings the runs of a name may differ in
 TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5's AST temperatures: runs sign-ast-T<T>
 # The paper's claims, paired by seed (runs with one seed share the benchmark, batches and test set, which A - B
 # cancels): (claim, (run, stage) of A, (run, stage) of B, test size "first" or "new", key)
@@ -377,22 +390,52 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
          12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # Student's t, 97.5 % quantile, by degrees of freedom
 
 
-def read_metrics(run_dir: Path) -> dict:
-    """A run folder's metrics.json, {} if it has none yet; a ValueError if it is not valid JSON."""
-    path = run_dir / "metrics.json"
+def read_metrics(run_dir: Path, name: str = "metrics.json") -> dict:
+    """A run folder's metrics.json (or ``name``), {} if it has none yet; a ValueError if it is not a JSON object."""
+    path = run_dir / name
     try:
-        return json.loads(path.read_text()) if path.is_file() else {}
+        out = json.loads(path.read_text()) if path.is_file() else {}
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); expected train.py's metrics.json") from e
+        raise ValueError(f"{path} is not valid JSON ({e}); expected train.py's {name}") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} holds {json.dumps(out)[:40]}; expected train.py's {name}, a JSON object")
+    return out
 
 
 def collect_runs(root) -> dict[str, dict[int, dict]]:
-    """``{name: {seed: metrics.json}}`` for every ``root/<name>/seed<k>/metrics.json``."""
-    runs: dict[str, dict[int, dict]] = {}
+    """``{name: {seed: metrics.json}}`` of ``root/<name>/seed<k>``; a note on stderr leaves out a run of malformed or
+    infinite metrics, of other test sets than most, or of other settings (config.json) than most of its name's."""
+    found, metrics, why = {}, {}, {}  # {(name, seed): run folder}, {run folder: metrics}, {run folder: why left out}
     for path in sorted(Path(root).glob("*/seed*/metrics.json")):
-        if not path.parent.name[4:].isdigit():
-            raise ValueError(f"{path.parent}: run folders must be named seed<k>, k an integer")
-        runs.setdefault(path.parent.parent.name, {})[int(path.parent.name[4:])] = read_metrics(path.parent)
+        run, k = path.parent, path.parent.name[4:]
+        if not (k.isascii() and k.isdigit()):
+            raise ValueError(f"{run}: run folders must be named seed<k>, k an integer")
+        if (key := (run.parent.name, int(k))) in found:
+            raise ValueError(f"{found[key]} and {run} are both seed {int(k)} of {run.parent.name}; keep one")
+        found[key], m = run, metrics.setdefault(run, read_metrics(run))
+        try:  # what the tables read: a KeyError, TypeError or AttributeError where train.py's layout is not
+            why[run] = ", ".join([f"stage {s!r} unknown" for s in m if s not in SCORED_STAGES] + [
+                f"{s} {t} {key} is {v}" for s, tests in m.items() for t, r in tests.items()
+                for key, v in [*((key, r[key]) for key in SMH), *r["per_class"].items()] if not np.isfinite(v)])
+        except (AttributeError, KeyError, TypeError) as e:
+            why[run] = f"not train.py's {{stage: {{test set: {{S, U, H, per_class}}}}}}: {type(e).__name__} {e}"
+    def leave_out_the_odd(values: dict, reason):  # {run: value}: the runs whose value is not the most common
+        counts = Counter(json.dumps(v, sort_keys=True) for v in values.values())
+        common = json.loads(counts.most_common(1)[0][0]) if counts else None
+        why.update({r: reason(v, common) for r, v in values.items() if v != common})
+    leave_out_the_odd({r: sorted({t for s in m.values() for t in s}) for r, m in metrics.items() if not why[r] and m},
+                      lambda v, common: f"test sets {v}, most runs' {common}")
+    for name in {name for name, _ in found}:
+        leave_out_the_odd({r: {k: v for k, v in read_metrics(r, "config.json").items() if k not in SEED_FREE}
+                           for (n, _), r in found.items() if n == name and not why[r] and (r / "config.json").exists()},
+                          lambda v, c: "settings unlike most runs of its name: " + ", ".join(
+                              f"{k} {v.get(k)!r}" for k in sorted(v.keys() | c.keys()) if v.get(k) != c.get(k)))
+    runs: dict[str, dict[int, dict]] = {}
+    for (name, seed), run in found.items():
+        if why[run]:
+            print(f"tables: left out {run}: {why[run]}", file=sys.stderr)
+        else:
+            runs.setdefault(name, {})[seed] = metrics[run]
     return runs
 
 
@@ -432,10 +475,9 @@ def reproduction_tables(root) -> str:
         v = list(_by_seed(runs, name, stage, t, key).values())
         return mean_std(v) + (f" (n = {len(v)})" if len(v) != n(name, stage) else "")
     def sim_params(name):  # SIM's parameter count (state-dict keys 'SIM.*'), from the run's first checkpoint
-        for path in sorted(root.glob(f"{name}/seed*/checkpoint_train.pt")):
-            state = read_checkpoint(path)["model"]
-            return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k"
-        return "–"
+        paths = sorted(root.glob(f"{name}/seed*/checkpoint_train.pt"))
+        state = read_checkpoint(paths[0])["model"] if paths else {}
+        return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k" if paths else "–"
     def table(title, first, rows, stage, keys, with_sim=False):  # a row per run; stage None: the run's last
         short = {"seen_miou": "seen", "unseen_miou": "unseen", "harmonic_miou": "H", "sky+water": "sky/water"}
         head = [first, "runs"] + ["SIM parameters"] * with_sim + [f"{short[k]} {t}" for t in tests for k in keys]
@@ -444,19 +486,18 @@ def reproduction_tables(root) -> str:
                 for label, name in rows]
         return [f"\n**{title[0]}** ({title[1]})\n", markdown(head, body)]
 
-    smh = ("seen_miou", "unseen_miou", "harmonic_miou")
     sims = [(sim, f"sim-{sim}") for sim in ("conv", "attention", "self-attention")] + [("multihead", "sign")]
     out = [f"Seeds found: {sorted({s for r in runs.values() for s in r})}. Cells: mean ± sample standard "
            "deviation over the seeds that finished the row's stage (runs = how many)."]
     out += table(("Table 1", "seen / unseen / harmonic mIoU, %, per test size"), "method",
                  [("ZS3Net", "zs3net"), ("ZS3Net + ST", "zs3net-st"), ("CaGNet", "cagnet"),
                   ("CaGNet + ST", "cagnet-st"), ("SIGN", "sign"), ("SIGN + ST", "sign-st"),
-                  ("SIGN + AST (T = 2)", "sign-ast-T2")], None, smh)
+                  ("SIGN + AST (T = 2)", "sign-ast-T2")], None, SMH)
     out += table(("Table 2", "SIM architecture, after the transfer step"), "SIM", sims, "transfer",
                  ("harmonic_miou",), with_sim=True)
     out += table(("Table 3", "positional encoding, after the transfer step; sky/water = mean IoU of the two"), "PE",
                  [("none", "pe-none"), ("APE", "pe-ape"), ("APE + interp.", "pe-ape-interp"), ("RPE", "sign")],
-                 "transfer", smh + ("sky+water",))
+                 "transfer", SMH + ("sky+water",))
     out += ["\n**Table 4** (seen mIoU before the transfer step; runs: "
             + ", ".join(f"{label} {n(name, 'train')}" for label, name in [("w/o SIM", "zs3net")] + sims) + ")\n",
             markdown(["test", "w/o SIM"] + [label for label, _ in sims],
@@ -499,8 +540,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Score a train.py checkpoint, draw its predictions, or tabulate the "
-                                "runs of 'python train.py --reproduce DIR'.")
+    p = argparse.ArgumentParser(description="Score a train.py checkpoint, draw its predictions, or tabulate runs.")
     a = p.add_argument
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", type=Path, help="a checkpoint_<stage>.pt written by train.py")
@@ -520,6 +560,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     a("--out", type=Path, help="folder of the panels or --image pictures (default: <checkpoint folder>/predictions)")
     a("--image", type=Path, nargs="+", metavar="PATH", help="instead of scoring: predict on these image files, any "
       "size, write <out>/<stem>.png (image | prediction overlaid, legend) and print each class's share")
+    a("--max-side", type=int, default=512, metavar="PIXELS", help="--image: predict at this longer side where the "
+      "image's is longer (default 512, the paper's test scale; attention memory grows with its square; 0: never)")
     a("--latent-stats", type=int, nargs="?", const=400, metavar="IMAGES", help="instead of scoring: what SIM's z "
       "carries on the first IMAGES training images (default 400; README 'What z carries')")
     return p
@@ -535,22 +577,27 @@ def main(argv=None) -> int:
             return 0
         for flag, values, low in (("--save-predictions", [args.save_predictions], 0), ("--size", args.size, 8),
                                   ("--num-test", args.num_test, 1), ("--test-seed", [args.test_seed], 0),
-                                  ("--latent-stats", [1 if args.latent_stats is None else args.latent_stats], 1)):
+                                  ("--latent-stats", [1 if args.latent_stats is None else args.latent_stats], 1),
+                                  ("--max-side", [args.max_side], 0)):
             if any(v < low for v in values or ()):
                 raise ValueError(f"{flag} must be >= {low}, got {' '.join(map(str, values))}")
-        if args.out and args.out.exists() and not args.out.is_dir():
-            raise ValueError(f"--out {args.out} is a file; expected the folder for the panels")
         device = choose_device(args.device)
         model, ckpt = load_checkpoint(args.checkpoint, device)
         saved, S, out = ckpt["args"], model.num_seen, args.out or args.checkpoint.parent / "predictions"
+        try:  # before any work, a file in the first folder of out that exists (root may create folders in /proc)
+            if args.image or args.save_predictions:
+                tempfile.TemporaryFile(dir=next(p for p in (out, *out.parents) if p.exists())).close()
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot write files into this folder ({e.strerror or e})") from None
         if args.image:  # with the checkpoint's classes, normalisation and resolution rule
             kind, names = data.DATASETS[saved["dataset"]], ckpt["class_names"]
-            for path, shares in predict_images(
+            for path, shares, note in predict_images(
                     model, args.image, out, class_names=names, num_seen=S, mean=kind.mean, std=kind.std,
                     device=device, size=saved["test_sizes"][0] if saved["eval_res"] == "feature" else None,
-                    palette=data.Shapes("test", num_images=1).palette if kind is data.Shapes else None):
-                top = sorted(shares.items(), key=lambda kv: -kv[1])
-                print(f"{path}: " + ", ".join(f"{n}{' (unseen)' * (names.index(n) >= S)} {v:.1f} %" for n, v in top))
+                    palette=data.Shapes("test", num_images=1).palette if kind is data.Shapes else None,
+                    max_side=args.max_side):
+                print(f"{path}{note and f' ({note})'}: " + ", ".join(
+                    f"{n}{' (unseen)' * (names.index(n) >= S)} {v:.1f} %" for n, v in shares.items()))
             return 0
         dataset, root = args.dataset or saved["dataset"], args.data_root or saved["data_root"]
         same = dataset == saved["dataset"]  # the stored sizes belong to the stored dataset only
@@ -569,8 +616,8 @@ def main(argv=None) -> int:
                          data.build_dataset(dataset, "train", root=root, transform=data.eval_transform()))
             z = latent_statistics(model, train_set, num_images=n, device=device)
             print(f"latent z of {args.checkpoint} (alpha {saved['alpha']}, latent path {model.config['latent_path']}"
-                  f"), {z['pixels']} seen pixels of {n} {dataset} training images: mean mu^2 {z['mu2']:.3g}, mean "
-                  f"sigma^2 {z['sigma2']:.4g}, SNR var(mu)/E[sigma^2] median {z['snr_median']:.3g} max "
+                  f"), {z['pixels']} seen pixels of {z['images']} {dataset} training images: mean mu^2 {z['mu2']:.3g}, "
+                  f"mean sigma^2 {z['sigma2']:.4g}, SNR var(mu)/E[sigma^2] median {z['snr_median']:.3g} max "
                   f"{z['snr_max']:.3g}; linear probe of the seen class (balanced accuracy) from z {z['probe_z']:.1f} "
                   f"%, from N(0, 1) noise {z['probe_noise']:.1f} %, from mu {z['probe_mu']:.1f} % (the ceiling)")
             return 0
@@ -583,7 +630,7 @@ def main(argv=None) -> int:
             paths = save_panels(model, ds, out / name, args.save_predictions, class_names=names, num_seen=S,
                                 device=device, label_map=label_map)
             print(f"wrote {len(paths)} panels to {out / name}")
-    except (CheckpointError, data.DatasetError, ValueError) as e:
+    except (CheckpointError, data.DatasetError, ValueError, OSError) as e:  # OSError: a file that cannot be written
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     return 0

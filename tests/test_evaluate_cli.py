@@ -4,6 +4,8 @@ Marker ``metrics`` for the tests that build no model, ``slow`` for those that do
 a few seconds each). ``evaluate.test_sets`` is called through the module: imported by name,
 pytest would collect it as a test.
 """
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from PIL import Image, ImageDraw
 import data
 import evaluate
 from sign import SIGN
+from test_data import write_jpeg, write_label
 
 SIZE = 32  # the tiny checkpoint's shapes test size
 TINY = dict(encoder="small", feat_dim=16, pe_dim=8, heads=2, hidden=16, small_width=8)
@@ -220,3 +223,145 @@ def test_main_scores_an_independently_drawn_test_set_of_the_size_asked_for(check
     assert evaluate.main(["--checkpoint", str(path), "--device", "cpu", "--test-seed", "7", "--num-test", "3"]) == 0
     assert (drawn[0]["seed"], drawn[0]["num_images"], drawn[0]["layout"]) == (7, [3], "uniform")  # the checkpoint's
     assert f"test set {SIZE}" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- bad or hostile input (cli)
+def one_line_error(capsys, *named: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert all(text in err for text in named), (named, err)
+    return err
+
+
+def picture(path, size=(40, 30)):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("where", ["below a file", "in /proc", "/proc itself"])
+@pytest.mark.parametrize("what", ["--image", "--save-predictions"])
+def test_an_out_folder_that_cannot_be_written_is_one_line_naming_it(where, what, checkpoint, tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("x")
+    if "proc" in where and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc, where not even root can write")
+    out = {"below a file": tmp_path / "file.txt" / "sub", "in /proc": Path("/proc/sign-panels"),
+           "/proc itself": Path("/proc")}[where]
+    flags = ["--image", str(picture(tmp_path / "a.png"))] if what == "--image" else ["--save-predictions", "1"]
+    assert evaluate.main(["--checkpoint", str(checkpoint[0]), "--device", "cpu", *flags, "--out", str(out)]) == 2
+    one_line_error(capsys, f"--out {out}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "file.txt"][what != "--image":]
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("side, mode", [(14000, "1"), (10000, "1")])  # over twice PIL's bound, and over it
+def test_an_image_over_the_decompression_bomb_bound_is_refused_in_one_line(side, mode, checkpoint, tmp_path, capsys):
+    Image.new(mode, (side, side)).save(tmp_path / "bomb.png")
+    assert evaluate.main(["--checkpoint", str(checkpoint[0]), "--image", str(tmp_path / "bomb.png"),
+                          "--out", str(tmp_path / "out")]) == 2
+    one_line_error(capsys, f"--image {tmp_path / 'bomb.png'}", "decompression bomb")
+    assert not (tmp_path / "out").exists() and Image.MAX_IMAGE_PIXELS == 89478485  # PIL's, untouched
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("max_side, predicted", [("48", "48×32"), ("0", None), ("300", None)])
+def test_max_side_predicts_a_large_image_smaller_and_draws_it_at_its_own_size(max_side, predicted, checkpoint,
+                                                                              tmp_path, capsys):
+    assert evaluate.main(["--checkpoint", str(checkpoint[0]), "--image", str(picture(tmp_path / "a.png", (300, 200))),
+                          "--out", str(tmp_path / "out"), "--max-side", max_side]) == 0
+    line = capsys.readouterr().out.strip()
+    note = f" (predicted at {predicted}, resized from 300×200)" if predicted else ""
+    assert line.startswith(f"{tmp_path / 'out' / 'a.png'}{note}: ")
+    with Image.open(tmp_path / "out" / "a.png") as im:  # image | overlay at 300 x 200, then the legend
+        assert im.width == 2 * (300 + evaluate.GAP) + evaluate.GAP + evaluate.LEGEND_W and im.height >= 200
+
+
+@pytest.mark.cli
+def test_a_prediction_that_runs_out_of_memory_is_one_line_naming_the_image_and_max_side(checkpoint, tmp_path, capsys,
+                                                                                     monkeypatch):
+    def out_of_memory(self, x):  # what the CPU allocator raises for attention over a 6000 x 6000 image
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 81000000000000 bytes")
+    monkeypatch.setattr(SIGN, "forward", out_of_memory)
+    path = picture(tmp_path / "a.png")
+    assert evaluate.main(["--checkpoint", str(checkpoint[0]), "--image", str(path), "--max-side", "0",
+                          "--out", str(tmp_path / "out")]) == 2
+    one_line_error(capsys, f"--image {path}: predicting at 40×30", "can't allocate memory", "--max-side")
+
+
+def exif_rotated(path):  # 40 wide, 20 high on disk, left half red; orientation 6: shown rotated 90° clockwise
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20, 0] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(path, quality=95, exif=exif)
+
+
+IMAGE_MODES = {  # how a file is written, then the (H, W, 3) uint8 it must read as
+    "16-bit PNG": (lambda p: Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)).save(p.with_suffix(".png")),
+                   np.array([[0, 128, 255]])),
+    "float TIFF in [0, 1]": (lambda p: Image.fromarray(np.array([[0, .5, 1]], np.float32)).save(p.with_suffix(".tif")),
+                             np.array([[0, 128, 255]])),
+    "float TIFF, other range": (lambda p: Image.fromarray(np.array([[-2, 0, 2]], np.float32)).save(
+        p.with_suffix(".tif")), np.array([[0, 128, 255]])),
+    "EXIF orientation": (lambda p: exif_rotated(p.with_suffix(".jpg")), None),
+}
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("kind", IMAGE_MODES)
+def test_image_modes_are_scaled_to_0_255_and_turned_upright(kind, tmp_path):
+    write, expected = IMAGE_MODES[kind]
+    write(tmp_path / "x")
+    image = evaluate.read_image(next(tmp_path.iterdir())).permute(1, 2, 0).numpy().astype(int)  # (H, W, 3)
+    if expected is not None:
+        assert (image == expected[..., None]).all(), image[..., 0]
+    else:  # upright: 20 wide, 40 high, red on top
+        assert image.shape == (40, 20, 3) and image[:15, :, 0].min() > 200 and image[25:, :, 0].max() < 50
+
+
+@pytest.mark.cli
+def test_a_float_image_with_nan_is_refused_in_one_line(checkpoint, tmp_path, capsys):
+    Image.fromarray(np.array([[np.nan, 1]], np.float32)).save(tmp_path / "nan.tif")
+    assert evaluate.main(["--checkpoint", str(checkpoint[0]), "--image", str(tmp_path / "nan.tif")]) == 2
+    one_line_error(capsys, f"--image {tmp_path / 'nan.tif'}", "NaN")
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("w, h", [(1, 1), (2, 300)])
+def test_a_tiny_or_narrow_image_gives_a_legible_panel(w, h, checkpoint, tmp_path):
+    Image.new("RGB", (w, h), "red").save(tmp_path / "dot.png")
+    assert evaluate.main(["--checkpoint", str(checkpoint[0]), "--image", str(tmp_path / "dot.png"),
+                          "--out", str(tmp_path / "out")]) == 0
+    panel = np.asarray(Image.open(tmp_path / "out" / "dot.png"))
+    T, G, f = evaluate.MIN_TILE, evaluate.GAP, -(-evaluate.MIN_TILE // max(w, h))  # tiny: upscaled f times
+    assert panel.shape[:2] == (evaluate.ROW + max(f * h, T) + G, 2 * (T + G) + G + evaluate.LEGEND_W)  # titles T apart
+    assert (panel[evaluate.ROW:evaluate.ROW + f * h, G:G + f * w] == [255, 0, 0]).all()
+
+
+@pytest.mark.cli
+def test_images_of_one_name_get_distinct_pictures_and_no_input_is_overwritten(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    paths = [picture(d / "same.png") for d in (tmp_path / "d1", tmp_path / "d2", out) if d.mkdir() is None]
+    before = out.joinpath("same.png").read_bytes()
+    assert evaluate.main(["--checkpoint", str(checkpoint[0]), "--image", *map(str, paths),
+                          str(picture(tmp_path / "SAME.jpg")), "--out", str(out)]) == 0
+    written = [line.split(":")[0] for line in capsys.readouterr().out.splitlines()]
+    assert written == [str(out / f"same-{k}.png") for k in (2, 3, 4)] + [str(out / "SAME-5.png")]
+    assert out.joinpath("same.png").read_bytes() == before  # the input in --out is left as it was
+
+
+@pytest.mark.cli
+def test_latent_stats_on_a_training_set_smaller_than_asked_says_how_many_it_used(tmp_path, capsys):
+    top = tmp_path / "voc" / "VOCdevkit" / "VOC2012"
+    for name in "abc":  # three training images, aeroplane (seen) on the left, bird on the right
+        write_jpeg(top / "JPEGImages" / f"{name}.jpg", 32, 32)
+        write_label(top / "SegmentationClassAug" / f"{name}.png", np.repeat([[1] * 16 + [3] * 16], 32, 0))
+    (top / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for split in ("train_aug", "val"):
+        (top / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("a\nb\nc\n")
+    names = data.build_dataset("voc", "test", root=tmp_path / "voc").class_names
+    torch.manual_seed(0)
+    path = save(SIGN(torch.randn(20, 8), num_seen=15, **TINY), tmp_path / "voc.pt", class_names=names,
+                dataset="voc", data_root=str(tmp_path / "voc"), test_sizes=[513], num_test=None)
+    assert evaluate.main(["--checkpoint", str(path), "--device", "cpu", "--latent-stats"]) == 0
+    assert " of 3 voc training images" in capsys.readouterr().out

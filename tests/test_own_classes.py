@@ -133,7 +133,7 @@ def test_predicting_on_png_and_jpeg_files_writes_the_overlay_and_the_class_share
     picture = np.asarray(Image.open(out / "a.png"))
     assert picture.shape[0] >= 40 and picture.shape[1] > 2 * 40  # image | overlay | legend
     model, ckpt = evaluate.load_checkpoint(seen_only / "checkpoint_train.pt", "cpu")
-    (path, got), = evaluate.predict_images(model, [tmp_path / "a.png"], tmp_path / "again", class_names=ckpt[
+    (path, got, _), = evaluate.predict_images(model, [tmp_path / "a.png"], tmp_path / "again", class_names=ckpt[
         "class_names"], num_seen=16, mean=data.Shapes.mean, std=data.Shapes.std, device="cpu")
     x = torch.stack([ds[0][0]])  # the benchmark's own normalisation of the same pixels
     pred = model(x).argmax(1)[0]

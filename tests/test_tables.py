@@ -228,3 +228,62 @@ def test_a_run_folder_made_with_other_settings_is_refused_naming_the_setting(tmp
     (tmp_path / "sign" / "seed0" / "config.json").write_text(json.dumps({**vars(args), "alpha": 3.0}))
     with pytest.raises(ValueError, match="alpha: 3.0 there"):
         train.reproduce(tmp_path, [0], ["--iters", "2"], names=["sign"])
+
+
+@pytest.mark.tables
+@pytest.mark.parametrize("content", ["[]", "null", "3"])
+def test_a_metrics_file_that_is_not_an_object_is_one_line_naming_it(content, tmp_path, capsys):
+    write(tmp_path, "sign", 0, metrics({"transfer": (70, 40, 50.0)}))
+    (tmp_path / "sign" / "seed0" / "metrics.json").write_text(content)
+    assert evaluate.main(["--tables", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{tmp_path / 'sign' / 'seed0' / 'metrics.json'} holds {content};" in err
+
+
+def settings(seed, **changed):  # a config.json as train.py writes it
+    return {"alpha": 10.0, "iters": 2000, "test_sizes": [64, 128], "seed": seed, "out": f"runs/sign/seed{seed}",
+            "device": "cpu", "quiet": True, "resume": None, "init_from": None} | changed
+
+
+UNUSABLE = {  # a run's metrics.json (or config.json) -> what its note says
+    "lacks per_class": (lambda m: m["transfer"]["64"].pop("per_class"), "KeyError 'per_class'"),
+    "lacks seen_miou": (lambda m: m["transfer"]["128"].pop("seen_miou"), "KeyError 'seen_miou'"),
+    "numeric stage": (lambda m: m.update(transfer=5), "'int' object has no attribute 'items'"),
+    "unknown stage": (lambda m: m.update({"1": m["transfer"]}), "stage '1' unknown"),
+    "nan": (lambda m: m["transfer"]["64"].update(harmonic_miou=float("nan")), "transfer 64 harmonic_miou is nan"),
+    "inf": (lambda m: m["transfer"]["64"]["per_class"].update(sky=float("inf")), "transfer 64 sky is inf"),
+    "other test sets": (lambda m: m["transfer"].update({"32": m["transfer"].pop("64")}),
+                        "test sets ['128', '32'], most runs' ['128', '64']"),
+    "other settings": (None, "settings unlike most runs of its name: alpha 3.0, iters 5"),
+}
+
+
+@pytest.mark.tables
+@pytest.mark.parametrize("kind", UNUSABLE)
+def test_a_run_the_tables_cannot_use_is_left_out_with_a_note_naming_it(kind, tmp_path, capsys):
+    change, note = UNUSABLE[kind]
+    for root in (tmp_path / "all", tmp_path / "without"):  # the same runs, one more in "all"
+        for seed, h in enumerate([50.0, 54.0]):
+            write(root, "sign", seed, metrics({"transfer": (70, 40, h)}))
+            (root / "sign" / f"seed{seed}" / "config.json").write_text(json.dumps(settings(seed)))
+        write(root, "zs3net", 0, metrics({"transfer": (65, 20, 30.0)}))
+    m = metrics({"transfer": (70, 40, 99.0)})
+    if change:
+        change(m)
+    write(tmp_path / "all", "sign", 2, m)
+    bad = tmp_path / "all" / "sign" / "seed2"
+    (bad / "config.json").write_text(json.dumps(settings(2) if change else settings(2, alpha=3.0, iters=5)))
+    assert evaluate.main(["--tables", str(tmp_path / "all")]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tables: left out {bad}: ") and note in err and len(err.splitlines()) == 1, err
+    assert (tmp_path / "all" / "tables.md").read_text() == evaluate.reproduction_tables(tmp_path / "without") + "\n"
+
+
+@pytest.mark.tables
+def test_two_folders_of_one_seed_are_one_line_naming_both(tmp_path, capsys):
+    for folder in ("seed0", "seed00"):
+        (tmp_path / "sign" / folder).mkdir(parents=True)
+        (tmp_path / "sign" / folder / "metrics.json").write_text(json.dumps(metrics({"transfer": (70, 40, 50.0)})))
+    assert evaluate.main(["--tables", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(str(tmp_path / "sign" / f) in err for f in ("seed0", "seed00")), err
