@@ -1,15 +1,14 @@
 """The GZSL metric (paper section 4.2), the test loop that scores a model, and the evaluation CLI. In reading order:
-the metric (confusion_matrix, gzsl_miou), the test loop (evaluate_model, test_sets, evaluate_sets), checkpoints
-(scored_classes, read_ / load_checkpoint), pictures (save_panels, ``--image``: predict_images), what z carries
-(latent_statistics), the tables of ``train.py --reproduce`` run folders (reproduction_tables, CLAIMS), main.
+the metric, the test loop, checkpoints, pictures (``--save-predictions``, ``--image``), what z carries
+(``--latent-stats``), the tables of ``train.py --reproduce`` run folders (``--tables``), main.
 
 Convention (PROTOCOL section 5, pinned by ``tests/test_metrics.py``): one confusion matrix per test set (rows ground
 truth t, columns prediction p), never averaged over images; pixels labelled ``ignore_index`` (255, also VOC's
-background) never count. IoU_c = TP_c / (TP_c + FP_c + FN_c) in %; a class absent from both ground truth and
-prediction has no IoU (the means skip it, ``per_class`` omits it), one only predicted has IoU 0. S (``seen_miou``),
-U = mean IoU of the present seen / unseen classes of the K (seen first; 0 if none); H = 2 S U / (S + U), 0 if S or U
-is 0. ``eval_res="full"`` (default) scores logits upsampled bilinearly to the label; ``"feature"`` (ZS3Net, CaGNet)
-warps images to 513 x 513 and scores the feature-map logits at their size.
+background) never count. IoU_c = TP_c / (TP_c + FP_c + FN_c) in %; a class absent from both ground truth and prediction
+has no IoU (the means skip it, ``per_class`` omits it), one only predicted has IoU 0. S (``seen_miou``), U = mean IoU
+of the present seen / unseen classes of the K (seen first; 0 if none); H = 2 S U / (S + U), 0 if S or U is 0.
+``eval_res="full"`` (default) scores logits upsampled bilinearly to the label; ``"feature"`` (ZS3Net, CaGNet) warps
+images to 513 x 513 and scores the feature-map logits at their size.
 """
 import argparse
 import json
@@ -26,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -107,9 +106,8 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
     return confusion.cpu()
 
 
-def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, eval_res: str = "full",
-              num_images: int | Sequence[int] | None = None, layout: str = "context", seed: int = 0
-              ) -> dict[str, torch.utils.data.Dataset]:
+def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, eval_res: str = "full", seed: int = 0,
+              num_images: int | Sequence[int] | None = None, layout: str = "context") -> dict[str, Dataset]:
     """shapes: ``{str(s): Shapes("test", size=s, seed=seed)}`` per size (default [64, 128]), ``num_images`` one count
     or one per size; real data: ``{"val" or "test": whole images}``, warped to ``sizes[0]`` (513) for "feature"."""
     # Real data at several sizes would silently use sizes[0] and hide a typo.
@@ -430,13 +428,10 @@ def collect_runs(root) -> dict[str, dict[int, dict]]:
                            for (n, _), r in found.items() if n == name and not why[r] and (r / "config.json").exists()},
                           lambda v, c: "settings unlike most runs of its name: " + ", ".join(
                               f"{k} {v.get(k)!r}" for k in sorted(v.keys() | c.keys()) if v.get(k) != c.get(k)))
-    runs: dict[str, dict[int, dict]] = {}
-    for (name, seed), run in found.items():
-        if why[run]:
-            print(f"tables: left out {run}: {why[run]}", file=sys.stderr)
-        else:
-            runs.setdefault(name, {})[seed] = metrics[run]
-    return runs
+    for run in filter(why.get, found.values()):
+        print(f"tables: left out {run}: {why[run]}", file=sys.stderr)
+    kept = [(name, seed, run) for (name, seed), run in found.items() if not why[run]]  # in found's (path) order
+    return {name: {s: metrics[r] for n, s, r in kept if n == name} for name, _, _ in kept}
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -478,36 +473,33 @@ def reproduction_tables(root) -> str:
         paths = sorted(root.glob(f"{name}/seed*/checkpoint_train.pt"))
         state = read_checkpoint(paths[0])["model"] if paths else {}
         return f"{sum(v.numel() for k, v in state.items() if k.startswith('SIM.')) / 1e3:.1f}k" if paths else "–"
-    def table(title, first, rows, stage, keys, with_sim=False):  # a row per run; stage None: the run's last
+    def table(title, first, stage, keys, rows, with_sim=False):  # a row per run; stage None: the run's last
         short = {"seen_miou": "seen", "unseen_miou": "unseen", "harmonic_miou": "H", "sky+water": "sky/water"}
         head = [first, "runs"] + ["SIM parameters"] * with_sim + [f"{short[k]} {t}" for t in tests for k in keys]
         body = [[label, str(n(name, stage or final_stage(runs, name)))] + ([sim_params(name)] if with_sim else [])
                 + [cell(name, stage or final_stage(runs, name), t, k) for t in tests for k in keys]
-                for label, name in rows]
+                for label, name in rows.items()]
         return [f"\n**{title[0]}** ({title[1]})\n", markdown(head, body)]
 
-    sims = [(sim, f"sim-{sim}") for sim in ("conv", "attention", "self-attention")] + [("multihead", "sign")]
+    sims = {sim: f"sim-{sim}" for sim in ("conv", "attention", "self-attention")} | {"multihead": "sign"}
     out = [f"Seeds found: {sorted({s for r in runs.values() for s in r})}. Cells: mean ± sample standard "
            "deviation over the seeds that finished the row's stage (runs = how many)."]
-    out += table(("Table 1", "seen / unseen / harmonic mIoU, %, per test size"), "method",
-                 [("ZS3Net", "zs3net"), ("ZS3Net + ST", "zs3net-st"), ("CaGNet", "cagnet"),
-                  ("CaGNet + ST", "cagnet-st"), ("SIGN", "sign"), ("SIGN + ST", "sign-st"),
-                  ("SIGN + AST (T = 2)", "sign-ast-T2")], None, SMH)
-    out += table(("Table 2", "SIM architecture, after the transfer step"), "SIM", sims, "transfer",
-                 ("harmonic_miou",), with_sim=True)
+    out += table(("Table 1", "seen / unseen / harmonic mIoU, %, per test size"), "method", None, SMH, {
+        "ZS3Net": "zs3net", "ZS3Net + ST": "zs3net-st", "CaGNet": "cagnet", "CaGNet + ST": "cagnet-st", "SIGN": "sign",
+        "SIGN + ST": "sign-st", "SIGN + AST (T = 2)": "sign-ast-T2"})
+    out += table(("Table 2", "SIM architecture, after the transfer step"), "SIM", "transfer", ("harmonic_miou",), sims,
+                 with_sim=True)
     out += table(("Table 3", "positional encoding, after the transfer step; sky/water = mean IoU of the two"), "PE",
-                 [("none", "pe-none"), ("APE", "pe-ape"), ("APE + interp.", "pe-ape-interp"), ("RPE", "sign")],
-                 "transfer", SMH + ("sky+water",))
+                 "transfer", SMH + ("sky+water",),
+                 {"none": "pe-none", "APE": "pe-ape", "APE + interp.": "pe-ape-interp", "RPE": "sign"})
+    columns = {"w/o SIM": "zs3net"} | sims  # Table 4: a column per run, a row per test size
     out += ["\n**Table 4** (seen mIoU before the transfer step; runs: "
-            + ", ".join(f"{label} {n(name, 'train')}" for label, name in [("w/o SIM", "zs3net")] + sims) + ")\n",
-            markdown(["test", "w/o SIM"] + [label for label, _ in sims],
-                   [[t] + [cell(name, "train", t, "seen_miou") for name in ["zs3net"] + [nm for _, nm in sims]]
-                    for t in tests])]
-    out += table(("Fig. 5", "SIGN self-training: harmonic mIoU by temperature"), "self-training",
-                 [("ST", "sign-st")] + [(f"AST, T = {t:g}", f"sign-ast-T{t:g}") for t in TEMPERATURES],
-                 "self_training", ("harmonic_miou",))
-    # The claims, each paired over the seeds both of its runs finished.
-    sizes, rows = {"first": tests[0], "new": "128" if "128" in tests else tests[-1]}, []
+            + ", ".join(f"{label} {n(name, 'train')}" for label, name in columns.items()) + ")\n",
+            markdown(["test", *columns],
+                     [[t] + [cell(name, "train", t, "seen_miou") for name in columns.values()] for t in tests])]
+    out += table(("Fig. 5", "SIGN self-training: harmonic mIoU by temperature"), "self-training", "self_training",
+                 ("harmonic_miou",), {"ST": "sign-st"} | {f"AST, T = {t:g}": f"sign-ast-T{t:g}" for t in TEMPERATURES})
+    sizes, rows = {"first": tests[0], "new": "128" if "128" in tests else tests[-1]}, []  # the claims, a row each
     for claim, (a, stage_a), (b, stage_b), size, key in CLAIMS:
         va, vb = (_by_seed(runs, name, stage, sizes[size], key) for name, stage in ((a, stage_a), (b, stage_b)))
         seeds = sorted(set(va) & set(vb))
@@ -592,10 +584,9 @@ def main(argv=None) -> int:
         if args.image:  # with the checkpoint's classes, normalisation and resolution rule
             kind, names = data.DATASETS[saved["dataset"]], ckpt["class_names"]
             for path, shares, note in predict_images(
-                    model, args.image, out, class_names=names, num_seen=S, mean=kind.mean, std=kind.std,
-                    device=device, size=saved["test_sizes"][0] if saved["eval_res"] == "feature" else None,
-                    palette=data.Shapes("test", num_images=1).palette if kind is data.Shapes else None,
-                    max_side=args.max_side):
+                    model, args.image, out, class_names=names, num_seen=S, mean=kind.mean, std=kind.std, device=device,
+                    size=saved["test_sizes"][0] if saved["eval_res"] == "feature" else None, max_side=args.max_side,
+                    palette=data.Shapes("test", num_images=1).palette if kind is data.Shapes else None):
                 print(f"{path}{note and f' ({note})'}: " + ", ".join(
                     f"{n}{' (unseen)' * (names.index(n) >= S)} {v:.1f} %" for n, v in shares.items()))
             return 0
@@ -623,9 +614,8 @@ def main(argv=None) -> int:
             return 0
         print(f"evaluate: {args.checkpoint} (stage {ckpt['stage']}, iteration {ckpt['iteration']}); "
               f"dataset {dataset}, test sets {list(sets)}, eval_res {eval_res}, device {device}")
-        evaluate_sets(model, sets, class_names=names, num_seen=S, device=device, eval_res=eval_res,
-                      batch_size=saved["batch_size"], workers=saved["workers"], title=ckpt["stage"],
-                      label_map=label_map)
+        evaluate_sets(model, sets, class_names=names, num_seen=S, device=device, eval_res=eval_res, label_map=label_map,
+                      batch_size=saved["batch_size"], workers=saved["workers"], title=ckpt["stage"])
         for name, ds in sets.items() if args.save_predictions > 0 else ():
             paths = save_panels(model, ds, out / name, args.save_predictions, class_names=names, num_seen=S,
                                 device=device, label_map=label_map)
