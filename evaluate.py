@@ -440,11 +440,12 @@ def mean_std(values: Sequence[float]) -> str:
     return "–" if len(v) == 0 else f"{v.mean():.2f}" + (f" ± {v.std(ddof=1):.2f}" if len(v) > 1 else "")
 
 
-def _by_seed(runs: dict, name: str, stage: str, test: str, key: str) -> dict[int, float]:
-    """{seed: value} of a metrics field, or of class names joined by '+' (their mean IoU, where all have one)."""
+def _by_seed(runs: dict, name: str, stage: str | None, test: str, key: str) -> dict[int, float]:
+    """{seed: value} of a metrics field, or of class names joined by '+' (their mean IoU, where all have one), at
+    ``stage`` (None: the run's ``final_stage``)."""
     out, classes = {}, key.split("+")
     for seed, metrics in runs.get(name, {}).items():
-        m = metrics.get(stage, {}).get(test)
+        m = metrics.get(stage or final_stage(runs, name), {}).get(test)
         if m and key.endswith("_miou"):
             out[seed] = m[key]
         elif m and all(c in m["per_class"] for c in classes):
@@ -476,9 +477,8 @@ def reproduction_tables(root) -> str:
     def table(title, first, stage, keys, rows, with_sim=False):  # a row per run; stage None: the run's last
         short = {"seen_miou": "seen", "unseen_miou": "unseen", "harmonic_miou": "H", "sky+water": "sky/water"}
         head = [first, "runs"] + ["SIM parameters"] * with_sim + [f"{short[k]} {t}" for t in tests for k in keys]
-        body = [[label, str(n(name, stage or final_stage(runs, name)))] + ([sim_params(name)] if with_sim else [])
-                + [cell(name, stage or final_stage(runs, name), t, k) for t in tests for k in keys]
-                for label, name in rows.items()]
+        body = [[label, str(n(name, stage))] + ([sim_params(name)] if with_sim else [])
+                + [cell(name, stage, t, k) for t in tests for k in keys] for label, name in rows.items()]
         return [f"\n**{title[0]}** ({title[1]})\n", markdown(head, body)]
 
     sims = {sim: f"sim-{sim}" for sim in ("conv", "attention", "self-attention")} | {"multihead": "sign"}
