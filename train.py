@@ -844,7 +844,7 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
         print(f"\ninterrupted: {run.at if run else 'building the data'}; {resumable()}", file=sys.stderr)
         return 130
     except RuntimeError as err:  # a collective whose peer stopped: that rank has said why
-        if world == 1 or not (isinstance(err, dist.DistError) or "closed by peer" in str(err)):
+        if world == 1 or not (isinstance(err, dist.DistError) or "remote worker" in str(err)):  # gloo says so
             raise
         return fail(RuntimeError("another process of this torchrun stopped; its message is above"),
                     f" ({run.at if run else 'building the data'}; {resumable()})")
