@@ -26,13 +26,10 @@ import itertools
 import json
 import math
 import os
-import secrets
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,20 +171,14 @@ def train_all(run: "Run", resume: dict | None) -> int:
         start = resume["iteration"] if args.resume and here == resumed else 0
         if here < resumed or (here == resumed and (not args.resume or 0 < total <= start)):  # finished
             if here == resumed and stage in EVALUATED_AS and EVALUATED_AS[stage] not in run.metrics:
-                # Saved before its evaluation, which never ended: evaluate now. No later stage reads
-                # this stage's optimisers, so they are not saved again.
-                evaluate_stage(run, EVALUATED_AS[stage])
-                save_checkpoint(run, stage, total, {})
+                evaluate_stage(run, EVALUATED_AS[stage])  # saved before its evaluation ended: evaluate now
+                save_checkpoint(run, stage, total, {})  # no later stage reads this stage's optimisers
             continue
         if stage.startswith("self_training") and teacher is None:
             if run.world > 1:
                 dist.barrier()  # rank 0 has written checkpoint_transfer.pt
             teacher = copy.deepcopy(model).eval().requires_grad_(False)
-            source = read_checkpoint(run.out / "checkpoint_transfer.pt")
-            if source["args"].get("run_id") != args.run_id:
-                raise SettingsError(f"{run.out / 'checkpoint_transfer.pt'} belongs to another run (run_id "
-                                    f"{source['args'].get('run_id')}, not {args.run_id}): the folder mixes two runs")
-            teacher.load_state_dict(source["model"])
+            teacher.load_state_dict(read_checkpoint(run.out / "checkpoint_transfer.pt", args.run_id)["model"])
         transfer = "transfer" in stage
         run.nets = step_networks(model, run.world, transfer=transfer)
         opts = make_optimizers(model, args, transfer=transfer)
@@ -206,11 +197,7 @@ def train_all(run: "Run", resume: dict | None) -> int:
             run.scaler.load_state_dict(resume["scaler"])
         if run.rank == 0:
             print(f"\n== stage {stage}: iterations {start}..{total} ==")
-        try:
-            run_stage(run, stage, total, step, opts, start)
-        except FloatingPointError as err:  # run_stage's: nothing was stepped or saved
-            print(f"error: {err}", file=sys.stderr)
-            return 3
+        run_stage(run, stage, total, step, opts, start)
         save_checkpoint(run, stage, total, opts)  # before evaluating: a bad test file loses no training
         if stage in EVALUATED_AS:
             evaluate_stage(run, EVALUATED_AS[stage])
@@ -510,9 +497,13 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in (run_dir / f"checkpoint_{s}.pt" for s in reversed(STAGES)) if p.is_file()]
 
 
-def read_checkpoint(path: Path) -> dict:
-    """A checkpoint this module wrote, with what continuing from it needs."""
-    return evaluate.read_checkpoint(path, keys=("model", "config", "args", "stage", "iteration", "metrics"))
+def read_checkpoint(path: Path, run_id: str | None = None) -> dict:
+    """A checkpoint this module wrote, with what continuing from it needs (and, given ``run_id``, of that run)."""
+    ckpt = evaluate.read_checkpoint(path, keys=("model", "config", "args", "stage", "iteration", "metrics"))
+    if run_id and ckpt["args"].get("run_id") != run_id:
+        raise SettingsError(f"{path} belongs to another run (run_id {ckpt['args'].get('run_id')}, not {run_id}): "
+                            "the folder mixes two runs")
+    return ckpt
 
 
 def restore(run: Run, resume: dict | None) -> None:
@@ -523,10 +514,9 @@ def restore(run: Run, resume: dict | None) -> None:
         run.model.load_state_dict(resume["model"])
         run.metrics = resume["metrics"]
         torch.set_rng_state(resume["rng"])
-    if run.rank:
-        return
-    if not (resume and run.args.resume):
-        log.unlink(missing_ok=True)
+    if run.rank == 0 and not (resume and run.args.resume):
+        log.unlink(missing_ok=True)  # a new run starts an empty log
+    if run.rank or not (resume and run.args.resume):
         return
     at, kept, dropped = (STAGES.index(resume["stage"]), resume["iteration"]), [], 0
     if not log.exists():
@@ -698,7 +688,7 @@ def check_settings(args: argparse.Namespace) -> None:
 RESUME_FLAGS = {"device", "quiet", "data_root", "embeddings"}  # what --resume may change: no number depends on them
 
 
-def given(argv: Sequence[str], allowed: set[str]) -> str:
+def given(argv: list[str], allowed: set[str]) -> str:
     """The flags written in ``argv`` other than ``allowed``, as '--a, --b'."""
     written = vars(get_args_parser(given_only=True).parse_args(argv))
     return ", ".join("--" + k.replace("_", "-") for k in sorted(set(written) - allowed))
@@ -724,13 +714,17 @@ def intact_checkpoint(run_dir: Path) -> dict:
             print(f"note: {run_dir / 'config.json'} is missing or unreadable; written again from {path.name}",
                   file=sys.stderr)
             config = ckpt["args"]
-        keys = (config.keys() | ckpt["args"].keys()) - RESUME_FLAGS - {"out", "resume", "amp_dtype"}
-        if differ := [f"{k}: {ckpt['args'].get(k)!r} there, {config.get(k)!r} in config.json" for k in sorted(keys)
-                      if ckpt["args"].get(k) != config.get(k)]:
+        if differ := differences(ckpt["args"], config, {*RESUME_FLAGS, "out", "resume", "amp_dtype"}, "in config.json"):
             raise SettingsError(f"--resume {run_dir}: {path.name} was written with other settings than its "
-                                f"config.json ({'; '.join(differ)}): the folder mixes two runs, or one file was edited")
+                                f"config.json ({differ}): the folder mixes two runs, or one file was edited")
         return ckpt
     raise SettingsError(f"--resume {run_dir}: none of its checkpoints ({', '.join(p.name for p in saved)}) reads")
+
+
+def differences(saved: dict, now: dict, skip: set[str], here: str) -> str:
+    """'key: A there, B <here>; ...' for each setting outside ``skip`` in which ``saved`` and ``now`` differ."""
+    keys = sorted((saved.keys() | now.keys()) - skip)
+    return "; ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} {here}" for k in keys if saved.get(k) != now.get(k))
 
 
 def end_of_stage(path: str) -> dict:
@@ -773,7 +767,7 @@ def main(argv=None) -> int:
             args = argparse.Namespace(**{**resume["args"], **written, "out": args.resume, "quiet": args.quiet})
         else:
             resume = args.init_from and end_of_stage(args.init_from)
-            args.run_id = secrets.token_hex(6)  # what each checkpoint and config.json of this run carry
+            args.run_id = os.urandom(6).hex()  # what each checkpoint and config.json of this run carry
         check_settings(resolve(args))
         device = evaluate.choose_device(args.device)
         if args.batch_size % world:
@@ -914,7 +908,7 @@ def benchmark(args, device: torch.device, warmup: int = 3) -> int:
                 peaks[name].append(torch.cuda.max_memory_allocated(device) if cuda else 0)
     print(f"benchmark: {args.dataset} preset, {args.backbone}, batch {B}, crop {H}, {device} "
           f"({torch.get_num_threads()} threads), {args.amp_dtype}, {args.benchmark} iterations after {warmup} warm-up")
-    mean = {name: statistics.fmean(times) for name, times in seconds.items()}
+    mean = {name: sum(times) / len(times) for name, times in seconds.items()}
     for name, step_s in mean.items():
         memory = f", peak {max(peaks[name]) / 2**30:.2f} GiB allocated" if cuda else ""
         print(f"  {name:32s} {B / step_s:8.2f} img/s  {step_s:.3f} s/iteration{memory}")
@@ -927,7 +921,7 @@ def benchmark(args, device: torch.device, warmup: int = 3) -> int:
 
 
 # ----------------------------------------------------------------------------- --add-classes
-def add_classes_main(argv: Sequence[str]) -> int:
+def add_classes_main(argv: list[str]) -> int:
     """``--add-classes NAME ... --init-from CK --save-as NEW.pt [--embeddings F ...]``: M gains a row and
     C an output per name (``SIGN.with_classes``), then the Transfer Learning Step (Eq. 10) runs with the
     checkpoint's settings and batches, E, SIM and G fixed. The new classes count as unseen."""
@@ -946,11 +940,12 @@ def add_classes_main(argv: Sequence[str]) -> int:
         saved = argparse.Namespace(**{**ckpt["args"], "quiet": args.quiet, "amp": False})  # its settings, float32
         device = evaluate.choose_device(args.device)
         train_set = build_data(saved, tests=False)[0]
-        names, added = ckpt["class_names"], [" ".join(data.name_words(n)).lower() for n in args.add_classes]
+        def normal(name: str) -> str:  # 'Red_Triangle' and 'red-triangle': 'red triangle'
+            return " ".join(data.name_words(name)).lower()
+        names, added = ckpt["class_names"], [normal(n) for n in args.add_classes]
         if empty := [n for n, a in zip(args.add_classes, added) if not a]:
             raise SettingsError(f"--add-classes: {', '.join(map(repr, empty))} holds no word; expected class names")
-        if clash := [n for n, a in zip(args.add_classes, added)  # 'Red_Triangle' and 'red-triangle': 'red triangle'
-                     if a in {" ".join(data.name_words(m)).lower() for m in names} or added.count(a) > 1]:
+        if clash := [n for n, a in zip(args.add_classes, added) if a in map(normal, names) or added.count(a) > 1]:
             raise SettingsError(f"--add-classes: {', '.join(map(repr, clash))} already in the checkpoint's classes "
                                 f"or given twice (names compare in lower case, '_' and '-' as spaces); it has "
                                 f"{', '.join(names)}")
@@ -993,7 +988,7 @@ RESERVED = ("--seed", "--out", "--resume", "--init-from", "--self-training", "--
             "--reproduce", "--seeds", "--experiments", "--jobs")
 
 
-def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, names: Sequence[str] | None = None,
+def reproduce(root, seeds: list[int], train_args: list[str] = (), *, names: list[str] | None = None,
               jobs: int = 1) -> list[str]:
     """Every run of EXPERIMENTS (or of ``names`` and their base runs) for every seed, base runs first, as
     ``root/<name>/seed<k>``: ``jobs`` ``python train.py`` processes at a time (on two cores two runs of one
@@ -1017,11 +1012,10 @@ def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, nam
         if (out / "config.json").is_file():
             saved = json.loads((out / "config.json").read_text())
             expected = vars(resolve(get_args_parser().parse_args(argv)))
-            if differ := {k: (saved.get(k), v) for k, v in expected.items()
-                          if k not in ("out", "resume", "init_from", "device", "quiet") and saved.get(k) != v}:
-                raise ValueError(f"run {out} was made with other settings ("
-                                 + ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-                                 + "); delete it or reproduce into another folder")
+            if differ := differences(saved, expected, {"out", "resume", "init_from", "device", "quiet", "run_id",
+                                                       "amp_dtype"}, "now"):
+                raise ValueError(f"run {out} was made with other settings ({differ}); delete it or reproduce into "
+                                 "another folder")
             if ("self_training" if base else "transfer") in evaluate.read_metrics(out):
                 continue
         if list(out.glob("checkpoint_*.pt")):
@@ -1076,7 +1070,7 @@ def reproduce_main(argv: list[str]) -> int:
         failed = reproduce(args.reproduce, args.seeds, train_args, names=names, jobs=args.jobs)
         tables = evaluate.reproduction_tables(args.reproduce)
         write_atomically(tables_md, lambda tmp: tmp.write_text(tables + "\n"))
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, evaluate.CheckpointError) as e:  # CheckpointError: a run's checkpoint_train.pt
         return fail(e)
     except KeyboardInterrupt:  # Ctrl-C reaches the runs too: each keeps its last checkpoint
         print(f"\ninterrupted: finished runs are kept and interrupted ones resume from their last checkpoint; "
