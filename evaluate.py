@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -42,8 +41,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
     if K < 1 or pred.shape != target.shape or pred.is_floating_point() or target.is_floating_point():
         raise ValueError(f"confusion_matrix: num_classes must be >= 1 and pred, target integer class indices of the "
                          f"same shape; got {K}, {pred.dtype} {tuple(pred.shape)}, {target.dtype} {tuple(target.shape)}")
-    valid = target != ignore_index
-    t, p = target[valid].long(), pred[valid].long()  # (N,) each, N = labelled pixels
+    t, p = (v[target != ignore_index].long() for v in (target, pred))  # (N,) each, N = labelled pixels
     for name, v in (("target", t), ("pred", p)):
         if v.numel() and (v.min() < 0 or v.max() >= K):
             raise ValueError(f"confusion_matrix: {name} values at labelled pixels must lie in [0, {K}) (or be "
@@ -53,10 +51,9 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
 
 def harmonic(s: float, u: float) -> float:
     """H = 2 S U / (S + U) of two non-negative scores; 0 when either is 0 (no division by 0)."""
-    # Not statistics.harmonic_mean: it sums 1/S + 1/U exactly, so differs in the last bit about every other time.
     if s < 0 or u < 0:
         raise ValueError(f"harmonic: expected non-negative scores, got {s} and {u}")
-    return 0.0 if s == 0 or u == 0 else 2 * s * u / (s + u)
+    return 0.0 if s == 0 or u == 0 else 2 * s * u / (s + u)  # statistics.harmonic_mean differs in the last bit
 
 
 def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> dict:
@@ -90,13 +87,12 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
     model.eval()
     confusion = torch.zeros(K, K, dtype=torch.long, device=device)
     for x, y in tqdm(loader, desc=f"evaluate ({eval_res})", leave=False, disable=quiet):
-        x, y = x.to(device), y.to(device)  # (B, 3, H, W), (B, H, W)
-        y = y if label_map is None else label_map.to(device)[y]  # the dataset's ids -> the scored order
+        x, y = x.to(device), (y if label_map is None else label_map[y]).to(device)  # label_map: ids -> scored order
         logits = model(x) if eval_res == "full" else model.C(model.features(x)[0])  # (B, K', H', W')
         if logits.dim() != 4 or not 0 < logits.shape[1] <= K:  # fewer: a --seen-only model never predicts the rest
             raise ValueError(f"evaluate_model: expected logits (B, K' <= {K}, H, W), got {tuple(logits.shape)}")
         if eval_res == "full" and logits.shape[-2:] != y.shape[-2:]:
-            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+            logits = nn.functional.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         elif eval_res == "feature":
             y = resize_labels(y, logits.shape[-2:])  # (B, h, w), nearest
         confusion += confusion_matrix(logits.argmax(1), y, K, ignore_index)  # (K, K)
@@ -215,7 +211,6 @@ def choose_device(name: str | None) -> torch.device:
 
 def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], class_names: Sequence[str],
            num_seen: int, colours: np.ndarray, notes: dict | None = None) -> Image.Image:
-    """``tiles`` {title: (H, W, 3) uint8} side by side under titles, a legend of ``present`` (``notes``), unseen red."""
     f = -(-MIN_TILE // max(next(iter(tiles.values())).shape[:2]))  # ceil: tiny tiles upscaled (nearest), legible
     tiles = {title: t.repeat(f, 0).repeat(f, 1) for title, t in tiles.items()}  # (fH, fW, 3) each
     h, w = next(iter(tiles.values())).shape[:2]
@@ -238,7 +233,6 @@ def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], c
 def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Sequence[str], num_seen: int,
                 device: torch.device | str, palette: np.ndarray | None = None,
                 label_map: Tensor | None = None) -> list[Path]:
-    """The first ``num`` items as ``out_dir/<index>.png``: image | ground truth | prediction; model left in eval."""
     colours = data.label_colours(len(class_names), getattr(dataset, "palette", None) if palette is None else palette)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (dataset.mean, dataset.std))
     out_dir, paths = Path(out_dir), []
@@ -257,8 +251,7 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
 
 
 def read_image(path) -> Tensor:
-    """(3, H, W) uint8 RGB, upright (EXIF), refused over PIL's Image.MAX_IMAGE_PIXELS (decompression bombs); modes
-    "I;16", "I" (16-bit PNG) are divided by 65535, "F" (float) kept in [0, 1], else min-max scaled to it."""
+    """(3, H, W) uint8 RGB, upright (EXIF), refused over PIL's Image.MAX_IMAGE_PIXELS (decompression bombs)."""
     try:
         with warnings.catch_warnings(action="error", category=Image.DecompressionBombWarning):  # PIL only warns
             image = ImageOps.exif_transpose(Image.open(path))  # decodes: a broken file fails here
@@ -278,8 +271,7 @@ def read_image(path) -> Tensor:
 def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: Sequence[str], num_seen: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str, size: int | None = None,
                    palette: np.ndarray | None = None, max_side: int = 0) -> list[tuple[Path, dict[str, float], str]]:
-    """Each image file predicted at its size, its longer side cut to ``max_side`` (0: never) or warped to ``size``
-    (eval_res feature), into ``out_dir/<stem>.png``: image | prediction, legend. [(file, {class: %}, size note)]."""
+    """Each image predicted into ``out_dir/<stem>.png``, image | prediction, legend: [(file, {class: %}, size note)]."""
     colours, out_dir, results = data.label_colours(len(class_names), palette), Path(out_dir), []
     images = [read_image(path) for path in paths]  # (3, H, W) uint8 each; every file is read before any is predicted
     inputs, taken = {str(Path(p).resolve()).lower() for p in paths}, set()  # lower: case-insensitive file systems
@@ -290,9 +282,8 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
         name = next(n for n in [stem] + [f"{stem}-{k}" for k in range(2, 2 * len(paths) + 3)]
                     if n.lower() not in taken and str((out_dir / f"{n}.png").resolve()).lower() not in inputs)
         taken.add(name.lower())
-        r = max_side / max(H, W) if 0 < max_side < max(H, W) else 1
-        # At least 16 pixels a side: the encoders (stride <= 8) then give GroupNorm more than one pixel per channel
-        h, w = (size, size) if size else (max(16, round(H * r)), max(16, round(W * r)))
+        r = max_side / max(H, W) if 0 < max_side < max(H, W) else 1  # at least 16 pixels a side: the encoders
+        h, w = (size, size) if size else (max(16, round(H * r)), max(16, round(W * r)))  # then give GroupNorm > 1
         x = (TF.resize(image, [h, w], antialias=True) if (h, w) != (H, W) else image).float() / 255  # resized as uint8
         try:
             pred = model(TF.normalize(x, mean, std)[None].to(device)).argmax(1).cpu()  # (1, h, w)
@@ -311,10 +302,10 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
     return results
 
 
+@torch.enable_grad()  # the probes are fitted whatever the caller's grad mode; the model runs under no_grad
 def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels: int = 40_000,
                       device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float | int]:
-    """What G's z = mu + sigma eps carries on the labelled seen pixels of the first ``num_images`` items: mean mu^2,
-    mean sigma^2, var(mu) / E[sigma^2] per channel, balanced accuracy (%) of linear probes from z, N(0, 1) noise, mu."""
+    """What G's z = mu + sigma eps carries on the labelled seen pixels of the first ``num_images`` items."""
     if model.SIM is None:
         raise ValueError("latent_statistics: this model has no SIM, so G's latent is pure noise")
     was_training, n = model.training, min(num_images, len(dataset))
@@ -322,8 +313,7 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     pixels = []  # per image: z, mu, sigma^2 (pixels, L) each, the labels and the half of each pixel (pixels,)
     with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)  # eps is drawn from a seed of its own; fork_rng keeps the caller's stream
-        for i in range(n):
-            x, y = dataset[i]
+        for i, (x, y) in zip(range(n), dataset):
             _, z, mu, logvar = model.features(x[None].to(device))  # (1, L, h, w) each
             y = resize_labels(y[None].to(device), z.shape[-2:]).flatten()  # (h*w,)
             keep = y < model.num_seen  # labelled seen pixels; 255 is above every class index
@@ -339,22 +329,18 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     snr = mu.var(0) / var.mean(0)  # (L,): Var over pixels of mu_c, against the mean of sigma_c^2
     stats = {"mu2": mu.pow(2).mean().item(), "sigma2": var.mean().item(), "snr_median": snr.median().item(),
              "snr_max": snr.max().item()}
-    # The probes: softmax regressions fitted by full-batch Adam on standardised inputs, each class weighted by 1 / its
-    # pixel count (unweighted, a probe on weak evidence predicts the most frequent class, sky, everywhere).
-    weight = 1 / torch.bincount(y[fit], minlength=model.num_seen).clamp_min(1).float()  # (num_seen,)
+    weight = 1 / torch.bincount(y[fit], minlength=model.num_seen).clamp_min(1).float()  # unweighted: sky everywhere
     for name, v in (("z", z), ("noise", torch.randn(z.shape, generator=g)), ("mu", mu)):
-        mean, std = v[fit].mean(0), v[fit].std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
-        x, x_test = (v[fit] - mean) / std, (v[score] - mean) / std
+        x, x_test = ((v[i] - v[fit].mean(0)) / v[fit].std(0).clamp_min(1e-6) for i in (fit, score))  # standardised
         probe = nn.Linear(x.shape[1], model.num_seen)  # from zeros: the loss is convex, any start is as good
         probe.load_state_dict({k: torch.zeros_like(v) for k, v in probe.state_dict().items()})
-        opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+        opt = torch.optim.Adam(probe.parameters(), lr=0.05)  # a softmax regression, fitted by full-batch Adam
         for _ in range(300):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(probe(x), y[fit], weight=weight).backward()
+            nn.functional.cross_entropy(probe(x), y[fit], weight=weight).backward()
             opt.step()
-        pred, y_test = probe(x_test).argmax(1), y[score]
-        recalls = [(pred[y_test == c] == c).float().mean() for c in y_test.unique()]  # balanced: mean recall
-        stats[f"probe_{name}"] = 100 * float(np.mean(recalls))
+        pred, truth = probe(x_test).argmax(1), y[score]  # balanced accuracy: the mean of the classes' recalls
+        stats[f"probe_{name}"] = 100 * float(np.mean([(pred[truth == c] == c).float().mean() for c in truth.unique()]))
     return stats | {"pixels": len(fit) + len(score), "images": n}
 
 
@@ -362,8 +348,7 @@ SMH = ("seen_miou", "unseen_miou", "harmonic_miou")
 SCORED_STAGES = ("train", "transfer", "self_training")  # the stages of a metrics.json
 SEED_FREE = ("out", "resume", "init_from", "device", "quiet", "seed")  # settings the runs of a name may differ in
 TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5's AST temperatures: runs sign-ast-T<T>
-# The paper's claims, paired by seed (runs with one seed share the benchmark, batches and test set, which A - B
-# cancels): (claim, (run, stage) of A, (run, stage) of B, test size "first" or "new", key)
+# (claim, (run, stage) of A, and of B, test "first" or "new", key); paired by seed, A - B cancels what a seed shares
 CLAIMS = [("SIGN > ZS3Net (Table 1)", ("sign", "transfer"), ("zs3net", "transfer"), "first", "harmonic_miou"),
     ("SIGN + AST > SIGN (Table 1)", ("sign-ast-T2", "self_training"), ("sign", "transfer"), "first", "harmonic_miou"),
     ("RPE > APE at a new size (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "harmonic_miou"),
@@ -386,8 +371,7 @@ def read_metrics(run_dir: Path, name: str = "metrics.json") -> dict:
 
 
 def collect_runs(root) -> dict[str, dict[int, dict]]:
-    """``{name: {seed: metrics.json}}`` of ``root/<name>/seed<k>``; a note on stderr leaves out a run of malformed or
-    infinite metrics, of other test sets than most, or of other settings (config.json) than most of its name's."""
+    """``{name: {seed: metrics.json}}`` of ``root/<name>/seed<k>``, less the runs unlike most (noted on stderr)."""
     found, metrics, why = {}, {}, {}  # {(name, seed): run folder}, {run folder: metrics}, {run folder: why left out}
     for path in sorted(Path(root).glob("*/seed*/metrics.json")):
         run, k = path.parent, path.parent.name[4:]
@@ -424,7 +408,6 @@ def mean_std(values: Sequence[float]) -> str:
 
 
 def _by_seed(runs: dict, name: str, stage: str | None, test: str, key: str) -> dict[int, float]:
-    """{seed: value} of a metrics field, or of class names joined by '+' (their mean IoU, where all have one)."""
     stage, classes = stage or final_stage(runs, name), key.split("+")
     at = {seed: m.get(stage, {}).get(test) for seed, m in runs.get(name, {}).items()}  # None: not in that run
     if key.endswith("_miou"):
@@ -438,7 +421,6 @@ def final_stage(runs: dict, name: str) -> str:
 
 
 def reproduction_tables(root) -> str:
-    """Tables 1-4 and Fig. 5 (Markdown, mean ± std over seeds) and the paired claims, from run folders."""
     root, runs = Path(root), collect_runs(root)
     if not runs:
         raise ValueError(f"no run folders <name>/seed<k>/metrics.json under {root}")
@@ -497,13 +479,12 @@ def reproduction_tables(root) -> str:
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Paired A - B over n >= 2 seeds: mean d, standard error s_d / sqrt(n), 95 % t interval (t at the nearest tabulated
-    df <= n - 1: never narrower than exact), seeds with A > B; "supported" above 0, "contradicted" below, else not."""
+    """Paired A - B over n >= 2 seeds: mean, standard error, 95 % t interval, seeds with A > B, what that reads as."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(d) < 2:
         raise ValueError(f"paired_difference needs >= 2 paired seeds, got {len(d)}")
     se = d.std(ddof=1) / np.sqrt(len(d))
-    half = T_975[max(k for k in T_975 if k <= len(d) - 1)] * se
+    half = T_975[max(k for k in T_975 if k <= len(d) - 1)] * se  # a tabulated df <= n - 1: never narrower than exact
     low, high = float(d.mean() - half), float(d.mean() + half)
     return dict(n=len(d), mean=float(d.mean()), se=float(se), low=low, high=high, agree=int((d > 0).sum()),
                 reading="supported" if low > 0 else "contradicted" if high < 0 else "not supported")
@@ -576,9 +557,9 @@ def main(argv=None) -> int:
             raise CheckpointError(f"checkpoint {args.checkpoint} has {model.config['num_classes']} classes ({S} "
                                   f"seen) but {dataset} has {len(first.class_names)} ({first.num_seen} seen)")
         names, label_map = scored_classes(ckpt["class_names"], first.class_names, S)
-        if n := args.latent_stats:  # on the training split of the dataset scored
+        if n := args.latent_stats:  # on whole images of the training split of the dataset scored
             shapes = dict(size=saved["crop_size"], num_images=n, layout=saved["layout"]) if dataset == "shapes" else {}
-            train_set = data.build_dataset(dataset, "train", root=root, **shapes)  # whole images, as they are tested
+            train_set = data.build_dataset(dataset, "train", root=root, **shapes)
             z = latent_statistics(model, train_set, num_images=n, device=device)
             print(f"latent z of {args.checkpoint} (alpha {saved['alpha']}, latent path {model.config['latent_path']}"
                   f"), {z['pixels']} seen pixels of {z['images']} {dataset} training images: mean mu^2 {z['mu2']:.3g}, "
