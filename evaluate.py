@@ -282,8 +282,8 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
         name = next(n for n in [stem] + [f"{stem}-{k}" for k in range(2, 2 * len(paths) + 3)]
                     if n.lower() not in taken and str((out_dir / f"{n}.png").resolve()).lower() not in inputs)
         taken.add(name.lower())
-        r = max_side / max(H, W) if 0 < max_side < max(H, W) else 1  # at least 16 pixels a side: the encoders
-        h, w = (size, size) if size else (max(16, round(H * r)), max(16, round(W * r)))  # then give GroupNorm > 1
+        r = max_side / max(H, W) if 0 < max_side < max(H, W) else 1
+        h, w = (size, size) if size else (max(16, round(H * r)), max(16, round(W * r)))  # 16: GroupNorm's > 1 pixel
         x = (TF.resize(image, [h, w], antialias=True) if (h, w) != (H, W) else image).float() / 255  # resized as uint8
         try:
             pred = model(TF.normalize(x, mean, std)[None].to(device)).argmax(1).cpu()  # (1, h, w)
