@@ -12,17 +12,16 @@ images to 513 x 513 and scores the feature-map logits at their size.
 """
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import warnings
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -42,8 +41,7 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
     if K < 1 or pred.shape != target.shape or pred.is_floating_point() or target.is_floating_point():
         raise ValueError(f"confusion_matrix: num_classes must be >= 1 and pred, target integer class indices of the "
                          f"same shape; got {K}, {pred.dtype} {tuple(pred.shape)}, {target.dtype} {tuple(target.shape)}")
-    valid = target != ignore_index
-    t, p = target[valid].long(), pred[valid].long()  # (N,) each, N = labelled pixels
+    t, p = (v[target != ignore_index].long() for v in (target, pred))  # (N,) each, N = labelled pixels
     for name, v in (("target", t), ("pred", p)):
         if v.numel() and (v.min() < 0 or v.max() >= K):
             raise ValueError(f"confusion_matrix: {name} values at labelled pixels must lie in [0, {K}) (or be "
@@ -53,10 +51,9 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int, ignore_inde
 
 def harmonic(s: float, u: float) -> float:
     """H = 2 S U / (S + U) of two non-negative scores; 0 when either is 0 (no division by 0)."""
-    # Not statistics.harmonic_mean: it sums 1/S + 1/U exactly, so differs in the last bit about every other time.
     if s < 0 or u < 0:
         raise ValueError(f"harmonic: expected non-negative scores, got {s} and {u}")
-    return 0.0 if s == 0 or u == 0 else 2 * s * u / (s + u)
+    return 0.0 if s == 0 or u == 0 else 2 * s * u / (s + u)  # statistics.harmonic_mean differs in the last bit
 
 
 def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> dict:
@@ -90,13 +87,12 @@ def evaluate_model(model: nn.Module, loader: Iterable, *, num_classes: int, devi
     model.eval()
     confusion = torch.zeros(K, K, dtype=torch.long, device=device)
     for x, y in tqdm(loader, desc=f"evaluate ({eval_res})", leave=False, disable=quiet):
-        x, y = x.to(device), y.to(device)  # (B, 3, H, W), (B, H, W)
-        y = y if label_map is None else label_map.to(device)[y]  # the dataset's ids -> the scored order
+        x, y = x.to(device), (y if label_map is None else label_map[y]).to(device)  # label_map: ids -> scored order
         logits = model(x) if eval_res == "full" else model.C(model.features(x)[0])  # (B, K', H', W')
         if logits.dim() != 4 or not 0 < logits.shape[1] <= K:  # fewer: a --seen-only model never predicts the rest
             raise ValueError(f"evaluate_model: expected logits (B, K' <= {K}, H, W), got {tuple(logits.shape)}")
         if eval_res == "full" and logits.shape[-2:] != y.shape[-2:]:
-            logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
+            logits = nn.functional.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         elif eval_res == "feature":
             y = resize_labels(y, logits.shape[-2:])  # (B, h, w), nearest
         confusion += confusion_matrix(logits.argmax(1), y, K, ignore_index)  # (K, K)
@@ -130,10 +126,8 @@ def test_sets(dataset: str, *, root=None, sizes: Sequence[int] | None = None, ev
 def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], num_seen: int,
                   device: torch.device | str, eval_res: str = "full", batch_size: int = 16, workers: int = 0,
                   quiet: bool = False, title: str = "", label_map: Tensor | None = None) -> dict[str, dict]:
-    """evaluate_model -> gzsl_miou -> printed format_table per set: ``{name: as_metrics}``; [0, num_seen) seen."""
     K, metrics, seen, unseen = len(class_names), {}, list(range(num_seen)), list(range(num_seen, len(class_names)))
-    distributed = dist.is_available() and dist.is_initialized()  # under torchrun: each rank scores a shard
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     for name, dataset in sets.items():  # real images differ in size, so they go one at a time
         shard = Subset(dataset, range(rank, len(dataset), world)) if world > 1 else dataset  # no image twice
         loader = DataLoader(shard, batch_size if isinstance(dataset, data.Shapes) else 1, num_workers=workers)
@@ -147,10 +141,8 @@ def evaluate_sets(model: nn.Module, sets: dict, *, class_names: Sequence[str], n
 
 
 def format_table(result: dict, class_names: Sequence[str], seen: Sequence[int], unseen: Sequence[int]) -> str:
-    """Per-class IoU % (seen classes, then unseen; 'absent' without IoU), then a line of S, U and H."""
-    width = max([len("class")] + [len(class_names[c]) for c in (*seen, *unseen)])
+    width, iou = max([len("class")] + [len(class_names[c]) for c in (*seen, *unseen)]), result["per_class"]
     lines = [f"{'#':>4}  {'class':<{width}}  {'split':<6}  {'IoU %':>6}"]
-    iou = result["per_class"]
     lines += [f"{c:>4}  {class_names[c]:<{width}}  {split:<6}  " + (f"{iou[c]:6.2f}" if c in iou else f"{'absent':>6}")
               for split, classes in (("seen", seen), ("unseen", unseen)) for c in classes]
     present = [sum(c in iou for c in cs) for cs in (seen, unseen)]
@@ -160,7 +152,6 @@ def format_table(result: dict, class_names: Sequence[str], seen: Sequence[int], 
 
 
 def as_metrics(result: dict, class_names: Sequence[str]) -> dict:
-    """``gzsl_miou``'s result with ``per_class`` keyed by class name (absent classes not listed)."""
     if beyond := [c for c in result["per_class"] if not 0 <= c < len(class_names)]:
         raise ValueError(f"as_metrics: {len(class_names)} class names given, but per_class has classes {beyond}")
     return {**result, "per_class": {class_names[c]: iou for c, iou in result["per_class"].items()}}
@@ -184,9 +175,8 @@ class CheckpointError(Exception):
 
 
 def read_checkpoint(path, keys: Sequence[str] = ("model", "config")) -> dict:
-    """The dict ``train.py`` saved at ``path``, holding ``keys``, read with ``weights_only=True``; else a one-line
-    ``CheckpointError`` naming the path, without torch's advice of ``weights_only=False`` (that runs foreign code)."""
-    try:
+    """The dict ``train.py`` saved at ``path``, holding ``keys``; else a one-line ``CheckpointError`` naming it."""
+    try:  # not torch's advice on failure, weights_only=False: that runs the file's code
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:  # nothing there, a folder, no permission
         raise CheckpointError(f"{path} is not a train.py checkpoint: {e.strerror or e}") from None
@@ -200,7 +190,6 @@ def read_checkpoint(path, keys: Sequence[str] = ("model", "config")) -> dict:
 
 
 def load_checkpoint(path, device: torch.device | str) -> tuple[SIGN, dict]:
-    """SIGN rebuilt from the checkpoint (M's table included) on ``device`` in eval mode, and the checkpoint dict."""
     ckpt = read_checkpoint(path, keys=("model", "config", "args", "stage", "iteration", "class_names"))
     try:
         model = SIGN.from_config(ckpt["config"])
@@ -212,7 +201,6 @@ def load_checkpoint(path, device: torch.device | str) -> tuple[SIGN, dict]:
 
 
 def choose_device(name: str | None) -> torch.device:
-    """``--device``: one of this machine's devices; None: cuda if available, else cpu. Nothing is allocated."""
     n = torch.cuda.device_count()
     usable = ["cpu"] + ["cuda"] * (n > 0) + [f"cuda:{i}" for i in range(n)]
     if name is not None and name not in usable:
@@ -223,7 +211,6 @@ def choose_device(name: str | None) -> torch.device:
 
 def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], class_names: Sequence[str],
            num_seen: int, colours: np.ndarray, notes: dict | None = None) -> Image.Image:
-    """``tiles`` {title: (H, W, 3) uint8} side by side under titles, a legend of ``present`` (``notes``), unseen red."""
     f = -(-MIN_TILE // max(next(iter(tiles.values())).shape[:2]))  # ceil: tiny tiles upscaled (nearest), legible
     tiles = {title: t.repeat(f, 0).repeat(f, 1) for title, t in tiles.items()}  # (fH, fW, 3) each
     h, w = next(iter(tiles.values())).shape[:2]
@@ -246,8 +233,6 @@ def _panel(tiles: dict[str, np.ndarray], heading: str, present: Sequence[int], c
 def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Sequence[str], num_seen: int,
                 device: torch.device | str, palette: np.ndarray | None = None,
                 label_map: Tensor | None = None) -> list[Path]:
-    """The first ``num`` items as ``out_dir/<index>.png``: image | ground truth (renumbered by ``label_map``) |
-    prediction in ``data.label_colours`` of ``palette`` (default: the dataset's); the model is left in eval mode."""
     colours = data.label_colours(len(class_names), getattr(dataset, "palette", None) if palette is None else palette)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in (dataset.mean, dataset.std))
     out_dir, paths = Path(out_dir), []
@@ -266,11 +251,9 @@ def save_panels(model: nn.Module, dataset, out_dir, num: int, *, class_names: Se
 
 
 def read_image(path) -> Tensor:
-    """(3, H, W) uint8 RGB, upright (EXIF), refused over PIL's Image.MAX_IMAGE_PIXELS (decompression bombs); modes
-    "I;16", "I" (16-bit PNG) are divided by 65535, "F" (float) kept in [0, 1], else min-max scaled to it."""
+    """(3, H, W) uint8 RGB, upright (EXIF), refused over PIL's Image.MAX_IMAGE_PIXELS (decompression bombs)."""
     try:
-        with warnings.catch_warnings():  # between the bound and twice the bound PIL only warns
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(action="error", category=Image.DecompressionBombWarning):  # PIL only warns
             image = ImageOps.exif_transpose(Image.open(path))  # decodes: a broken file fails here
         if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
             return TF.pil_to_tensor(image.convert("RGB"))
@@ -288,8 +271,7 @@ def read_image(path) -> Tensor:
 def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: Sequence[str], num_seen: int,
                    mean: Sequence[float], std: Sequence[float], device: torch.device | str, size: int | None = None,
                    palette: np.ndarray | None = None, max_side: int = 0) -> list[tuple[Path, dict[str, float], str]]:
-    """Each image file predicted at its size, its longer side cut to ``max_side`` (0: never) or warped to ``size``
-    (eval_res feature), into ``out_dir/<stem>.png``: image | prediction, legend. [(file, {class: %}, size note)]."""
+    """Each image predicted into ``out_dir/<stem>.png``, image | prediction, legend: [(file, {class: %}, size note)]."""
     colours, out_dir, results = data.label_colours(len(class_names), palette), Path(out_dir), []
     images = [read_image(path) for path in paths]  # (3, H, W) uint8 each; every file is read before any is predicted
     inputs, taken = {str(Path(p).resolve()).lower() for p in paths}, set()  # lower: case-insensitive file systems
@@ -301,8 +283,7 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
                     if n.lower() not in taken and str((out_dir / f"{n}.png").resolve()).lower() not in inputs)
         taken.add(name.lower())
         r = max_side / max(H, W) if 0 < max_side < max(H, W) else 1
-        # At least 16 pixels a side: the encoders (stride <= 8) then give GroupNorm more than one pixel per channel
-        h, w = (size, size) if size else (max(16, round(H * r)), max(16, round(W * r)))
+        h, w = (size, size) if size else (max(16, round(H * r)), max(16, round(W * r)))  # 16: GroupNorm's > 1 pixel
         x = (TF.resize(image, [h, w], antialias=True) if (h, w) != (H, W) else image).float() / 255  # resized as uint8
         try:
             pred = model(TF.normalize(x, mean, std)[None].to(device)).argmax(1).cpu()  # (1, h, w)
@@ -321,21 +302,18 @@ def predict_images(model: nn.Module, paths: Sequence, out_dir, *, class_names: S
     return results
 
 
-@torch.no_grad()
+@torch.enable_grad()  # the probes are fitted whatever the caller's grad mode; the model runs under no_grad
 def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels: int = 40_000,
                       device: torch.device | str = "cpu", seed: int = 0) -> dict[str, float | int]:
-    """What G's z (z = mu + sigma eps, SIM in training mode as in Training Step (G)) carries on the labelled seen
-    pixels of the first ``num_images`` items: the means ``mu2``, ``sigma2``; var(mu) / E[sigma^2] per channel
-    (``snr_median``, ``snr_max``); balanced accuracies (%) of linear probes from z, N(0, 1) noise and mu."""
+    """What G's z = mu + sigma eps carries on the labelled seen pixels of the first ``num_images`` items."""
     if model.SIM is None:
         raise ValueError("latent_statistics: this model has no SIM, so G's latent is pure noise")
     was_training, n = model.training, min(num_images, len(dataset))
     model.eval().SIM.train()  # training mode for SIM alone: z is sampled as Training Step (G) sees it
     pixels = []  # per image: z, mu, sigma^2 (pixels, L) each, the labels and the half of each pixel (pixels,)
-    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []), torch.no_grad():
         torch.manual_seed(seed)  # eps is drawn from a seed of its own; fork_rng keeps the caller's stream
-        for i in range(n):
-            x, y = dataset[i]
+        for i, (x, y) in zip(range(n), dataset):
             _, z, mu, logvar = model.features(x[None].to(device))  # (1, L, h, w) each
             y = resize_labels(y[None].to(device), z.shape[-2:]).flatten()  # (h*w,)
             keep = y < model.num_seen  # labelled seen pixels; 255 is above every class index
@@ -351,23 +329,18 @@ def latent_statistics(model: SIGN, dataset, *, num_images: int = 400, max_pixels
     snr = mu.var(0) / var.mean(0)  # (L,): Var over pixels of mu_c, against the mean of sigma_c^2
     stats = {"mu2": mu.pow(2).mean().item(), "sigma2": var.mean().item(), "snr_median": snr.median().item(),
              "snr_max": snr.max().item()}
-    # The probes: softmax regressions fitted by full-batch Adam on standardised inputs, each class weighted by 1 / its
-    # pixel count (unweighted, a probe on weak evidence predicts the most frequent class, sky, everywhere).
-    weight = 1 / torch.bincount(y[fit], minlength=model.num_seen).clamp_min(1).float()  # (num_seen,)
+    weight = 1 / torch.bincount(y[fit], minlength=model.num_seen).clamp_min(1).float()  # unweighted: sky everywhere
     for name, v in (("z", z), ("noise", torch.randn(z.shape, generator=g)), ("mu", mu)):
-        mean, std = v[fit].mean(0), v[fit].std(0).clamp_min(1e-6)  # clamp: a constant channel carries nothing
-        x, x_test = (v[fit] - mean) / std, (v[score] - mean) / std
+        x, x_test = ((v[i] - v[fit].mean(0)) / v[fit].std(0).clamp_min(1e-6) for i in (fit, score))  # standardised
         probe = nn.Linear(x.shape[1], model.num_seen)  # from zeros: the loss is convex, any start is as good
         probe.load_state_dict({k: torch.zeros_like(v) for k, v in probe.state_dict().items()})
-        opt = torch.optim.Adam(probe.parameters(), lr=0.05)
-        with torch.enable_grad():
-            for _ in range(300):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(probe(x), y[fit], weight=weight).backward()
-                opt.step()
-        pred, y_test = probe(x_test).argmax(1), y[score]
-        recalls = [(pred[y_test == c] == c).float().mean() for c in y_test.unique()]  # balanced: mean recall
-        stats[f"probe_{name}"] = 100 * float(np.mean(recalls))
+        opt = torch.optim.Adam(probe.parameters(), lr=0.05)  # a softmax regression, fitted by full-batch Adam
+        for _ in range(300):
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(probe(x), y[fit], weight=weight).backward()
+            opt.step()
+        pred, truth = probe(x_test).argmax(1), y[score]  # balanced accuracy: the mean of the classes' recalls
+        stats[f"probe_{name}"] = 100 * float(np.mean([(pred[truth == c] == c).float().mean() for c in truth.unique()]))
     return stats | {"pixels": len(fit) + len(score), "images": n}
 
 
@@ -375,10 +348,8 @@ SMH = ("seen_miou", "unseen_miou", "harmonic_miou")
 SCORED_STAGES = ("train", "transfer", "self_training")  # the stages of a metrics.json
 SEED_FREE = ("out", "resume", "init_from", "device", "quiet", "seed")  # settings the runs of a name may differ in
 TEMPERATURES = (0.5, 1, 2, 4, 8)  # Fig. 5's AST temperatures: runs sign-ast-T<T>
-# The paper's claims, paired by seed (runs with one seed share the benchmark, batches and test set, which A - B
-# cancels): (claim, (run, stage) of A, (run, stage) of B, test size "first" or "new", key)
-CLAIMS = [
-    ("SIGN > ZS3Net (Table 1)", ("sign", "transfer"), ("zs3net", "transfer"), "first", "harmonic_miou"),
+# (claim, (run, stage) of A, and of B, test "first" or "new", key); paired by seed, A - B cancels what a seed shares
+CLAIMS = [("SIGN > ZS3Net (Table 1)", ("sign", "transfer"), ("zs3net", "transfer"), "first", "harmonic_miou"),
     ("SIGN + AST > SIGN (Table 1)", ("sign-ast-T2", "self_training"), ("sign", "transfer"), "first", "harmonic_miou"),
     ("RPE > APE at a new size (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "harmonic_miou"),
     ("RPE > APE at a new size, sky/water (Table 3)", ("sign", "transfer"), ("pe-ape", "transfer"), "new", "sky+water"),
@@ -389,7 +360,6 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 def read_metrics(run_dir: Path, name: str = "metrics.json") -> dict:
-    """A run folder's metrics.json (or ``name``), {} if it has none yet; a ValueError if it is not a JSON object."""
     path = run_dir / name
     try:
         out = json.loads(path.read_text()) if path.is_file() else {}
@@ -401,8 +371,7 @@ def read_metrics(run_dir: Path, name: str = "metrics.json") -> dict:
 
 
 def collect_runs(root) -> dict[str, dict[int, dict]]:
-    """``{name: {seed: metrics.json}}`` of ``root/<name>/seed<k>``; a note on stderr leaves out a run of malformed or
-    infinite metrics, of other test sets than most, or of other settings (config.json) than most of its name's."""
+    """``{name: {seed: metrics.json}}`` of ``root/<name>/seed<k>``, less the runs unlike most (noted on stderr)."""
     found, metrics, why = {}, {}, {}  # {(name, seed): run folder}, {run folder: metrics}, {run folder: why left out}
     for path in sorted(Path(root).glob("*/seed*/metrics.json")):
         run, k = path.parent, path.parent.name[4:]
@@ -418,8 +387,7 @@ def collect_runs(root) -> dict[str, dict[int, dict]]:
         except (AttributeError, KeyError, TypeError) as e:
             why[run] = f"not train.py's {{stage: {{test set: {{S, U, H, per_class}}}}}}: {type(e).__name__} {e}"
     def leave_out_the_odd(values: dict, reason):  # {run: value}: the runs whose value is not the most common
-        counts = Counter(json.dumps(v, sort_keys=True) for v in values.values())
-        common = json.loads(counts.most_common(1)[0][0]) if counts else None
+        common = json.loads(statistics.mode(json.dumps(v, sort_keys=True) for v in values.values())) if values else None
         why.update({r: reason(v, common) for r, v in values.items() if v != common})
     leave_out_the_odd({r: sorted({t for s in m.values() for t in s}) for r, m in metrics.items() if not why[r] and m},
                       lambda v, common: f"test sets {v}, most runs' {common}")
@@ -435,31 +403,24 @@ def collect_runs(root) -> dict[str, dict[int, dict]]:
 
 
 def mean_std(values: Sequence[float]) -> str:
-    """'m ± s' with the sample standard deviation (n - 1); one value: 'm'; none: '–'."""
     v = np.asarray(values, dtype=float)
     return "–" if len(v) == 0 else f"{v.mean():.2f}" + (f" ± {v.std(ddof=1):.2f}" if len(v) > 1 else "")
 
 
 def _by_seed(runs: dict, name: str, stage: str | None, test: str, key: str) -> dict[int, float]:
-    """{seed: value} of a metrics field, or of class names joined by '+' (their mean IoU, where all have one), at
-    ``stage`` (None: the run's ``final_stage``)."""
-    out, classes = {}, key.split("+")
-    for seed, metrics in runs.get(name, {}).items():
-        m = metrics.get(stage or final_stage(runs, name), {}).get(test)
-        if m and key.endswith("_miou"):
-            out[seed] = m[key]
-        elif m and all(c in m["per_class"] for c in classes):
-            out[seed] = float(np.mean([m["per_class"][c] for c in classes]))
-    return out
+    stage, classes = stage or final_stage(runs, name), key.split("+")
+    at = {seed: m.get(stage, {}).get(test) for seed, m in runs.get(name, {}).items()}  # None: not in that run
+    if key.endswith("_miou"):
+        return {seed: m[key] for seed, m in at.items() if m}
+    return {seed: float(np.mean([m["per_class"][c] for c in classes])) for seed, m in at.items()
+            if m and all(c in m["per_class"] for c in classes)}
 
 
 def final_stage(runs: dict, name: str) -> str:
-    """The last stage a method's runs report: self-training runs end with it, the others with transfer."""
     return "self_training" if any("self_training" in m for m in runs.get(name, {}).values()) else "transfer"
 
 
 def reproduction_tables(root) -> str:
-    """Tables 1-4 and Fig. 5 (Markdown, mean ± std over seeds) and the paired claims, from run folders."""
     root, runs = Path(root), collect_runs(root)
     if not runs:
         raise ValueError(f"no run folders <name>/seed<k>/metrics.json under {root}")
@@ -518,17 +479,15 @@ def reproduction_tables(root) -> str:
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
-    """Paired A - B over n >= 2 seeds: mean d, standard error s_d / sqrt(n), 95 % t interval (t at the nearest tabulated
-    df <= n - 1: never narrower than exact), seeds with A > B; "supported" above 0, "contradicted" below, else not."""
+    """Paired A - B over n >= 2 seeds: mean, standard error, 95 % t interval, seeds with A > B, what that reads as."""
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     if len(d) < 2:
         raise ValueError(f"paired_difference needs >= 2 paired seeds, got {len(d)}")
     se = d.std(ddof=1) / np.sqrt(len(d))
-    half = T_975[max(k for k in T_975 if k <= len(d) - 1)] * se
-    low, high = d.mean() - half, d.mean() + half
-    reading = "supported" if low > 0 else "contradicted" if high < 0 else "not supported"
-    return dict(n=len(d), mean=float(d.mean()), se=float(se), low=float(low), high=float(high),
-                agree=int((d > 0).sum()), reading=reading)
+    half = T_975[max(k for k in T_975 if k <= len(d) - 1)] * se  # a tabulated df <= n - 1: never narrower than exact
+    low, high = float(d.mean() - half), float(d.mean() + half)
+    return dict(n=len(d), mean=float(d.mean()), se=float(se), low=low, high=high, agree=int((d > 0).sum()),
+                reading="supported" if low > 0 else "contradicted" if high < 0 else "not supported")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -567,12 +526,11 @@ def main(argv=None) -> int:
             (args.tables / "tables.md").write_text(tables + "\n")
             print(tables + f"\n\nwritten to {args.tables / 'tables.md'}")
             return 0
-        for flag, values, low in (("--save-predictions", [args.save_predictions], 0), ("--size", args.size, 8),
-                                  ("--num-test", args.num_test, 1), ("--test-seed", [args.test_seed], 0),
-                                  ("--latent-stats", [1 if args.latent_stats is None else args.latent_stats], 1),
-                                  ("--max-side", [args.max_side], 0)):
-            if any(v < low for v in values or ()):
-                raise ValueError(f"{flag} must be >= {low}, got {' '.join(map(str, values))}")
+        for flag, low in {"--save-predictions": 0, "--size": 8, "--num-test": 1, "--test-seed": 0, "--latent-stats": 1,
+                          "--max-side": 0}.items():
+            values = getattr(args, flag[2:].replace("-", "_"))  # a number, a list of them, or None: not given
+            if values is not None and min(np.ravel(values)) < low:
+                raise ValueError(f"{flag} must be >= {low}, got {' '.join(map(str, np.ravel(values)))}")
         device = choose_device(args.device)
         model, ckpt = load_checkpoint(args.checkpoint, device)
         saved, S, out = ckpt["args"], model.num_seen, args.out or args.checkpoint.parent / "predictions"
@@ -590,21 +548,18 @@ def main(argv=None) -> int:
                 print(f"{path}{note and f' ({note})'}: " + ", ".join(
                     f"{n}{' (unseen)' * (names.index(n) >= S)} {v:.1f} %" for n, v in shares.items()))
             return 0
-        dataset, root = args.dataset or saved["dataset"], args.data_root or saved["data_root"]
-        same = dataset == saved["dataset"]  # the stored sizes belong to the stored dataset only
-        eval_res = args.eval_res or saved["eval_res"]
+        dataset, root, eval_res = (getattr(args, k) or saved[k] for k in ("dataset", "data_root", "eval_res"))
+        run = saved if dataset == saved["dataset"] else {}  # the run's test sizes belong to its dataset only
         sets = test_sets(dataset, root=root, eval_res=eval_res, layout=saved["layout"], seed=args.test_seed,
-                         sizes=args.size or (saved["test_sizes"] if same else None),
-                         num_images=args.num_test or (saved["num_test"] if same else None))
+                         sizes=args.size or run.get("test_sizes"), num_images=args.num_test or run.get("num_test"))
         first = next(iter(sets.values()))
         if first.num_seen != S:
             raise CheckpointError(f"checkpoint {args.checkpoint} has {model.config['num_classes']} classes ({S} "
                                   f"seen) but {dataset} has {len(first.class_names)} ({first.num_seen} seen)")
         names, label_map = scored_classes(ckpt["class_names"], first.class_names, S)
-        if n := args.latent_stats:  # on the training split of the dataset scored
-            train_set = (data.Shapes("train", size=saved["crop_size"], num_images=n, layout=saved["layout"])
-                         if dataset == "shapes" else
-                         data.build_dataset(dataset, "train", root=root, transform=data.eval_transform()))
+        if n := args.latent_stats:  # on whole images of the training split of the dataset scored
+            shapes = dict(size=saved["crop_size"], num_images=n, layout=saved["layout"]) if dataset == "shapes" else {}
+            train_set = data.build_dataset(dataset, "train", root=root, **shapes)
             z = latent_statistics(model, train_set, num_images=n, device=device)
             print(f"latent z of {args.checkpoint} (alpha {saved['alpha']}, latent path {model.config['latent_path']}"
                   f"), {z['pixels']} seen pixels of {z['images']} {dataset} training images: mean mu^2 {z['mu2']:.3g}, "
