@@ -410,8 +410,7 @@ def generator_loss(D: nn.Module, real: Tensor, fake: Tensor, labels: Tensor, see
     """Eq. (8), Training Step (G): L_adv + beta L_MMD, for G only. L_adv = -log D(f^) on labelled pixels,
     D held fixed; L_MMD is Eq. (5) over ``seen_classes`` between the real features (detached: E and SIM
     fixed) and the fake ones at the same pixels. Returns the total and {"adv", "mmd"} detached."""
-    frozen_D = {name: p.detach() for name, p in D.named_parameters()}
-    fake_logits = torch.func.functional_call(D, frozen_D, (fake,))  # (B, 1, h, w)
+    fake_logits = torch.func.functional_call(D, {n: p.detach() for n, p in D.named_parameters()}, (fake,))  # D fixed
     adv = _masked_bce(fake_logits, True, labels != IGNORE)  # Eq. (7), G's side
     # float32 even under autocast: ||x||^2 + ||y||^2 - 2 x.y cancels badly in half precision
     with torch.autocast(real.device.type, enabled=False):
