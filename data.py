@@ -62,10 +62,10 @@ CONTEXT33_CLASSES = VOC_CLASSES + ("sky,grass,ground,road,building,tree,water,mo
                                    "track,keyboard,ceiling").split(",")  # raw 1-33
 CONTEXT33_UNSEEN = ["cow", "motorbike", "sofa", "cat"]
 CONTEXT59_CLASSES = (  # values 1-59 of the common 59-class Pascal Context PNGs; 0 is unlabelled
-    "aeroplane,bag,bed,bedclothes,bench,bicycle,bird,boat,book,bottle,building,bus,cabinet,car,cat,ceiling,chair,cloth,"
-    "computer,cow,cup,curtain,dog,door,fence,floor,flower,food,grass,ground,horse,keyboard,light,motorbike,mountain,"
-    "mouse,person,plate,platform,pottedplant,road,rock,sheep,shelves,sidewalk,sign,sky,snow,sofa,table,track,train,"
-    "tree,truck,tvmonitor,wall,water,window,wood").split(",")
+    "aeroplane,bag,bed,bedclothes,bench,bicycle,bird,boat,book,bottle,building,bus,cabinet,car,cat,"
+    "ceiling,chair,cloth,computer,cow,cup,curtain,dog,door,fence,floor,flower,food,grass,ground,horse,"
+    "keyboard,light,motorbike,mountain,mouse,person,plate,platform,pottedplant,road,rock,sheep,shelves,"
+    "sidewalk,sign,sky,snow,sofa,table,track,train,tree,truck,tvmonitor,wall,water,window,wood").split(",")
 # The 59-class files write VOC's two-word names as one token and call the dining table "table".
 _RENAME_59 = {"table": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv monitor"}
 CONTEXT59_TO_33 = {v: CONTEXT33_CLASSES.index(_RENAME_59.get(n, n)) + 1 for v, n in enumerate(CONTEXT59_CLASSES, 1)
@@ -76,15 +76,15 @@ COCO_STUFF_CLASSES = (  # PNG values 0-181
     "eye glasses,handbag,tie,suitcase,frisbee,skis,snowboard,sports ball,kite,baseball bat,baseball glove,skateboard,"
     "surfboard,tennis racket,bottle,plate,wine glass,cup,fork,knife,spoon,bowl,banana,apple,sandwich,orange,broccoli,"
     "carrot,hot dog,pizza,donut,cake,chair,couch,potted plant,bed,mirror,dining table,window,desk,toilet,door,tv,"
-    "laptop,mouse,remote,keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,blender,book,clock,vase,scissors,"
-    "teddy bear,hair drier,toothbrush,hair brush,banner,blanket,branch,bridge,building-other,bush,cabinet,cage,"
-    "cardboard,carpet,ceiling-other,ceiling-tile,cloth,clothes,clouds,counter,cupboard,curtain,desk-stuff,dirt,"
+    "laptop,mouse,remote,keyboard,cell phone,microwave,oven,toaster,sink,refrigerator,blender,book,clock,vase,"
+    "scissors,teddy bear,hair drier,toothbrush,hair brush,banner,blanket,branch,bridge,building-other,bush,cabinet,"
+    "cage,cardboard,carpet,ceiling-other,ceiling-tile,cloth,clothes,clouds,counter,cupboard,curtain,desk-stuff,dirt,"
     "door-stuff,fence,floor-marble,floor-other,floor-stone,floor-tile,floor-wood,flower,fog,food-other,fruit,"
-    "furniture-other,grass,gravel,ground-other,hill,house,leaves,light,mat,metal,mirror-stuff,moss,mountain,mud,napkin,"
-    "net,paper,pavement,pillow,plant-other,plastic,platform,playingfield,railing,railroad,river,road,rock,roof,rug,"
-    "salad,sand,sea,shelf,sky-other,skyscraper,snow,solid-other,stairs,stone,straw,structural-other,table,tent,"
-    "textile-other,towel,tree,vegetable,wall-brick,wall-concrete,wall-other,wall-panel,wall-stone,wall-tile,wall-wood,"
-    "water-other,waterdrops,window-blind,window-other,wood").split(",")
+    "furniture-other,grass,gravel,ground-other,hill,house,leaves,light,mat,metal,mirror-stuff,moss,mountain,mud,"
+    "napkin,net,paper,pavement,pillow,plant-other,plastic,platform,playingfield,railing,railroad,river,road,rock,"
+    "roof,rug,salad,sand,sea,shelf,sky-other,skyscraper,snow,solid-other,stairs,stone,straw,structural-other,table,"
+    "tent,textile-other,towel,tree,vegetable,wall-brick,wall-concrete,wall-other,wall-panel,wall-stone,wall-tile,"
+    "wall-wood,water-other,waterdrops,window-blind,window-other,wood").split(",")
 COCO_STUFF_ABSENT = [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]  # ids that never occur -> 255
 COCO_STUFF_UNSEEN = ["frisbee", "skateboard", "cardboard", "carrot", "scissors", "suitcase", "giraffe",
                      "cow", "road", "wall-concrete", "tree", "grass", "river", "clouds", "playingfield"]
