@@ -392,8 +392,7 @@ def added_class_embeddings(dataset: str, names: list[str], paths=None, *, dim: i
         _check(not missing, f"not in the shapes vocabulary ({', '.join(sorted(vocabulary))}): "
                + "; ".join(missing), EmbeddingError)
         return shapes_embeddings([n.lower() for n in names], dim=dim)
-    paths = [Path(p) for p in paths or ()]
-    _check(paths and all(p.suffix != ".npy" for p in paths), f"--embeddings: new {dataset} class names need the "
+    _check(paths and all(Path(p).suffix != ".npy" for p in paths), f"--embeddings: new {dataset} class names need the "
            "word-vector files of training (.bin, .vec); a .npy table has no rows for them", EmbeddingError)
     return load_class_embeddings(paths, list(names), dim=dim, cache=False)
 
@@ -526,7 +525,6 @@ CLASS_COUNTS = {name: (len(cls.raw_names), len(cls.unseen)) for name, cls in DAT
 
 
 def build_dataset(name: str, split: str, *, root=None, **kwargs):
-    """`Shapes(split, **kwargs)`, or `Name(root, split, **kwargs)` for a real dataset."""
     _check(name in DATASETS, f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}", ValueError)
     _check(name == "shapes" or root is not None, f"dataset {name!r} needs a root folder (--data-root)", ValueError)
     return Shapes(split, **kwargs) if name == "shapes" else DATASETS[name](root, split, **kwargs)

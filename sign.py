@@ -1,9 +1,7 @@
-"""SIGN's six networks (E, SIM, G, D, C, M) and the losses of Eqs. (1)-(4) and (7)-(10).
+"""SIGN's six networks (E, SIM, G, D, C, M), one ``nn.Module`` per box of Fig. 2, and the losses of Eqs. (1)-(4) and
+(7)-(10) as plain functions. Changes versus the paper: README, "Deviations from the paper".
 
-One ``nn.Module`` per box of Fig. 2 (data flows image -> E -> SIM -> C, with M -> G -> D beside it),
-then the losses as plain functions. Changes versus the paper: README, "Deviations from the paper".
-
-Reading order (Fig. 2, left to right)
+Reading order (Fig. 2, left to right: image -> E -> SIM -> C, with M -> G -> D beside it)
     ASPP, DeepLabV2, SmallEncoder   E, the feature encoder (DeepLab-v2 or a small CPU CNN)
     _Block, SIM                     Eq. (1): F_x, z = SIM(E(x) (+) PE); supp. Figs. 6-8
     resize_labels, SemanticMapping  M: e = M(y), labels resized to the feature map
@@ -43,8 +41,7 @@ from torch import Tensor
 from torchvision.ops import Conv2dNormActivation, FrozenBatchNorm2d
 
 from mmd import DEFAULT_SIGMAS, classwise_mmd
-from rpe import (absolute_positional_encoding, interpolated_absolute_positional_encoding,
-                 relative_positional_encoding)
+from rpe import absolute_positional_encoding, interpolated_absolute_positional_encoding, relative_positional_encoding
 
 IGNORE = 255
 SIM_ARCHS = ("conv", "attention", "self-attention", "multihead")
@@ -58,8 +55,7 @@ class ASPP(nn.Module):
     """DeepLab-v2's atrous spatial pyramid: parallel 3x3 convs at several dilations, SUMMED."""
     def __init__(self, in_channels: int, out_channels: int, dilations=(6, 12, 18, 24)):
         super().__init__()
-        self.branches = nn.ModuleList(
-            nn.Conv2d(in_channels, out_channels, 3, padding=d, dilation=d) for d in dilations)
+        self.branches = nn.ModuleList(nn.Conv2d(in_channels, out_channels, 3, padding=d, dilation=d) for d in dilations)
         for conv in self.branches:  # DeepLab-v2's initialisation of its last layer
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)
@@ -148,7 +144,6 @@ class _Block(nn.Module):
         if self.arch == "attention":
             c = self.context(h)  # (B, F, h, w)
             return h + self.fuse(torch.cat([c * torch.sigmoid(m(c)) for m in self.maps], 1))
-        B, C, H, W = h.shape
         t = h.flatten(2).transpose(1, 2)  # (B, H*W, F)
         n, a = self.norm1(t), self.attention
         if self.arch == "multihead":
@@ -156,7 +151,7 @@ class _Block(nn.Module):
         else:
             t = t + a.out(F.scaled_dot_product_attention(a.q(n), a.k(n), a.v(n)))
         t = t + self.mlp(self.norm2(t))
-        return t.transpose(1, 2).reshape(B, C, H, W).contiguous()  # (B, F, h, w)
+        return t.transpose(1, 2).reshape(h.shape).contiguous()  # (B, F, h, w)
 
 
 class SIM(nn.Module):
@@ -241,17 +236,15 @@ class Generator(nn.Sequential):
         super().__init__(nn.Conv2d(in_dim, hidden, 1), nn.LeakyReLU(0.2), nn.Conv2d(hidden, out_dim, 1))
 
     def from_table(self, table: Tensor, rows: Tensor, z: Tensor) -> Tensor:
-        """G(M(y) (+) z) with M(y) = table[rows]: the first layer is linear per pixel, W (e (+) z)
-        = W_e e + W_z z, and W_e table[rows] = (table W_e^T)[rows]. So the (B, e_dim, h, w) map e
-        is never built: G's costliest layer shrinks from e_dim + L input channels to L.
-        table (K + 1, e_dim), rows (B, h, w), z (B, L, h, w) -> (B, F, h, w)."""
+        """G(M(y) (+) z) with M(y) = table[rows]: the first layer is linear per pixel, W (e (+) z) = W_e e + W_z z, and
+        W_e table[rows] = (table W_e^T)[rows]. So the (B, e_dim, h, w) map e is never built: G's costliest layer shrinks
+        from e_dim + L input channels to L. table (K + 1, e_dim), rows (B, h, w), z (B, L, h, w) -> (B, F, h, w)."""
         first, act, last = self
         W_e, W_z = first.weight[:, :table.shape[1], 0, 0], first.weight[:, table.shape[1]:]
         e_part = F.embedding(rows, table.to(W_e.dtype) @ W_e.T).permute(0, 3, 1, 2)  # W_e M(y), (B, hidden, h, w)
         return last(act(e_part + F.conv2d(z, W_z, first.bias)))  # = self(cat([M(y), z], 1))
 
 
-# ----------------------------------------------------------------------------- SIGN
 class SIGN(nn.Module):
     """All six networks; ``forward(x)`` is inference, E -> SIM -> C, upsampled to the input. ``config``:
     every constructor argument as plain JSON, for ``from_config``. ``sim="none"`` drops SIM (ZS3Net-style:
@@ -272,16 +265,14 @@ class SIGN(nn.Module):
         if encoder != "small" and output_stride not in (None, 8):
             raise ValueError(f"SIGN: DeepLabV2 has output stride 8, got output_stride={output_stride}")
         latent_dim = latent_dim or feat_dim
-        self.config = dict(num_classes=K, embed_dim=e_dim, num_seen=num_seen, encoder=encoder,
-                           pretrained=pretrained, feat_dim=feat_dim, sim=sim, pe=pe, pe_dim=pe_dim,
-                           latent_dim=latent_dim, heads=heads, hidden=hidden,
-                           train_size=list(train_size) if train_size else None, rpe_c=rpe_c,
+        self.config = dict(num_classes=K, embed_dim=e_dim, num_seen=num_seen, encoder=encoder, pretrained=pretrained,
+                           feat_dim=feat_dim, sim=sim, pe=pe, pe_dim=pe_dim, latent_dim=latent_dim, heads=heads,
+                           hidden=hidden, train_size=list(train_size) if train_size else None, rpe_c=rpe_c,
                            rpe_endpoint=rpe_endpoint, small_width=small_width, output_stride=output_stride,
                            latent_path=latent_path, small_context=small_context)
         self.num_seen, self.latent_dim = num_seen, latent_dim
         self.E = (SmallEncoder(feat_dim, width=small_width, output_stride=output_stride or 4, context=small_context)
-                  if encoder == "small"
-                  else DeepLabV2(feat_dim, depth=ENCODERS[encoder], pretrained=pretrained))
+                  if encoder == "small" else DeepLabV2(feat_dim, depth=ENCODERS[encoder], pretrained=pretrained))
         self.SIM = None if sim == "none" else SIM(
             feat_dim, arch=sim, pe=pe, pe_dim=pe_dim, latent_dim=latent_dim, heads=heads,
             pe_train_size=self.feature_size(*train_size) if train_size else None,
@@ -344,8 +335,7 @@ class SIGN(nn.Module):
         z ~ N(0, 1), Eq. (2)'s prior (Transfer Learning Step; no SIM). z is detached: SIM learns from Eq. (4)."""
         rows = self.M.rows(labels)  # e = M(y) is the table's row for each pixel, (B, h, w)
         if z is None:
-            B, h, w = rows.shape
-            z = torch.randn(B, self.latent_dim, h, w, device=rows.device, dtype=self.M.table.dtype)
+            z = torch.randn(len(rows), self.latent_dim, *rows.shape[1:], device=rows.device, dtype=self.M.table.dtype)
         return self.G.from_table(self.M.table, rows, z.detach())  # G(M(y) (+) z), (B, F, h, w)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W) -> logits (B, K, H, W)
@@ -371,12 +361,10 @@ def kl_loss(mu: Tensor, logvar: Tensor, mask: Tensor | None = None) -> Tensor:
     return (kl * m).sum() / (m.sum() * kl.shape[1]).clamp_min(1)  # no pixel selected: 0 with a graph
 
 
-def prediction_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None,
-                    ignore_index: int = IGNORE) -> Tensor:
+def prediction_loss(logits: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = IGNORE) -> Tensor:
     """Eqs. (3), (9): CE = -log p_y per pixel; mean over non-ignored pixels, or with per-pixel
     ``weight`` (B, h, w) (AST, Eq. 17) sum(w CE) / sum(w). No valid pixel gives 0, not NaN."""
-    if (logits.shape[:1] + logits.shape[2:] != target.shape
-            or weight is not None and weight.shape != target.shape):
+    if logits.shape[:1] + logits.shape[2:] != target.shape or weight is not None and weight.shape != target.shape:
         raise ValueError(f"prediction_loss: logits {tuple(logits.shape)}, target {tuple(target.shape)} and weight "
                          f"{None if weight is None else tuple(weight.shape)} differ in batch or spatial size")
     ce = F.cross_entropy(_full(logits), target, ignore_index=ignore_index, reduction="none")  # Eqs. (3), (9)
@@ -416,21 +404,18 @@ def discriminator_loss(D: nn.Module, real: Tensor, fake: Tensor, labels: Tensor)
     return _masked_bce(D(real.detach()), True, mask) + _masked_bce(D(fake.detach()), False, mask)  # Eq. (7)
 
 
-def generator_loss(D: nn.Module, real: Tensor, fake: Tensor, labels: Tensor,
-                   seen_classes: Sequence[int], *, beta: float = 50.0,
-                   sigmas: Sequence[float] = DEFAULT_SIGMAS, max_per_class: int = 256
-                   ) -> tuple[Tensor, dict[str, Tensor]]:
+def generator_loss(D: nn.Module, real: Tensor, fake: Tensor, labels: Tensor, seen_classes: Sequence[int], *,
+                   beta: float = 50.0, sigmas: Sequence[float] = DEFAULT_SIGMAS,
+                   max_per_class: int = 256) -> tuple[Tensor, dict[str, Tensor]]:
     """Eq. (8), Training Step (G): L_adv + beta L_MMD, for G only. L_adv = -log D(f^) on labelled pixels,
     D held fixed; L_MMD is Eq. (5) over ``seen_classes`` between the real features (detached: E and SIM
     fixed) and the fake ones at the same pixels. Returns the total and {"adv", "mmd"} detached."""
-    B, C, h, w = real.shape
-    frozen_D = {name: p.detach() for name, p in D.named_parameters()}
-    fake_logits = torch.func.functional_call(D, frozen_D, (fake,))  # (B, 1, h, w)
+    fake_logits = torch.func.functional_call(D, {n: p.detach() for n, p in D.named_parameters()}, (fake,))  # D fixed
     adv = _masked_bce(fake_logits, True, labels != IGNORE)  # Eq. (7), G's side
     # float32 even under autocast: ||x||^2 + ||y||^2 - 2 x.y cancels badly in half precision
     with torch.autocast(real.device.type, enabled=False):
-        mmd = classwise_mmd(real.detach().float().permute(0, 2, 3, 1).reshape(-1, C),  # (B*h*w, F)
-                            fake.float().permute(0, 2, 3, 1).reshape(-1, C), labels.reshape(-1), seen_classes,
+        mmd = classwise_mmd(real.detach().float().permute(0, 2, 3, 1).flatten(0, 2),  # (B*h*w, F)
+                            fake.float().permute(0, 2, 3, 1).flatten(0, 2), labels.reshape(-1), seen_classes,
                             sigmas=sigmas, max_per_class=max_per_class)  # Eq. (5)
     return adv + beta * mmd, {"adv": adv.detach(), "mmd": mmd.detach()}  # Eq. (8)
 
