@@ -834,6 +834,9 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
                                  lambda tmp: tmp.write_text(json.dumps(vars(args), indent=2, allow_nan=False)))
             run = Run(args, device, model, train_set.class_names, train_set, tests, out, rank, world)
             return train_all(run, resume)
+    except FloatingPointError as err:  # run_stage's: nothing was stepped or saved
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"\ninterrupted: {run.at if run else 'building the data'}; {resumable()}", file=sys.stderr)
         return 130
