@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -514,9 +515,10 @@ def restore(run: Run, resume: dict | None) -> None:
         run.model.load_state_dict(resume["model"])
         run.metrics = resume["metrics"]
         torch.set_rng_state(resume["rng"])
-    if run.rank == 0 and not (resume and run.args.resume):
-        log.unlink(missing_ok=True)  # a new run starts an empty log
-    if run.rank or not (resume and run.args.resume):
+    if run.rank:
+        return
+    if not (resume and run.args.resume):
+        log.unlink(missing_ok=True)
         return
     at, kept, dropped = (STAGES.index(resume["stage"]), resume["iteration"]), [], 0
     if not log.exists():
@@ -991,7 +993,7 @@ RESERVED = ("--seed", "--out", "--resume", "--init-from", "--self-training", "--
             "--reproduce", "--seeds", "--experiments", "--jobs")
 
 
-def reproduce(root, seeds: list[int], train_args: list[str] = (), *, names: list[str] | None = None,
+def reproduce(root, seeds: Sequence[int], train_args: Sequence[str] = (), *, names: Sequence[str] | None = None,
               jobs: int = 1) -> list[str]:
     """Every run of EXPERIMENTS (or of ``names`` and their base runs) for every seed, base runs first, as
     ``root/<name>/seed<k>``: ``jobs`` ``python train.py`` processes at a time (on two cores two runs of one

@@ -343,6 +343,18 @@ def test_reproduce_checks_the_flags_and_its_folder_before_starting_any_run(tmp_p
     one_line_error(capsys, "tables.md", "not a file")
 
 
+def test_a_corrupt_checkpoint_in_a_reproduction_folder_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    """The tables count SIM's parameters from each run's checkpoint_train.pt: a broken one is named, no traceback."""
+    monkeypatch.setattr(train, "reproduce", lambda *a, **k: [])
+    run = tmp_path / "rep" / "sign" / "seed0"
+    run.mkdir(parents=True)
+    scores = dict(seen_miou=70.0, unseen_miou=40.0, harmonic_miou=50.9, per_class={"sky": 90.0})
+    (run / "metrics.json").write_text(json.dumps({"train": {"64": scores}, "transfer": {"64": scores}}))
+    (run / "checkpoint_train.pt").write_bytes(b"not a checkpoint")
+    assert train.main(["--reproduce", str(tmp_path / "rep")]) == 2
+    one_line_error(capsys, "checkpoint_train.pt", "not a train.py checkpoint")
+
+
 def test_ctrl_c_in_the_reproduction_runner_is_one_line_naming_the_command_to_continue_exit_130(tmp_path, capsys,
                                                                                               monkeypatch):
     def interrupted(*args, **kwargs):
