@@ -58,7 +58,8 @@ def harmonic(s: float, u: float) -> float:
 
 def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> dict:
     """Seen / unseen / harmonic mIoU (percent) from an accumulated (K, K) confusion matrix: ``{"seen_miou": S,
-    "unseen_miou": U, "harmonic_miou": H, "per_class": {class index: IoU}}``, present classes only (never NaN)."""
+    "unseen_miou": U, "harmonic_miou": H, "per_class": {class index: IoU}}``, present classes only (never NaN), and
+    ``unseen_as_seen`` / ``seen_as_unseen``: the % of an unseen / seen class's pixels labelled a seen / unseen one."""
     negative = int((confusion < 0).sum())
     if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1] or confusion.is_floating_point() or negative:
         raise ValueError(f"gzsl_miou: expected a square (K, K) matrix of non-negative integer pixel counts, got "
@@ -72,7 +73,11 @@ def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> 
     per_class = {c: 100.0 * tp[c].item() / union[c].item() for c in range(K) if union[c] > 0}
     present = [[per_class[c] for c in classes if c in per_class] for classes in (seen, unseen)]
     S, U = (sum(ious) / len(ious) if ious else 0.0 for ious in present)
-    return {"seen_miou": S, "unseen_miou": U, "harmonic_miou": harmonic(S, U), "per_class": per_class}
+    def share(rows, cols):  # % of the labelled pixels of ``rows`` predicted as one of ``cols`` (GZSL's bias)
+        total = n[list(rows)].sum().item()
+        return 100.0 * n[list(rows)][:, list(cols)].sum().item() / total if total else 0.0
+    return {"seen_miou": S, "unseen_miou": U, "harmonic_miou": harmonic(S, U), "per_class": per_class,
+            "unseen_as_seen": share(unseen, seen), "seen_as_unseen": share(seen, unseen)}
 
 
 @torch.inference_mode()
@@ -147,7 +152,9 @@ def format_table(result: dict, class_names: Sequence[str], seen: Sequence[int], 
               for split, classes in (("seen", seen), ("unseen", unseen)) for c in classes]
     present = [sum(c in iou for c in cs) for cs in (seen, unseen)]
     lines.append(f"mIoU %  seen {result['seen_miou']:.2f} ({present[0]}/{len(seen)} classes present)  unseen "
-                 f"{result['unseen_miou']:.2f} ({present[1]}/{len(unseen)})  harmonic {result['harmonic_miou']:.2f}")
+                 f"{result['unseen_miou']:.2f} ({present[1]}/{len(unseen)})  harmonic {result['harmonic_miou']:.2f}\n"
+                 f"pixels %  unseen labelled seen {result['unseen_as_seen']:.2f}  seen labelled unseen "
+                 f"{result['seen_as_unseen']:.2f}")
     return "\n".join(lines)
 
 

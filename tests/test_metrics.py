@@ -99,6 +99,15 @@ def test_gzsl_miou_equals_a_loop_oracle(case):
     assert all(0 <= v <= 100 and not math.isnan(v) for v in got["per_class"].values())
 
 
+@given(labelled_pixels())
+def test_the_bias_shares_count_pixels_of_one_split_labelled_the_other(case):
+    K, pred, target, seen, unseen = case
+    got = gzsl_miou(confusion_matrix(pred, target, K), seen, unseen)
+    for key, rows, cols in (("unseen_as_seen", unseen, seen), ("seen_as_unseen", seen, unseen)):
+        labelled = [p in cols for p, t in zip(pred.tolist(), target.tolist()) if t in rows]
+        assert got[key] == pytest.approx(100 * sum(labelled) / len(labelled) if labelled else 0.0, abs=1e-9)
+
+
 # ----------------------------------------------------------------------------- the convention
 def test_a_perfect_prediction_scores_100():
     target = torch.arange(6).repeat(4, 3)  # every class present
@@ -155,7 +164,8 @@ def test_a_side_with_no_present_class_scores_0_and_so_does_the_harmonic():
 
 def test_an_empty_test_set_scores_0_everywhere():
     got = gzsl_miou(torch.zeros(3, 3, dtype=torch.long), seen=[0, 1], unseen=[2])
-    assert got == {"seen_miou": 0.0, "unseen_miou": 0.0, "harmonic_miou": 0.0, "per_class": {}}
+    assert got == {"seen_miou": 0.0, "unseen_miou": 0.0, "harmonic_miou": 0.0, "per_class": {},
+                   "unseen_as_seen": 0.0, "seen_as_unseen": 0.0}
 
 
 @pytest.mark.parametrize("s, u", [(0.0, 0.0), (0.0, 37.5), (80.0, 0.0)])
@@ -317,17 +327,19 @@ def test_format_table_lists_every_class_and_the_summary():
     names = ["sky", "water", "red triangle", "blue circle"]
     table = format_table(result, names, [0, 1], [2, 3])
     rows = table.splitlines()
-    assert len(rows) == 1 + 4 + 1  # header, one row per class, summary
+    assert len(rows) == 1 + 4 + 2  # header, one row per class, summary, the pixels of each split labelled the other
     assert "sky" in rows[1] and "seen" in rows[1] and "100.00" in rows[1]
     assert "water" in rows[2] and "50.00" in rows[2]
     assert "red triangle" in rows[3] and "unseen" in rows[3] and "50.00" in rows[3]
     assert "blue circle" in rows[4] and "absent" in rows[4]
     assert "seen 75.00" in rows[5] and "unseen 50.00" in rows[5] and "harmonic 60.00" in rows[5]
+    assert "unseen labelled seen 0.00" in rows[6] and "seen labelled unseen 33.33" in rows[6]  # water as red triangle
 
 
 def test_as_metrics_keys_per_class_by_name():
     result = gzsl_miou(confusion_matrix(torch.tensor([0, 1]), torch.tensor([0, 0]), 3), [0, 1], [2])
     got = as_metrics(result, ["a", "b", "c"])
-    assert got == {"seen_miou": 25.0, "unseen_miou": 0.0, "harmonic_miou": 0.0, "per_class": {"a": 50.0, "b": 0.0}}
+    assert got == {"seen_miou": 25.0, "unseen_miou": 0.0, "harmonic_miou": 0.0, "per_class": {"a": 50.0, "b": 0.0},
+                   "unseen_as_seen": 0.0, "seen_as_unseen": 0.0}
     with pytest.raises(ValueError, match=r"1 class names given, but per_class has classes \[1\]"):
         as_metrics(result, ["a"])
