@@ -59,7 +59,7 @@ def harmonic(s: float, u: float) -> float:
 def gzsl_miou(confusion: Tensor, seen: Sequence[int], unseen: Sequence[int]) -> dict:
     """Seen / unseen / harmonic mIoU (percent) from an accumulated (K, K) confusion matrix: ``{"seen_miou": S,
     "unseen_miou": U, "harmonic_miou": H, "per_class": {class index: IoU}}``, present classes only (never NaN), and
-    ``unseen_as_seen`` / ``seen_as_unseen``: the % of an unseen / seen class's pixels labelled a seen / unseen one."""
+    ``unseen_as_seen`` / ``seen_as_unseen``: the % of unseen / seen classes' pixels labelled a seen / unseen class."""
     negative = int((confusion < 0).sum())
     if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1] or confusion.is_floating_point() or negative:
         raise ValueError(f"gzsl_miou: expected a square (K, K) matrix of non-negative integer pixel counts, got "
