@@ -398,7 +398,9 @@ def run_stage(run: Run, stage: str, total: int, step, optimizers: dict, start: i
             bad = bad or ("on another rank" if everywhere.item() < 1 else None)
         if bad:
             value = f" = {logs[bad].item()}" if bad in logs else ""
-            raise FloatingPointError(f"non-finite loss {bad}{value} at {run.at}; nothing was saved for this iteration")
+            hint = "; --clip-grad 1 caps Eq. (4)'s step" if bad in ("sim", "pred", "kld") and not args.clip_grad else ""
+            raise FloatingPointError(f"non-finite loss {bad}{value} at {run.at}; nothing was saved for this "
+                                     f"iteration{hint}")
         run.scaler.update()
         poly.step()
         if i % args.log_every == 0 or i == total - 1:

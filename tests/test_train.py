@@ -89,8 +89,10 @@ def test_a_non_finite_loss_stops_the_run_naming_the_loss_and_saving_nothing(tmp_
         *real(*a, **k)))
     assert train.main(TINY + ["--out", str(tmp_path)]) == 3
     err = capsys.readouterr().err
-    assert "non-finite loss sim" in err and "iteration 0" in err
+    assert "non-finite loss sim" in err and "iteration 0" in err and "--clip-grad" not in err  # the preset clips
     assert not list(tmp_path.glob("checkpoint_*"))
+    assert train.main(TINY + ["--out", str(tmp_path / "unclipped"), "--clip-grad", "0"]) == 3
+    assert "--clip-grad 1 caps Eq. (4)'s step" in capsys.readouterr().err  # the remedy, where it is off
 
 
 def test_one_batch_is_overfitted_by_the_eq4_step():
