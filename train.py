@@ -677,7 +677,8 @@ def check_settings(args: argparse.Namespace) -> None:
             (not shapes or len(args.num_test) in (1, len(args.test_sizes)), "num-test",
              f"one count for all test sizes or one per size ({len(args.test_sizes)})"),
             (not (shapes and args.embeddings), "embeddings", "left out for shapes, which makes its own vectors"),
-            (all(Path(path).is_file() for path in args.embeddings or ()), "embeddings", "files that exist")]:
+            (all(Path(path).is_file() for path in args.embeddings or ()), "embeddings", "files that exist"
+             + (f" (if they moved: --resume {args.resume} --embeddings FILE ...)" if args.resume else ""))]:
         if not ok:
             raise SettingsError(f"--{flag} must be {rule}, got {getattr(args, flag.replace('-', '_'))}")
     out = Path(args.out)
@@ -852,6 +853,8 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
     except (data.DatasetError, OSError, ValueError) as err:  # OSError: a file that cannot be written
         if run and type(err) is ValueError:
             raise  # from inside the training loop a ValueError is a bug: keep its traceback
+        if not run and args.resume and isinstance(err, data.DatasetError):  # the data may have moved
+            return fail(err, f" (if the data moved: --resume {out} --data-root DIR)")
         return fail(err, f" ({run.at}; {resumable()})" if run else "")
 
 

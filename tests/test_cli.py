@@ -444,6 +444,24 @@ def test_a_resumed_init_from_run_keeps_its_teacher_and_takes_a_moved_data_root(f
     assert json.loads((tmp_path / "cut" / "config.json").read_text())["data_root"] == str(tmp_path / "moved")
 
 
+def test_a_resume_whose_data_and_word_vectors_moved_names_the_flags_that_give_their_new_paths(tmp_path, capsys):
+    from test_train import tiny_voc_run
+    run, old, new = tmp_path / "old" / "run", tmp_path / "old", tmp_path / "new"
+    assert train.main(tiny_voc_run(old, "--iters", "1", "--transfer-iters", "1", "--self-training", "none",
+                                   "--backbone", "small", "--small-width", "8")) == 0
+    new.mkdir()
+    for name in ("data", "voc_classes.npy"):
+        (old / name).rename(new / name)
+    capsys.readouterr()
+    assert train.main(["--resume", str(run), "--quiet"]) == 2
+    one_line_error(capsys, "voc_classes.npy", f"--resume {run} --embeddings FILE")
+    assert train.main(["--resume", str(run), "--quiet", "--embeddings", str(new / "voc_classes.npy")]) == 2
+    err = capsys.readouterr().err  # the missing layout's message also shows the expected one
+    assert str(old / "data") in err and f"--resume {run} --data-root DIR" in err and "Traceback" not in err
+    assert train.main(["--resume", str(run), "--quiet", "--embeddings", str(new / "voc_classes.npy"),
+                       "--data-root", str(new / "data")]) == 0
+
+
 @pytest.mark.parametrize("name", ["losses.jsonl", "metrics.json", "config.json"])
 def test_a_full_disk_while_logging_is_one_line_naming_the_file(name, tmp_path, monkeypatch, capsys):
     import builtins
