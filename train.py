@@ -861,15 +861,16 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
 @contextlib.contextmanager
 def claimed(folder: Path):
     """One process per run folder: an exclusive lock on the folder while the run writes to it, which the
-    system also releases when the process dies (SIGKILL included)."""
+    system also releases when the process dies (SIGKILL included) and, with it, its forked loader workers."""
     handle = os.open(folder, os.O_RDONLY)
     try:
         if fcntl:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise SettingsError(f"{folder} is in use by another train.py process (a run, or a --resume of it); "
-                                    "wait until it ends, or choose another --out") from None
+                raise SettingsError(f"{folder} is in use by another train.py process (a run, a --resume of it, or "
+                                    "the loader workers of one just killed, for a few seconds); wait until it ends, "
+                                    "or choose another --out") from None
         yield
     finally:
         os.close(handle)
