@@ -861,7 +861,7 @@ def run_main(args, resume: dict | None, device: torch.device, world: int) -> int
 @contextlib.contextmanager
 def claimed(folder: Path):
     """One process per run folder: an exclusive lock on the folder while the run writes to it, which the
-    system also releases when the process dies (SIGKILL included) and, with it, its forked loader workers."""
+    system releases once the process and the loader workers it forked, which share the lock, have died."""
     handle = os.open(folder, os.O_RDONLY)
     try:
         if fcntl:
